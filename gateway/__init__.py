@@ -1,0 +1,1 @@
+"""The HTTP/WebSocket gateway (``vmkg serve``) and the ``vmkg`` command line."""

@@ -1,0 +1,140 @@
+"""The ``vmkg`` subcommands other than ``serve``: image, template, kernelspec.
+
+Each is a small traitlets Application, so ``--help`` and ``--help-all`` explain it
+and every option is also settable in the config file.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import sys
+import time
+
+from traitlets import Bool, Unicode
+from traitlets.config import Application
+
+from guest.image import ImageBuildError, build_image
+from kernelmanager import accel as accel_mod
+from kernelmanager import kernelspec
+from kernelmanager.exceptions import VMKGError
+from kernelmanager.templates import catalog, ensure_template, get_spec
+
+
+class _Sub(Application):
+    def fail(self, msg: str) -> None:
+        print(f"vmkg: error: {msg}", file=sys.stderr)
+        self.exit(1)
+
+
+class ImageBuildApp(_Sub):
+    name = "vmkg image build"
+    description = ("Build the guest image of a template (Debian cloud kernel, busybox initramfs, "
+                   "debootstrap root with Python, ipykernel and the template's pip packages). "
+                   "Cached by a hash of its recipe: a second build is a no-op. Needs root.")
+    template = Unicode("python3", config=True, help="Template whose image to build.")
+    force = Bool(False, config=True, help="Rebuild even if the image is cached.")
+    aliases = {"template": "ImageBuildApp.template"}
+    flags = {"force": ({"ImageBuildApp": {"force": True}}, "Rebuild even if cached.")}
+
+    def start(self) -> None:
+        try:
+            image = build_image(get_spec(self.template).recipe(), force=self.force)
+        except (ImageBuildError, VMKGError) as exc:
+            self.fail(str(exc))
+            return
+        print(image.path)
+
+
+class ImageApp(_Sub):
+    name = "vmkg image"
+    description = "Guest images."
+    subcommands = {"build": (ImageBuildApp, ImageBuildApp.description.splitlines()[0])}
+
+    def start(self) -> None:
+        if self.subapp is None:
+            self.print_help()
+            self.exit(2)
+        self.subapp.start()
+
+
+class TemplateBakeApp(_Sub):
+    name = "vmkg template bake"
+    description = ("Cold-boot a template's image once, wait until ipykernel answers, and snapshot "
+                   "the VM (memory, device state, disk) as an immutable template. Builds the image "
+                   "first if needed. Cached: baking an unchanged template is a no-op.")
+    template = Unicode("python3", config=True, help="Template to bake.")
+    accel = Unicode("", config=True, help="auto, kvm or tcg (default: $VMKG_ACCEL or auto).")
+    aliases = {"template": "TemplateBakeApp.template", "accel": "TemplateBakeApp.accel"}
+
+    def start(self) -> None:
+        try:
+            choice = accel_mod.detect(self.accel or None)
+            print(f"vmkg: accelerator {choice.name} ({choice.reason})", file=sys.stderr)
+            t0 = time.monotonic()
+            snap = asyncio.run(ensure_template(get_spec(self.template), choice.name,
+                                               progress=lambda m: print(f"vmkg: {m}", file=sys.stderr)))
+        except (ImageBuildError, VMKGError) as exc:
+            self.fail(str(exc))
+            return
+        print(f"vmkg: template {self.template} ready in {time.monotonic() - t0:.1f} s", file=sys.stderr)
+        print(snap.path)
+
+
+class TemplateListApp(_Sub):
+    name = "vmkg template list"
+    description = "List the templates of the catalog (built-in plus $VMKG_TEMPLATES)."
+
+    def start(self) -> None:
+        for name, spec in sorted(catalog().items()):
+            print(json.dumps({"name": name, "kernelspec": kernelspec.kernelspec_name(name),
+                              "packages": spec.packages, "memory_mb": spec.memory_mb,
+                              "vcpus": spec.vcpus, "preload": spec.preload}))
+
+
+class TemplateApp(_Sub):
+    name = "vmkg template"
+    description = "Templates: warm VM snapshots kernels are restored from."
+    subcommands = {
+        "bake": (TemplateBakeApp, "Bake a template (cold boot + snapshot)."),
+        "list": (TemplateListApp, "List templates."),
+    }
+
+    def start(self) -> None:
+        if self.subapp is None:
+            self.print_help()
+            self.exit(2)
+        self.subapp.start()
+
+
+class KernelspecInstallApp(_Sub):
+    name = "vmkg kernelspec install"
+    description = ("Install Jupyter kernelspecs (e.g. python3-microvm) that run kernels in microVMs "
+                   "through the 'microvm' kernel provisioner.")
+    user = Bool(False, config=True, help="Install for the current user instead of system-wide.")
+    prefix = Unicode("", config=True, help="Install under this prefix (e.g. sys.prefix).")
+    template = Unicode("", config=True, help="Only this template's kernelspec (default: all).")
+    aliases = {"prefix": "KernelspecInstallApp.prefix", "template": "KernelspecInstallApp.template"}
+    flags = {
+        "user": ({"KernelspecInstallApp": {"user": True}}, "Install for the current user."),
+        "sys-prefix": ({"KernelspecInstallApp": {"prefix": sys.prefix}}, f"Install into {sys.prefix}."),
+    }
+
+    def start(self) -> None:
+        try:
+            for d in kernelspec.install(self.template or None, user=self.user, prefix=self.prefix or None):
+                print(d)
+        except VMKGError as exc:
+            self.fail(str(exc))
+
+
+class KernelspecApp(_Sub):
+    name = "vmkg kernelspec"
+    description = "Jupyter kernelspecs for the microVM provisioner."
+    subcommands = {"install": (KernelspecInstallApp, "Install the kernelspecs.")}
+
+    def start(self) -> None:
+        if self.subapp is None:
+            self.print_help()
+            self.exit(2)
+        self.subapp.start()

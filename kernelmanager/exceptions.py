@@ -1,0 +1,71 @@
+"""The one exception tree of the VM runtime.
+
+    VMKGError
+    ├── ConfigError            a setting or argument that cannot work
+    ├── ImageError             no guest image, or it cannot be built (guest.image.ImageBuildError)
+    ├── TemplateError          a template is missing or cannot be baked
+    │   └── TemplateIncompatible   made by another QEMU / agent protocol / accelerator
+    ├── VMError                a VM could not do what was asked
+    │   ├── VMStartError       QEMU failed to start or to restore
+    │   └── VMDied             the VM (QEMU or the guest kernel process) is gone
+    ├── ChannelError           the host-guest link broke or the agent refused the protocol
+    ├── AgentError             the agent answered a request with an error (``kind`` says which)
+    ├── KernelBusy             the kernel did not become idle in time (fork)
+    └── LimitExceeded          a configured limit (kernels, fork count, sizes)
+
+Lower-level errors (OSError, asyncio.TimeoutError, QMP errors) are translated into
+these at exactly one point with ``raise ... from exc``. HTTP status codes are chosen
+only in ``gateway.errors``; nothing here knows about HTTP.
+"""
+
+from __future__ import annotations
+
+
+class VMKGError(Exception):
+    """Base of every error the runtime raises on purpose."""
+
+
+class ConfigError(VMKGError):
+    pass
+
+
+class ImageError(VMKGError):
+    pass
+
+
+class TemplateError(VMKGError):
+    pass
+
+
+class TemplateIncompatible(TemplateError):
+    pass
+
+
+class VMError(VMKGError):
+    pass
+
+
+class VMStartError(VMError):
+    pass
+
+
+class VMDied(VMError):
+    pass
+
+
+class ChannelError(VMKGError):
+    pass
+
+
+class AgentError(VMKGError):
+    def __init__(self, message: str, kind: str | None = None) -> None:
+        super().__init__(message)
+        self.kind = kind
+
+
+class KernelBusy(VMKGError):
+    pass
+
+
+class LimitExceeded(VMKGError):
+    pass

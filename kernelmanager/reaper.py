@@ -1,0 +1,81 @@
+"""Reaping what a crashed owner left behind.
+
+Every VM directory holds ``owner.json``: the owner's pid and start time, QEMU's pid and
+start time, and the connection file written for the kernel. QEMU runs with
+PR_SET_PDEATHSIG, so it normally dies with its owner, but the directory, its sockets
+and the connection file stay. At the next start of any runtime, directories whose
+owner is gone are reaped: a still-running QEMU of theirs is killed (after checking
+pid *and* start time, so a recycled pid is never hit) and everything is removed.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import signal
+import time
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+
+def process_start_time(pid: int) -> int | None:
+    """The start time of ``pid`` in clock ticks since boot, or None if it doesn't exist."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            stat = f.read()
+    except OSError:
+        return None
+    # the command name may contain spaces and parentheses: split after the last ')'
+    return int(stat.rsplit(")", 1)[1].split()[19])
+
+
+def is_alive(pid: int | None, start: int | None) -> bool:
+    return bool(pid) and start is not None and process_start_time(pid) == start  # type: ignore[arg-type]
+
+
+def reap_orphans(vms_dir: Path, min_age: float = 30.0) -> list[str]:
+    """Remove VM directories whose owner process is gone. Returns the names reaped.
+
+    Directories without ``owner.json`` are removed once older than ``min_age`` seconds
+    (a start that died before writing it).
+    """
+    reaped: list[str] = []
+    if not vms_dir.is_dir():
+        return reaped
+    for d in vms_dir.iterdir():
+        if not d.is_dir():
+            continue
+        try:
+            info = json.loads((d / "owner.json").read_text())
+        except FileNotFoundError:
+            try:
+                if time.time() - d.stat().st_mtime < min_age:
+                    continue
+            except FileNotFoundError:
+                continue
+            info = {}
+        except (OSError, ValueError):
+            info = {}
+        if info and is_alive(info.get("owner_pid"), info.get("owner_start")):
+            continue
+        qpid, qstart = info.get("qemu_pid"), info.get("qemu_start")
+        if is_alive(qpid, qstart):
+            log.warning("vm %s: killing QEMU %s left by dead owner %s", d.name, qpid, info.get("owner_pid"))
+            try:
+                os.kill(qpid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        conn = info.get("connection_file")
+        if conn:
+            try:
+                os.unlink(conn)
+            except OSError:
+                pass
+        shutil.rmtree(d, ignore_errors=True)
+        reaped.append(d.name)
+    if reaped:
+        log.info("reaped %d VM directories left by dead owners", len(reaped))
+    return reaped

@@ -1,0 +1,100 @@
+"""The catalog of templates: what each kernelspec restores from.
+
+A ``TemplateSpec`` names a guest image recipe (pip packages), a machine (memory,
+vCPUs) and modules to pre-import before the snapshot. ``ensure_template`` builds the
+image and bakes the template on first use (minutes), then returns the cached
+snapshot (milliseconds). The catalog is the built-in ``python3`` template plus any
+defined in the JSON file named by ``$VMKG_TEMPLATES`` (``{"name": {fields...}}``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+from dataclasses import dataclass, fields
+from typing import Any
+
+from guest.image import ImageRecipe, build_image, find_image
+
+from . import accel as accel_mod
+from .exceptions import ConfigError, ImageError
+from .snapshots import Snapshot, bake_template, find_template, template_id
+from .vm.qemu import MachineSpec, qemu_version
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class TemplateSpec:
+    name: str = "python3"
+    display_name: str = "Python 3 (microVM)"
+    packages: tuple[str, ...] = ImageRecipe().packages
+    memory_mb: int = 1024
+    vcpus: int = 1
+    preload: tuple[str, ...] = ()
+
+    def recipe(self) -> ImageRecipe:
+        return ImageRecipe(packages=self.packages)
+
+    def machine(self, accel: str) -> MachineSpec:
+        return MachineSpec(memory_mb=self.memory_mb, vcpus=self.vcpus, accel=accel)
+
+
+def catalog() -> dict[str, TemplateSpec]:
+    specs = {"python3": TemplateSpec()}
+    path = os.environ.get("VMKG_TEMPLATES")
+    if path:
+        try:
+            data = json.loads(open(path).read())
+        except (OSError, ValueError) as exc:
+            raise ConfigError(f"cannot read template catalog {path}: {exc}") from exc
+        known = {f.name for f in fields(TemplateSpec)}
+        for name, d in data.items():
+            bad = set(d) - known
+            if bad:
+                raise ConfigError(f"template {name!r}: unknown fields {sorted(bad)}")
+            d = {k: tuple(v) if isinstance(v, list) else v for k, v in d.items()}
+            specs[name] = TemplateSpec(**{"name": name, **d})
+    return specs
+
+
+def get_spec(name: str) -> TemplateSpec:
+    specs = catalog()
+    if name not in specs:
+        raise ConfigError(f"unknown template {name!r}; known: {', '.join(sorted(specs))}")
+    return specs[name]
+
+
+_ready: dict[tuple[str, str], Snapshot] = {}
+_locks: dict[tuple[str, str], asyncio.Lock] = {}
+
+
+async def ensure_template(spec: TemplateSpec, accel: str | None = None, progress: Any = None) -> Snapshot:
+    """The baked snapshot for ``spec``, building the image and baking it if needed."""
+    accel_name = accel or accel_mod.detect().name
+    key = (spec.name, accel_name)
+    if key in _ready:
+        return _ready[key]
+    lock = _locks.setdefault(key, asyncio.Lock())
+    async with lock:
+        if key in _ready:
+            return _ready[key]
+        recipe = spec.recipe()
+        image = find_image(recipe)
+        if image is None:
+            log.info("template %s: building guest image %s (first use; this takes a few minutes)",
+                     spec.name, recipe.digest())
+            try:
+                image = await asyncio.to_thread(build_image, recipe)
+            except Exception as exc:
+                raise ImageError(str(exc)) from exc
+        machine = spec.machine(accel_name)
+        qemu = await asyncio.to_thread(qemu_version)
+        snap = find_template(template_id(image, machine, qemu, spec.preload))
+        if snap is None:
+            log.info("template %s: baking (cold boot of the guest under %s)", spec.name, accel_name)
+            snap = await bake_template(image, machine, preload=spec.preload, progress=progress)
+        _ready[key] = snap
+        return snap

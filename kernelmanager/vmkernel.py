@@ -1,0 +1,174 @@
+"""One kernel in one microVM restored from a snapshot.
+
+``VMKernel`` is an async context manager: ``start()`` restores the VM (RAM mapped
+copy-on-write from the snapshot, disk overlay, device state), opens a fresh protocol
+session with the agent and asks it to take on this kernel's identity (CRNG reseed,
+wall clock, hostname, environment, working directory, Python random state).
+``close()`` always releases everything: the channel, the QEMU process and the VM
+directory, in reverse order, even after a failed start.
+
+Callers: ``kernelmanager.provisioner`` (one per kernel start or restart) and the
+gateway's fork code. Runs on the runtime loop (``kernelmanager.runtime``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import logging
+import os
+import shutil
+import signal
+import time
+import uuid
+from collections.abc import Callable
+from typing import Any
+
+from . import paths, reaper
+from .channel import AgentChannel, UnixSocketTransport
+from .exceptions import ChannelError, VMDied, VMStartError
+from .snapshots import Snapshot
+from .vm.qemu import QemuVM, write_owner
+
+log = logging.getLogger(__name__)
+
+
+class VMKernel:
+    def __init__(self, snapshot: Snapshot, *, kernel_id: str, env: dict[str, str] | None = None,
+                 cwd: str | None = None, reseed: bool = True,
+                 on_jupyter: Callable[[str, list[bytes]], None] = lambda c, p: None,
+                 connection_file: str | None = None) -> None:
+        self.snapshot = snapshot
+        self.kernel_id = kernel_id
+        self.env = dict(env or {})
+        self.cwd = cwd
+        self.reseed = reseed
+        self.on_jupyter = on_jupyter
+        self.connection_file = connection_file
+        self.vm_id = uuid.uuid4().hex
+        self.workdir = paths.vms_dir() / self.vm_id
+        self.vm = QemuVM(self.workdir, snapshot.machine)
+        self.channel: AgentChannel | None = None
+        self.exit_code: int | None = None
+        self.exited = asyncio.Event()
+        self.timings: dict[str, float] = {}
+        self._watch: asyncio.Task[None] | None = None
+        self._closing = False
+
+    # -- lifecycle ---------------------------------------------------------------------
+
+    async def __aenter__(self) -> VMKernel:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    async def start(self, timeout: float = 30.0) -> None:
+        t0 = time.monotonic()
+        try:
+            await self._start(timeout)
+        except BaseException:
+            await self.close()
+            raise
+        self.timings["start"] = time.monotonic() - t0
+        log.info("kernel %s: restored in %.0f ms (vm %s, pid %s)", self.kernel_id,
+                 self.timings["start"] * 1000, self.vm_id[:8], self.vm.pid)
+
+    async def _start(self, timeout: float) -> None:
+        snap = self.snapshot
+        self.workdir.mkdir(parents=True)
+        write_owner(self.workdir, kernel_id=self.kernel_id, connection_file=self.connection_file)
+        disk = self.workdir / "disk.qcow2"
+        shutil.copyfile(snap.path / "overlay.qcow2", disk)
+        await self.vm.restore(snap.mem_file, snap.state_file, disk)
+        assert self.vm.pid is not None
+        write_owner(self.workdir, kernel_id=self.kernel_id, connection_file=self.connection_file,
+                    qemu_pid=self.vm.pid, qemu_start=reaper.process_start_time(self.vm.pid))
+        self.channel = AgentChannel(
+            UnixSocketTransport(self.vm.agent_socket), uuid.uuid4().hex,
+            name=f"kernel {self.kernel_id}", on_jupyter=self.on_jupyter, on_event=self._on_event)
+        self._watch = asyncio.ensure_future(self._watch_process())
+        connect = asyncio.ensure_future(self.channel.connect(timeout))
+        await asyncio.wait({connect, self._watch}, return_when=asyncio.FIRST_COMPLETED)
+        if not connect.done():
+            connect.cancel()
+            raise VMStartError(f"kernel {self.kernel_id}: QEMU exited during restore "
+                               f"(status {self.vm.returncode}): {self.vm.failure_detail()}")
+        try:
+            connect.result()
+        except ChannelError as exc:
+            raise VMStartError(f"{exc}; {self.vm.failure_detail()}") from exc
+        self.timings["connected"] = time.monotonic() - self.vm.started_at
+        await self.channel.request(
+            "restore", timeout=timeout,
+            entropy=base64.b64encode(os.urandom(64)).decode(), time_ns=time.time_ns(),
+            hostname=f"vmkg-{self.kernel_id[:8]}", env=self.env, cwd=self.cwd or "", reseed=self.reseed,
+        )
+
+    async def _watch_process(self) -> None:
+        code = await self.vm.wait()
+        if self.exit_code is None:
+            self.exit_code = code if code != 0 or self._closing else 1
+        if not self._closing:
+            log.warning("kernel %s: VM exited unexpectedly (status %s): %s", self.kernel_id, code,
+                        self.vm.failure_detail())
+        self.exited.set()
+
+    def _on_event(self, event: dict[str, Any]) -> None:
+        if event.get("event") == "kernel_exit":
+            status = event.get("status")
+            log.info("kernel %s: kernel process exited in the guest (status %s)", self.kernel_id, status)
+            self.exit_code = status if isinstance(status, int) else 1
+            asyncio.ensure_future(self.close())
+
+    def poll(self) -> int | None:
+        if self.exited.is_set() or self.exit_code is not None:
+            return self.exit_code if self.exit_code is not None else 1
+        return None
+
+    async def wait(self) -> int:
+        await self.exited.wait()
+        return self.exit_code if self.exit_code is not None else 1
+
+    async def close(self) -> None:
+        """Release everything; safe to call more than once and after failures."""
+        if self._closing:
+            if self._watch is not None:
+                await self.exited.wait()
+            return
+        self._closing = True
+        if self.channel is not None:
+            await self.channel.close()
+        await self.vm.close()
+        if self._watch is not None:
+            await self._watch
+        else:
+            self.exited.set()
+        if self.exit_code is None:
+            self.exit_code = self.vm.returncode if self.vm.returncode is not None else 0
+        shutil.rmtree(self.workdir, ignore_errors=True)
+
+    # -- operations ----------------------------------------------------------------------
+
+    def _require_channel(self) -> AgentChannel:
+        if self.channel is None or self.poll() is not None:
+            raise VMDied(f"kernel {self.kernel_id}: the VM is not running")
+        return self.channel
+
+    async def signal(self, signum: int) -> None:
+        """Deliver ``signum`` to the kernel process inside the guest (SIGINT = interrupt)."""
+        if signum in (signal.SIGKILL, signal.SIGTERM):
+            await self.close()
+            return
+        if signum == 0:
+            if self.poll() is not None:
+                raise VMDied(f"kernel {self.kernel_id}: the VM is not running")
+            return
+        await self._require_channel().request("signal", signum=int(signum), timeout=10)
+
+    async def request(self, op: str, timeout: float = 30.0, **args: Any) -> Any:
+        return await self._require_channel().request(op, timeout=timeout, **args)
+
+    async def send_jupyter(self, channel: str, parts: list[bytes]) -> None:
+        await self._require_channel().send_jupyter(channel, parts)
