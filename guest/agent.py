@@ -153,31 +153,47 @@ def set_clock(time_ns: int) -> None:
         raise OSError(ctypes.get_errno(), "clock_settime")
 
 
-RESTORE_CODE = """\
-def _vmkg_restore(env, cwd, reseed):
-    import os, sys, random, uuid
-    os.environ.update(env)
-    if cwd:
-        os.makedirs(cwd, exist_ok=True)
-        os.chdir(cwd)
-    if reseed:
-        random.seed()
-        np = sys.modules.get("numpy")
-        if np is not None:
-            np.random.seed()
-    get_ipython().kernel.session.session = str(uuid.uuid4())
-_vmkg_restore({env!r}, {cwd!r}, {reseed!r})
-del _vmkg_restore
-"""
+# Installed in the kernel process at bake time. After a restore the agent writes the
+# new identity to RESTORE_FILE and sends SIGUSR2; the handler runs in the kernel's main
+# thread (idle in its event loop, since snapshots are only taken of idle kernels) and
+# reports on RESTORE_FIFO. That takes a millisecond where an execute_request takes
+# a hundred under emulation.
+RESTORE_FILE = "/run/vmkg/kernel/restore.json"
+RESTORE_FIFO = "/run/vmkg/kernel/restore.done"
 
 WARMUP_CODE = """\
-def _vmkg_warmup(preload):
-    import gc
+def _vmkg_warmup(preload, restore_file, restore_fifo):
+    import gc, json, os, random, signal, sys, uuid
+
+    def on_restore(signum, frame):
+        try:
+            with open(restore_file) as f:
+                req = json.load(f)
+            os.environ.update(req["env"])
+            if req["cwd"]:
+                os.makedirs(req["cwd"], exist_ok=True)
+                os.chdir(req["cwd"])
+            if req["reseed"]:
+                random.seed()
+                np = sys.modules.get("numpy")
+                if np is not None:
+                    np.random.seed()
+            get_ipython().kernel.session.session = str(uuid.uuid4())
+            result = "ok"
+        except Exception as exc:
+            result = "error: %s: %s" % (type(exc).__name__, exc)
+        fd = os.open(restore_fifo, os.O_WRONLY | os.O_NONBLOCK)
+        try:
+            os.write(fd, result.encode() + b"\\n")
+        finally:
+            os.close(fd)
+
+    signal.signal(signal.SIGUSR2, on_restore)
     for name in preload:
         __import__(name)
     gc.collect()
     gc.freeze()  # clones and forks then don't dirty pages by collecting old objects
-_vmkg_warmup({preload!r})
+_vmkg_warmup({preload!r}, {restore_file!r}, {restore_fifo!r})
 del _vmkg_warmup
 """
 
@@ -531,7 +547,11 @@ class Agent:
                                f"(exit status {self.kernel.returncode if self.kernel else None}); "
                                f"kernel log: {_tail(os.path.join(RUN_DIR, 'kernel.log'))}") from None
         preload = [m for m in body.get("preload", []) if isinstance(m, str)]
-        await self.execute(WARMUP_CODE.format(preload=preload), timeout=timeout)
+        if not os.path.exists(RESTORE_FIFO):
+            os.mkfifo(RESTORE_FIFO, 0o600)
+            os.chown(RESTORE_FIFO, KERNEL_USER, KERNEL_USER)
+        await self.execute(WARMUP_CODE.format(preload=preload, restore_file=RESTORE_FILE,
+                                              restore_fifo=RESTORE_FIFO), timeout=timeout)
         return {"kernel_release": os.uname().release, "python": sys.version.split()[0],
                 "kernel_pid": self.kernel.pid if self.kernel else None}
 
@@ -541,10 +561,39 @@ class Agent:
         name = body.get("hostname")
         if name:
             socket.sethostname(name)
-        env = {str(k): str(v) for k, v in (body.get("env") or {}).items()}
-        cwd = body.get("cwd") or ""
+        req = {"env": {str(k): str(v) for k, v in (body.get("env") or {}).items()},
+               "cwd": body.get("cwd") or "", "reseed": bool(body.get("reseed", True))}
         await self._ready.wait()
-        await self.execute(RESTORE_CODE.format(env=env, cwd=cwd, reseed=bool(body.get("reseed", True))))
+        assert self.kernel is not None
+        with open(RESTORE_FILE + ".tmp", "w") as f:
+            json.dump(req, f)
+        os.chown(RESTORE_FILE + ".tmp", KERNEL_USER, KERNEL_USER)
+        os.replace(RESTORE_FILE + ".tmp", RESTORE_FILE)
+        # open our end first so the handler's non-blocking open finds a reader
+        fd = os.open(RESTORE_FIFO, os.O_RDONLY | os.O_NONBLOCK)
+        try:
+            loop = asyncio.get_running_loop()
+            done: asyncio.Future[bytes] = loop.create_future()
+            buf = bytearray()
+
+            def readable() -> None:
+                try:
+                    buf.extend(os.read(fd, 4096))
+                except BlockingIOError:
+                    return
+                if buf.endswith(b"\n") and not done.done():
+                    done.set_result(bytes(buf))
+
+            loop.add_reader(fd, readable)
+            try:
+                os.kill(self.kernel.pid, signal.SIGUSR2)
+                result = (await asyncio.wait_for(done, 10.0)).decode().strip()
+            finally:
+                loop.remove_reader(fd)
+        finally:
+            os.close(fd)
+        if result != "ok":
+            raise RuntimeError(f"kernel could not take on its new identity: {result}")
         return {"time_ns": time.time_ns()}
 
     async def op_ping(self, body: dict[str, Any]) -> dict[str, Any]:

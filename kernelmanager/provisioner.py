@@ -108,6 +108,11 @@ class MicroVMProvisioner(KernelProvisionerBase):  # type: ignore[misc]
         self._env = self._guest_env(kwargs.get("env") or {})
         self._cwd = self._guest_cwd(self._env.get("KERNEL_WORKING_DIR", ""))
         km = self.parent
+        if km is not None and not km.connection_file:
+            # name it now, so the VM's owner record can point the reaper at it
+            from jupyter_core.paths import jupyter_runtime_dir
+            os.makedirs(jupyter_runtime_dir(), exist_ok=True)
+            km.connection_file = os.path.join(jupyter_runtime_dir(), f"kernel-{self.kernel_id}.json")
         if self._relay is None:
             rt = Runtime.instance()
             key = km.session.key if km is not None else os.urandom(32).hex().encode()

@@ -54,6 +54,7 @@ class VMKernel:
         self.timings: dict[str, float] = {}
         self._watch: asyncio.Task[None] | None = None
         self._closing = False
+        self._crashed = False
 
     # -- lifecycle ---------------------------------------------------------------------
 
@@ -81,7 +82,9 @@ class VMKernel:
         write_owner(self.workdir, kernel_id=self.kernel_id, connection_file=self.connection_file)
         disk = self.workdir / "disk.qcow2"
         shutil.copyfile(snap.path / "overlay.qcow2", disk)
+        t0 = time.monotonic()
         await self.vm.restore(snap.mem_file, snap.state_file, disk)
+        self.timings["spawn"] = time.monotonic() - t0
         assert self.vm.pid is not None
         write_owner(self.workdir, kernel_id=self.kernel_id, connection_file=self.connection_file,
                     qemu_pid=self.vm.pid, qemu_start=reaper.process_start_time(self.vm.pid))
@@ -99,18 +102,20 @@ class VMKernel:
             connect.result()
         except ChannelError as exc:
             raise VMStartError(f"{exc}; {self.vm.failure_detail()}") from exc
-        self.timings["connected"] = time.monotonic() - self.vm.started_at
+        self.timings["connected"] = time.monotonic() - t0
         await self.channel.request(
             "restore", timeout=timeout,
             entropy=base64.b64encode(os.urandom(64)).decode(), time_ns=time.time_ns(),
             hostname=f"vmkg-{self.kernel_id[:8]}", env=self.env, cwd=self.cwd or "", reseed=self.reseed,
         )
+        self.timings["restored"] = time.monotonic() - t0
 
     async def _watch_process(self) -> None:
         code = await self.vm.wait()
         if self.exit_code is None:
             self.exit_code = code if code != 0 or self._closing else 1
         if not self._closing:
+            self._crashed = True
             log.warning("kernel %s: VM exited unexpectedly (status %s): %s", self.kernel_id, code,
                         self.vm.failure_detail())
         self.exited.set()
@@ -147,7 +152,23 @@ class VMKernel:
             self.exited.set()
         if self.exit_code is None:
             self.exit_code = self.vm.returncode if self.vm.returncode is not None else 0
+        if self._crashed:
+            self._keep_evidence()
         shutil.rmtree(self.workdir, ignore_errors=True)
+
+    def _keep_evidence(self) -> None:
+        """Keep the console and QEMU log of a VM that died on its own (the last 20)."""
+        out = paths.state_dir() / "crashed"
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+            for src in (self.vm.console_log, self.vm.stderr_log):
+                if src.exists():
+                    shutil.copyfile(src, out / f"{self.kernel_id}.{src.name}")
+            for old in sorted(out.iterdir(), key=lambda p: p.stat().st_mtime)[:-40]:
+                old.unlink()
+            log.warning("kernel %s: VM logs kept in %s", self.kernel_id, out)
+        except OSError as exc:
+            log.warning("kernel %s: could not keep VM logs: %s", self.kernel_id, exc)
 
     # -- operations ----------------------------------------------------------------------
 
