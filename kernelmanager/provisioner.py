@@ -32,7 +32,7 @@ from jupyter_client.provisioning.provisioner_base import KernelProvisionerBase
 from traitlets import Bool, Float, List, Unicode
 
 from . import accel as accel_mod
-from .exceptions import VMKGError
+from .exceptions import VMDied, VMKGError
 from .relay import KernelRelay
 from .runtime import Runtime
 from .templates import ensure_template, get_spec
@@ -194,3 +194,18 @@ class MicroVMProvisioner(KernelProvisionerBase):  # type: ignore[misc]
 
     async def interrupt(self) -> None:
         await self.send_signal(signal.SIGINT)
+
+    async def adopt(self, env: dict[str, str]) -> None:
+        """Apply a client's environment to a kernel that was started before the client
+        asked for it (the gateway's warm pool): the same filter as at launch (``KERNEL_*``,
+        ``env_allowlist``, the kernelspec's env), ``KERNEL_WORKING_DIR`` as at launch.
+        Also kept for this kernel's restarts."""
+        guest = self._guest_env(env)
+        self._env = {**self._env, **guest}
+        cwd = self._guest_cwd(guest["KERNEL_WORKING_DIR"]) if "KERNEL_WORKING_DIR" in guest else None
+        if cwd:
+            self._cwd = cwd
+        kernel = self._kernel
+        if kernel is None:
+            raise VMDied(f"kernel {self.kernel_id}: the VM is not running")
+        await Runtime.instance().run(kernel.adopt(guest, cwd, timeout=self.launch_timeout))

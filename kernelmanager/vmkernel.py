@@ -193,3 +193,23 @@ class VMKernel:
 
     async def send_jupyter(self, channel: str, parts: list[bytes]) -> None:
         await self._require_channel().send_jupyter(channel, parts)
+
+    # -- handing a pooled kernel to a client (gateway) ------------------------------------
+
+    async def adopt(self, env: dict[str, str], cwd: str | None = None, timeout: float = 30.0) -> None:
+        """Take on a client's environment (and working directory) after the restore.
+
+        Called by the gateway when it hands a kernel it restored ahead of time (its warm
+        pool) to a client whose ``POST /api/kernels`` brought ``KERNEL_*`` variables.
+        Re-sends the agent's ``restore`` op, which is idempotent: fresh entropy and clock,
+        ``env`` added to the kernel's ``os.environ``, ``cwd`` made and entered. The kernel
+        must be idle (a pooled kernel is: nobody has talked to it yet).
+        """
+        self.env.update(env)
+        if cwd:
+            self.cwd = cwd
+        await self._require_channel().request(
+            "restore", timeout=timeout,
+            entropy=base64.b64encode(os.urandom(64)).decode(), time_ns=time.time_ns(),
+            hostname=f"vmkg-{self.kernel_id[:8]}", env=self.env, cwd=self.cwd or "", reseed=self.reseed,
+        )
