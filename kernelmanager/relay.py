@@ -18,9 +18,12 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import hmac
+import json
 import logging
+import uuid
 from collections import deque
 from collections.abc import Callable
+from datetime import datetime, timezone
 from typing import Any
 
 import zmq
@@ -60,18 +63,20 @@ class KernelRelay:
         self.alive: Callable[[], bool] = lambda: False
         self.on_activity: Callable[[str, list[bytes]], None] | None = None
         self.dropped = 0
+        self._session_id = uuid.uuid4().hex
 
     # -- lifecycle --------------------------------------------------------------------
 
     def start(self) -> dict[str, Any]:
         """Bind the sockets (ports given or ephemeral) and return the connection info."""
         kinds = {"shell": zmq.ROUTER, "control": zmq.ROUTER, "stdin": zmq.ROUTER,
-                 "iopub": zmq.PUB, "hb": zmq.REP}
+                 "iopub": zmq.XPUB, "hb": zmq.REP}
         for name, kind in kinds.items():
             sock = self.ctx.socket(kind)
             sock.linger = 0
             if name == "iopub":
                 sock.sndhwm = 100_000
+                sock.setsockopt(zmq.XPUB_VERBOSE, 1)  # hear every subscriber, not just the first
             elif kind == zmq.ROUTER:
                 sock.router_handover = 1  # a client reconnecting with its identity takes over
             sock.rcvhwm = 0 if name != "hb" else 1000
@@ -89,6 +94,7 @@ class KernelRelay:
         for name in ("shell", "control", "stdin"):
             self._tasks.append(asyncio.ensure_future(self._pump_client(name)))
         self._tasks.append(asyncio.ensure_future(self._heartbeat()))
+        self._tasks.append(asyncio.ensure_future(self._welcome_subscribers()))
         return self.connection_info()
 
     def connection_info(self) -> dict[str, Any]:
@@ -176,6 +182,27 @@ class KernelRelay:
             while not self.alive():
                 await asyncio.sleep(0.5)  # a dead VM's heart does not beat
             await sock.send_multipart(msg)
+
+    async def _welcome_subscribers(self) -> None:
+        """Greet each new iopub subscriber with ``iopub_welcome``, as ipykernel 7 does.
+
+        The kernel's own welcome went to the agent's subscription inside the VM; clients
+        need theirs from here. It also lets jupyter_client's wait_for_ready see iopub
+        traffic at once instead of retrying after a missed status message.
+        """
+        sock = self.sockets["iopub"]
+        while True:
+            frame = await sock.recv()
+            if not frame or frame[0] != 1:
+                continue
+            topic = frame[1:]
+            header = {"msg_id": uuid.uuid4().hex, "msg_type": "iopub_welcome", "username": "vmkg",
+                      "session": self._session_id, "version": "5.4",
+                      "date": datetime.now(timezone.utc).isoformat().replace("+00:00", "Z")}
+            body = [json.dumps(header).encode(), b"{}", b"{}",
+                    json.dumps({"subscription": topic.decode("utf-8", "replace")}).encode()]
+            parts = ([topic] if topic else []) + [DELIM, self.sign(body), *body]
+            await sock.send_multipart(parts)
 
     # -- guest -> client ------------------------------------------------------------------
 

@@ -12,6 +12,7 @@ import random
 import pytest
 
 from guest.protocol import (
+    DATA,
     MAX_FRAME_PAYLOAD,
     ControlMessage,
     Endpoint,
@@ -19,7 +20,6 @@ from guest.protocol import (
     FrameDecoder,
     JupyterMessage,
     ProtocolError,
-    DATA,
     decode_message,
     encode_control,
     encode_jupyter,

@@ -42,9 +42,13 @@ QEMU = os.environ.get("VMKG_QEMU", "qemu-system-x86_64")
 AGENT_PORT_NAME = "vmkg.agent"
 
 
-def _set_pdeathsig() -> None:  # runs in the child between fork and exec
-    PR_SET_PDEATHSIG = 1
-    ctypes.CDLL(None).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+def _child_setup() -> None:  # runs in the child between fork and exec
+    libc = ctypes.CDLL(None)
+    PR_SET_PDEATHSIG, PR_SET_THP_DISABLE = 1, 41
+    libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)  # QEMU dies with its owner
+    # No transparent huge pages: QEMU asks for them on its TCG code buffer, and a 2 MB
+    # page for every few KB of translated code costs an idle VM 30 MB of private memory.
+    libc.prctl(PR_SET_THP_DISABLE, 1, 0, 0, 0)
 
 
 @dataclass(frozen=True)
@@ -62,7 +66,7 @@ class MachineSpec:
         return "host" if self.accel == "kvm" else "max"
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def qemu_version() -> str:
     """The installed QEMU's version; snapshots load only into the version that made them."""
     out = subprocess.run([QEMU, "--version"], capture_output=True, text=True, check=True).stdout
@@ -91,7 +95,7 @@ class QemuVM:
     def _args(self, mem_file: Path, share: bool, disk: Path, disk_format: str,
               agent_fd: int, qmp_fd: int) -> list[str]:
         s = self.spec
-        accel = "kvm" if s.accel == "kvm" else "tcg,tb-size=64"
+        accel = "kvm" if s.accel == "kvm" else "tcg,tb-size=24"
         return [
             QEMU, "-name", "vmkg",
             "-machine", "microvm,memory-backend=mem,x-option-roms=off",
@@ -128,7 +132,7 @@ class QemuVM:
             self.proc = await asyncio.create_subprocess_exec(
                 *args, *extra_args, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=stderr,
                 pass_fds=(listener.fileno(), qmp_qemu.fileno(), *extra_fds),
-                preexec_fn=_set_pdeathsig, start_new_session=True,
+                preexec_fn=_child_setup, start_new_session=True,
             )
         except OSError as exc:
             qmp_host.close()
