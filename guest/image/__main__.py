@@ -1,0 +1,5 @@
+"""``python -m guest.image``: see :func:`guest.image.build.main`."""
+
+from .build import main
+
+raise SystemExit(main())
