@@ -58,7 +58,7 @@ KERNEL_HOME = "/home/jovyan"
 DELIM = b"<IDS|MSG>"
 READ_SIZE = 1 << 20
 #: requests served in order with the Jupyter messages around them
-ORDERED_OPS = frozenset({"restore"})
+ORDERED_OPS = frozenset({"restore", "thaw"})
 
 _libc = ctypes.CDLL(None, use_errno=True)
 
@@ -117,6 +117,10 @@ def init_system() -> None:
     _write("/proc/sys/vm/dirty_writeback_centisecs", "3000")
     _write("/proc/sys/vm/stat_interval", "60")
     _write("/proc/sys/kernel/printk", "3 4 1 3")
+
+
+class OpError(files.FileOpError):
+    """A request the agent refuses; ``code`` tells the host which kind of refusal."""
 
 
 def _tail(path: str, n: int = 20) -> str:
@@ -331,6 +335,11 @@ class Agent:
         self._ready = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
         self._inbox: asyncio.Queue[JupyterMessage | ControlMessage] = asyncio.Queue()
+        self.kernel_state = "idle"
+        self._state_changed = asyncio.Event()
+        self._pending: dict[str, float] = {}  # shell requests sent to the kernel, not yet answered
+        self.frozen = False
+        self._held: list[JupyterMessage] = []
 
     # -- kernel process ---------------------------------------------------------
 
@@ -447,6 +456,7 @@ class Agent:
         sock = self.sockets[channel]
         while True:
             parts = await sock.recv_multipart(copy=True)
+            self._track(channel, parts)
             if self._own_reply(parts):
                 continue
             if channel == "iopub" and len(parts) > 3 and b'"iopub_welcome"' in parts[2]:
@@ -457,6 +467,39 @@ class Agent:
             self.endpoint.send(encode_jupyter(channel, parts))
             if self.link:
                 self.link.flush()
+
+    # -- kernel state, for forks ------------------------------------------------
+
+    def _track(self, channel: str, parts: list[bytes]) -> None:
+        """Follow the kernel's execution state and which shell requests await a reply."""
+        if channel == "iopub":
+            if parts and parts[0].endswith(b".status"):
+                try:
+                    content = json.loads(parts[parts.index(DELIM) + 5])
+                    self.kernel_state = content.get("execution_state", self.kernel_state)
+                except (ValueError, IndexError):
+                    return
+                self._state_changed.set()
+        elif channel == "shell" and self._pending:
+            try:
+                parent = json.loads(parts[parts.index(DELIM) + 3])
+            except (ValueError, IndexError):
+                return
+            if self._pending.pop(parent.get("msg_id"), None) is not None:
+                self._state_changed.set()
+
+    def _note_request(self, msg: JupyterMessage) -> None:
+        if msg.channel != "shell":
+            return
+        try:
+            header = json.loads(msg.parts[msg.parts.index(DELIM) + 2])
+        except (ValueError, IndexError):
+            return
+        if str(header.get("msg_type", "")).endswith("_request"):
+            self._pending[header.get("msg_id")] = time.monotonic()
+
+    def quiescent(self) -> bool:
+        return self.kernel_state == "idle" and not self._pending
 
     # -- host -> agent ----------------------------------------------------------
 
@@ -493,8 +536,13 @@ class Agent:
         while True:
             msg = await self._inbox.get()
             if isinstance(msg, JupyterMessage):
-                if msg.channel != "iopub":
-                    await self.sockets[msg.channel].send_multipart(msg.parts)
+                if msg.channel == "iopub":
+                    continue
+                if self.frozen:
+                    self._held.append(msg)  # a fork is being taken: nothing may start now
+                    continue
+                self._note_request(msg)
+                await self.sockets[msg.channel].send_multipart(msg.parts)
             else:
                 await self.on_control(msg)
 
@@ -503,10 +551,14 @@ class Agent:
             self._window_open.set()
 
     def _fresh_session(self) -> None:
-        # A new host session: requests the old one left half-done are void.
+        # A new host session: requests the old one left half-done are void, and so is
+        # whatever the old session had queued (a fork child must not run its parent's input).
         for fut in self._own.values():
             if not fut.done():
                 fut.cancel()
+        self.frozen = False
+        self._held.clear()
+        self._pending.clear()
 
     def send_control(self, body: dict[str, Any]) -> None:
         self.endpoint.send(encode_control(body))
@@ -596,6 +648,35 @@ class Agent:
             raise RuntimeError(f"kernel could not take on its new identity: {result}")
         return {"time_ns": time.time_ns()}
 
+    async def op_freeze(self, body: dict[str, Any]) -> dict[str, Any]:
+        """Wait until the kernel is idle with nothing queued, then hold new input.
+
+        The host pauses and snapshots the VM while frozen, so a fork never starts in the
+        middle of a cell. ``thaw`` (ordered with the held input) releases it.
+        """
+        wait = float(body.get("wait", 30))
+        deadline = time.monotonic() + wait
+        while not self.quiescent():
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise OpError("busy", f"the kernel is still busy after {wait:g} s "
+                                        f"({len(self._pending)} request(s) unanswered)")
+            self._state_changed.clear()
+            try:
+                await asyncio.wait_for(self._state_changed.wait(), left)
+            except asyncio.TimeoutError:
+                pass
+        self.frozen = True
+        return {"state": self.kernel_state}
+
+    async def op_thaw(self, body: dict[str, Any]) -> dict[str, Any]:
+        self.frozen = False
+        held, self._held = self._held, []
+        for msg in held:
+            self._note_request(msg)
+            await self.sockets[msg.channel].send_multipart(msg.parts)
+        return {"released": len(held)}
+
     async def op_ping(self, body: dict[str, Any]) -> dict[str, Any]:
         alive = self.kernel is not None and self.kernel.returncode is None
         return {"kernel_alive": alive, "time_ns": time.time_ns()}
@@ -646,7 +727,9 @@ def main() -> None:
         traceback.print_exc()
         if os.getpid() == 1:
             time.sleep(0.5)
-            os.system("echo o > /proc/sysrq-trigger")  # power off: QEMU exits, the host sees it
+            # reboot, not power off: on microvm a reboot makes QEMU exit (-no-reboot)
+            with open("/proc/sysrq-trigger", "w") as f:
+                f.write("b")
         raise
 
 

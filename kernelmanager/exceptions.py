@@ -10,6 +10,7 @@
     │   └── VMDied             the VM (QEMU or the guest kernel process) is gone
     ├── ChannelError           the host-guest link broke or the agent refused the protocol
     ├── AgentError             the agent answered a request with an error (``kind`` says which)
+    ├── ForkError              a fork snapshot could not be taken
     ├── KernelBusy             the kernel did not become idle in time (fork)
     └── LimitExceeded          a configured limit (kernels, fork count, sizes)
 
@@ -61,6 +62,10 @@ class AgentError(VMKGError):
     def __init__(self, message: str, kind: str | None = None) -> None:
         super().__init__(message)
         self.kind = kind
+
+
+class ForkError(VMKGError):
+    pass
 
 
 class KernelBusy(VMKGError):

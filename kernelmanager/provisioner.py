@@ -21,6 +21,7 @@ All VM work runs on the process-wide runtime loop (``kernelmanager.runtime``).
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import posixpath
@@ -32,9 +33,11 @@ from jupyter_client.provisioning.provisioner_base import KernelProvisionerBase
 from traitlets import Bool, Float, List, Unicode
 
 from . import accel as accel_mod
+from . import forks
 from .exceptions import VMDied, VMKGError
 from .relay import KernelRelay
 from .runtime import Runtime
+from .snapshots import Snapshot
 from .templates import ensure_template, get_spec
 from .vm.qemu import qemu_version
 from .vmkernel import VMKernel
@@ -60,6 +63,9 @@ class MicroVMProvisioner(KernelProvisionerBase):  # type: ignore[misc]
     _relay: KernelRelay | None = None
     _env: dict[str, str] = {}
     _cwd: str = ""
+    _launched = False
+    _fork_source: Snapshot | None = None
+    _fork_reseed: bool | None = None
 
     # -- process-like surface ------------------------------------------------------------
 
@@ -104,6 +110,11 @@ class MicroVMProvisioner(KernelProvisionerBase):  # type: ignore[misc]
     # -- launch ----------------------------------------------------------------------------
 
     async def pre_launch(self, **kwargs: Any) -> dict[str, Any]:
+        # a fork child's first start restores from the fork snapshot; restarts from the template
+        self._fork_source = kwargs.pop("vmkg_snapshot", None) if self._kernel is None and not self._launched else None
+        self._fork_reseed = kwargs.pop("vmkg_reseed", None) if self._fork_source is not None else None
+        kwargs.pop("vmkg_snapshot", None)
+        kwargs.pop("vmkg_reseed", None)
         kwargs = await super().pre_launch(**kwargs)
         self._env = self._guest_env(kwargs.get("env") or {})
         self._cwd = self._guest_cwd(self._env.get("KERNEL_WORKING_DIR", ""))
@@ -153,12 +164,15 @@ class MicroVMProvisioner(KernelProvisionerBase):  # type: ignore[misc]
         km = self.parent
         conn_file = getattr(km, "connection_file", None) if km is not None else None
 
+        source, self._fork_source = self._fork_source, None  # a fork's first launch only
+        reseed = self.reseed if self._fork_reseed is None else self._fork_reseed
+
         async def launch() -> VMKernel:
             accel = accel_mod.detect(self.accel or None)
-            snap = await ensure_template(get_spec(self.template), accel.name)
+            snap = source or await ensure_template(get_spec(self.template), accel.name)
             snap.check_restorable(qemu_version(), accel.name)
             kernel = VMKernel(snap, kernel_id=self.kernel_id, env=self._env, cwd=self._cwd,
-                              reseed=self.reseed, on_jupyter=relay.from_guest, connection_file=conn_file)
+                              reseed=reseed, on_jupyter=relay.from_guest, connection_file=conn_file)
             await kernel.start(timeout=self.launch_timeout)
             assert kernel.channel is not None
             relay.attach(kernel.channel)
@@ -167,6 +181,7 @@ class MicroVMProvisioner(KernelProvisionerBase):  # type: ignore[misc]
             return kernel
 
         self._kernel = await rt.run(launch())
+        self._launched = True
         return relay.connection_info()
 
     async def cleanup(self, restart: bool = False) -> None:
@@ -192,6 +207,23 @@ class MicroVMProvisioner(KernelProvisionerBase):  # type: ignore[misc]
         """The VM behind this kernel (for the gateway's fork and file operations)."""
         return self._kernel
 
+    async def fork_snapshot(self, idle_timeout: float = 30.0) -> Snapshot:
+        """Snapshot this kernel's running VM for forking (waits for it to be idle).
+
+        The snapshot is held for the caller: start the children with
+        ``start_kernel(vmkg_snapshot=snap)``, then call :func:`release_snapshot`.
+        """
+        kernel = self._kernel
+        if kernel is None or kernel.poll() is not None:
+            raise VMDied(f"kernel {self.kernel_id}: the VM is not running")
+
+        async def take() -> Snapshot:
+            snap = await forks.snapshot_kernel(kernel, idle_timeout=idle_timeout)
+            forks.registry.acquire(snap)
+            return snap
+
+        return await Runtime.instance().run(take())
+
     async def interrupt(self) -> None:
         await self.send_signal(signal.SIGINT)
 
@@ -209,3 +241,36 @@ class MicroVMProvisioner(KernelProvisionerBase):  # type: ignore[misc]
         if kernel is None:
             raise VMDied(f"kernel {self.kernel_id}: the VM is not running")
         await Runtime.instance().run(kernel.adopt(guest, cwd, timeout=self.launch_timeout))
+
+
+async def release_snapshot(snap: Snapshot) -> None:
+    """Drop the caller's hold on a fork snapshot (children hold their own)."""
+
+    async def rel() -> None:
+        forks.registry.release(snap)
+
+    await Runtime.instance().run(rel())
+
+
+async def fork(km: Any, count: int, *, reseed: bool = True, idle_timeout: float = 30.0) -> list[Any]:
+    """Fork the kernel of ``km`` (an AsyncKernelManager on a microVM kernelspec) into
+    ``count`` new started kernel managers of the same class, each continuing from the
+    parent's state at the moment of the fork. The parent keeps running."""
+    prov = km.provisioner
+    if not isinstance(prov, MicroVMProvisioner):
+        raise VMKGError("only kernels of the microvm provisioner can be forked")
+    snap = await prov.fork_snapshot(idle_timeout)
+    try:
+        children = [type(km)(kernel_name=km.kernel_name, parent=km.parent) for _ in range(count)]
+        results = await asyncio.gather(
+            *(c.start_kernel(vmkg_snapshot=snap, vmkg_reseed=reseed) for c in children),
+            return_exceptions=True)
+        failed = [r for r in results if isinstance(r, BaseException)]
+        if failed:
+            for c, r in zip(children, results, strict=True):
+                if not isinstance(r, BaseException):
+                    await c.shutdown_kernel(now=True)
+            raise failed[0]
+        return children
+    finally:
+        await release_snapshot(snap)

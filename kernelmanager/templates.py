@@ -16,7 +16,7 @@ import os
 from dataclasses import dataclass, fields
 from typing import Any
 
-from guest.image import ImageRecipe, build_image, find_image
+from guest.image import ImageRecipe, build_image, find_image, kernel_cmdline
 
 from . import accel as accel_mod
 from .exceptions import ConfigError, ImageError
@@ -39,7 +39,9 @@ class TemplateSpec:
         return ImageRecipe(packages=self.packages)
 
     def machine(self, accel: str) -> MachineSpec:
-        return MachineSpec(memory_mb=self.memory_mb, vcpus=self.vcpus, accel=accel)
+        # under TCG the kernel is told the TSC rate: calibrating it on a busy host can hang the boot
+        return MachineSpec(memory_mb=self.memory_mb, vcpus=self.vcpus, accel=accel,
+                           cmdline=kernel_cmdline(tcg=accel == "tcg"))
 
 
 def catalog() -> dict[str, TemplateSpec]:

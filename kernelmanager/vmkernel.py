@@ -24,7 +24,7 @@ import uuid
 from collections.abc import Callable
 from typing import Any
 
-from . import paths, reaper
+from . import forks, paths, reaper
 from .channel import AgentChannel, UnixSocketTransport
 from .exceptions import ChannelError, VMDied, VMStartError
 from .snapshots import Snapshot
@@ -55,6 +55,8 @@ class VMKernel:
         self._watch: asyncio.Task[None] | None = None
         self._closing = False
         self._crashed = False
+        self._acquired = False
+        self.disk_path = self.workdir / "disk.qcow2"  # the active overlay; a fork moves it on
 
     # -- lifecycle ---------------------------------------------------------------------
 
@@ -80,7 +82,9 @@ class VMKernel:
         snap = self.snapshot
         self.workdir.mkdir(parents=True)
         write_owner(self.workdir, kernel_id=self.kernel_id, connection_file=self.connection_file)
-        disk = self.workdir / "disk.qcow2"
+        forks.registry.acquire(snap)
+        self._acquired = True
+        disk = self.disk_path
         shutil.copyfile(snap.path / "overlay.qcow2", disk)
         t0 = time.monotonic()
         await self.vm.restore(snap.mem_file, snap.state_file, disk)
@@ -155,6 +159,9 @@ class VMKernel:
         if self._crashed:
             self._keep_evidence()
         shutil.rmtree(self.workdir, ignore_errors=True)
+        if self._acquired:
+            self._acquired = False
+            forks.registry.release(self.snapshot)
 
     def _keep_evidence(self) -> None:
         """Keep the console and QEMU log of a VM that died on its own (the last 20)."""

@@ -1,0 +1,271 @@
+"""Forking a running kernel's VM: a snapshot of its whole state that N children restore.
+
+What a fork snapshot is made of, and how it is made without copying what need not be:
+
+* **RAM.** The parent maps its base RAM image (a template's, or its own parent fork's)
+  ``MAP_PRIVATE``: the pages it changed are anonymous copy-on-write pages of the QEMU
+  process, the rest still come from the base file. While the VM is paused we read
+  ``/proc/PID/pagemap`` for the RAM mapping, copy only the *dirty* pages out of
+  ``/proc/PID/mem``, and resume the parent. The fork image is then the base file
+  (copied sparsely, on tmpfs) with the dirty pages written over it. Children map that
+  image ``share=off`` too, so they share every page they don't write.
+* **Disk.** The parent's qcow2 overlay is frozen with ``blockdev-snapshot-sync`` (the
+  parent continues on a fresh overlay) and hard-linked into the fork directory, where
+  children's overlays back onto it: deleting the parent never breaks its branches.
+* **Devices.** ``xen-save-devices-state`` (all device state, no RAM), a few dozen KB.
+* **Quiescence.** The agent first waits until the kernel is idle with no request
+  pending, then holds new input until the snapshot is taken (``freeze``/``thaw``):
+  a branch never starts in the middle of a cell, and the parent loses nothing.
+
+Fork directories are reference counted by the VMs restored from them (and by forks
+taken from those VMs, whose disks back onto them); the last release removes them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import errno
+import logging
+import os
+import re
+import shutil
+import time
+import uuid
+from collections.abc import Iterable
+from pathlib import Path
+
+from . import paths
+from .exceptions import AgentError, ForkError, KernelBusy
+from .snapshots import Snapshot, empty_overlay
+from .vm.qemu import write_owner
+
+log = logging.getLogger(__name__)
+
+PAGE = os.sysconf("SC_PAGE_SIZE")
+_CHUNK = 8 << 20
+
+
+def forks_dir() -> Path:
+    return paths.state_dir() / "forks"
+
+
+# ---------------------------------------------------------------------------
+# Reference counting of fork directories
+
+
+class ForkRegistry:
+    """Which fork snapshots are in use in this process. Runtime loop only."""
+
+    def __init__(self) -> None:
+        self._refs: dict[Path, int] = {}
+
+    def acquire(self, snap: Snapshot) -> None:
+        for d in self.chain(snap):
+            self._refs[d] = self._refs.get(d, 0) + 1
+
+    def release(self, snap: Snapshot) -> None:
+        for d in self.chain(snap):
+            n = self._refs.get(d, 0) - 1
+            if n > 0:
+                self._refs[d] = n
+                continue
+            self._refs.pop(d, None)
+            remove_fork_dir(d)
+
+    @staticmethod
+    def chain(snap: Snapshot) -> list[Path]:
+        """The fork directories a VM restored from ``snap`` depends on (its own and ancestors')."""
+        if snap.kind != "fork":
+            return []
+        return [snap.path, *(Path(p) for p in snap.info.get("ancestors", []))]
+
+    def count(self, d: Path) -> int:
+        return self._refs.get(d, 0)
+
+
+registry = ForkRegistry()
+
+
+def remove_fork_dir(d: Path) -> None:
+    shm = d / "mem.path"
+    try:
+        mem = Path(shm.read_text())
+        mem.unlink(missing_ok=True)
+    except OSError:
+        pass
+    shutil.rmtree(d, ignore_errors=True)
+    log.info("fork %s: released", d.name)
+
+
+# ---------------------------------------------------------------------------
+# RAM: dirty pages out of a paused QEMU, and the image children map
+
+_FLAGS = bytes((1 if (b & 0x80 and not b & 0x20) or b & 0x40 else 0) for b in range(256))
+_RUNS = re.compile(rb"\x01+")
+
+
+def ram_vmas(pid: int, mem_file: Path) -> list[tuple[int, int, int]]:
+    """(start address, length, file offset) of every mapping of ``mem_file`` in ``pid``."""
+    want = str(mem_file)
+    out = []
+    with open(f"/proc/{pid}/maps") as f:
+        for line in f:
+            fields = line.split(maxsplit=5)
+            if len(fields) == 6 and fields[5].strip() == want:
+                lo, hi = (int(x, 16) for x in fields[0].split("-"))
+                out.append((lo, hi - lo, int(fields[2], 16)))
+    if not out:
+        raise ForkError(f"guest RAM ({mem_file}) is not mapped in QEMU process {pid}")
+    return out
+
+
+def dirty_runs(pid: int, vmas: Iterable[tuple[int, int, int]]) -> list[tuple[int, int, int]]:
+    """Runs (address, length, file offset) of pages the process changed (private, anonymous).
+
+    pagemap bits: 63 present, 62 swapped, 61 file-backed or shared. A present page that
+    is not file-backed is a copy-on-write copy: dirty. A swapped page is dirty too.
+    """
+    runs = []
+    with open(f"/proc/{pid}/pagemap", "rb") as pm:
+        for start, length, offset in vmas:
+            pm.seek(start // PAGE * 8)
+            entries = pm.read(length // PAGE * 8)
+            flags = entries[7::8].translate(_FLAGS)  # the top byte of each 64-bit entry
+            for m in _RUNS.finditer(flags):
+                a, b = m.start(), m.end()
+                runs.append((start + a * PAGE, (b - a) * PAGE, offset + a * PAGE))
+    return runs
+
+
+def copy_dirty(pid: int, runs: list[tuple[int, int, int]], dest: Path) -> int:
+    """Write the dirty pages into a sparse file at their RAM offsets. Returns bytes copied."""
+    total = 0
+    fd = os.open(dest, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        with open(f"/proc/{pid}/mem", "rb", buffering=0) as mem:
+            for addr, length, offset in runs:
+                done = 0
+                while done < length:
+                    n = min(_CHUNK, length - done)
+                    mem.seek(addr + done)
+                    data = mem.read(n)
+                    os.pwrite(fd, data, offset + done)
+                    done += len(data)
+                total += length
+    finally:
+        os.close(fd)
+    return total
+
+
+def _copy_range(sfd: int, dfd: int, off: int, length: int, dest_off: int) -> None:
+    """Copy bytes between files at given offsets (in the kernel; files may be on different fs)."""
+    done = 0
+    while done < length:
+        n = min(_CHUNK, length - done)
+        try:
+            k = os.copy_file_range(sfd, dfd, n, off + done, dest_off + done)
+        except OSError as exc:
+            if exc.errno not in (errno.EXDEV, errno.EINVAL, errno.EOPNOTSUPP, errno.ENOSYS):
+                raise
+            os.lseek(dfd, dest_off + done, os.SEEK_SET)
+            k = os.sendfile(dfd, sfd, off + done, n)
+        if k <= 0:
+            raise ForkError("short copy while assembling the fork RAM image")
+        done += k
+
+
+def assemble_image(base: Path, dirty: Path, runs: list[tuple[int, int, int]], dest: Path, size: int) -> None:
+    """dest = base with the dirty runs laid over it; sparse where base is sparse."""
+    with open(base, "rb") as src, open(dest, "wb") as dst:
+        dst.truncate(size)
+        sfd, dfd = src.fileno(), dst.fileno()
+        pos = 0
+        while pos < size:
+            try:
+                data_at = os.lseek(sfd, pos, os.SEEK_DATA)
+            except OSError:
+                break  # only holes remain
+            hole_at = min(os.lseek(sfd, data_at, os.SEEK_HOLE), size)
+            _copy_range(sfd, dfd, data_at, hole_at - data_at, data_at)
+            pos = hole_at
+        with open(dirty, "rb") as dsrc:
+            for _, length, offset in runs:
+                _copy_range(dsrc.fileno(), dfd, offset, length, offset)
+
+
+# ---------------------------------------------------------------------------
+# Taking the snapshot
+
+
+async def snapshot_kernel(vk, *, idle_timeout: float = 30.0) -> Snapshot:  # type: ignore[no-untyped-def]
+    """Snapshot a running ``VMKernel`` for forking. The parent keeps running.
+
+    Raises KernelBusy when the kernel does not become idle within ``idle_timeout``.
+    """
+    if vk.poll() is not None:
+        raise ForkError(f"kernel {vk.kernel_id}: the VM is not running")
+    fork_id = uuid.uuid4().hex
+    d = forks_dir() / fork_id
+    d.mkdir(parents=True)
+    write_owner(d, kind="fork", parent_kernel=vk.kernel_id)
+    shm = paths.shm_dir()
+    shm.mkdir(parents=True, exist_ok=True)
+    mem = shm / f"fork-{fork_id}.mem"
+    (d / "mem.path").write_text(str(mem))
+    timings: dict[str, float] = {}
+    t0 = time.monotonic()
+    try:
+        try:
+            await vk.request("freeze", timeout=idle_timeout + 10, wait=idle_timeout)
+        except AgentError as exc:
+            if exc.kind == "busy":
+                raise KernelBusy(f"kernel {vk.kernel_id} is busy: {exc}") from exc
+            raise
+        timings["quiesce"] = time.monotonic() - t0
+        vm = vk.vm
+        pid = vm.pid
+        try:
+            await vm.pause()
+            t1 = time.monotonic()
+            try:
+                await vm.save_device_state(d / "state")
+                new_disk = vk.workdir / f"disk-{fork_id[:8]}.qcow2"
+                os.link(vk.disk_path, d / "disk.qcow2")
+                await vm.snapshot_disk(new_disk)
+                vk.disk_path = new_disk
+                vmas = ram_vmas(pid, vk.snapshot.mem_file)
+                runs = await asyncio.to_thread(dirty_runs, pid, vmas)
+                dirty_file = shm / f"fork-{fork_id}.dirty"
+                copied = await asyncio.to_thread(copy_dirty, pid, runs, dirty_file)
+            finally:
+                await vm.resume()
+            timings["paused"] = time.monotonic() - t1
+        finally:
+            try:
+                await vk.request("thaw", timeout=30)
+            except Exception as exc:  # noqa: BLE001 - the parent must not stay frozen silently
+                log.error("kernel %s: thaw after fork failed: %s", vk.kernel_id, exc)
+        t2 = time.monotonic()
+        size = vk.snapshot.machine.memory_mb << 20
+        try:
+            await asyncio.to_thread(assemble_image, vk.snapshot.mem_file, dirty_file, runs, mem, size)
+        finally:
+            dirty_file.unlink(missing_ok=True)
+        await asyncio.to_thread(empty_overlay, d / "disk.qcow2", d / "overlay.qcow2")
+        timings["image"] = time.monotonic() - t2
+    except BaseException:
+        remove_fork_dir(d)
+        raise
+    ancestors = [str(p) for p in ForkRegistry.chain(vk.snapshot)]
+    snap = dataclasses.replace(
+        vk.snapshot, path=d, mem_file=mem, state_file=d / "state", disk=d / "disk.qcow2",
+        created=time.time(), kind="fork", parent=vk.kernel_id,
+        info={**vk.snapshot.info, "ancestors": ancestors, "dirty_bytes": copied,
+              "timings": timings, "template": str(vk.snapshot.info.get("template", ""))},
+    )
+    snap.save()
+    log.info("kernel %s: fork snapshot %s: %.0f MB dirty, quiesce %.0f ms, paused %.0f ms, image %.0f ms",
+             vk.kernel_id, fork_id[:8], copied / 2**20, timings["quiesce"] * 1000,
+             timings["paused"] * 1000, timings["image"] * 1000)
+    return snap
