@@ -138,11 +138,12 @@ def dirty_runs(pid: int, vmas: Iterable[tuple[int, int, int]]) -> list[tuple[int
     return runs
 
 
-def copy_dirty(pid: int, runs: list[tuple[int, int, int]], dest: Path) -> int:
-    """Write the dirty pages into a sparse file at their RAM offsets. Returns bytes copied."""
+def copy_dirty(pid: int, runs: list[tuple[int, int, int]], dest: Path, size: int) -> int:
+    """Write the dirty pages into the (new, sparse) RAM image at their offsets. Returns bytes."""
     total = 0
     fd = os.open(dest, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     try:
+        os.ftruncate(fd, size)
         with open(f"/proc/{pid}/mem", "rb", buffering=0) as mem:
             for addr, length, offset in runs:
                 done = 0
@@ -175,23 +176,41 @@ def _copy_range(sfd: int, dfd: int, off: int, length: int, dest_off: int) -> Non
         done += k
 
 
-def assemble_image(base: Path, dirty: Path, runs: list[tuple[int, int, int]], dest: Path, size: int) -> None:
-    """dest = base with the dirty runs laid over it; sparse where base is sparse."""
-    with open(base, "rb") as src, open(dest, "wb") as dst:
-        dst.truncate(size)
+def fill_from_base(base: Path, dest: Path, runs: list[tuple[int, int, int]], size: int) -> int:
+    """Copy into ``dest`` every data range of ``base`` that no dirty run covers.
+
+    ``dest`` already holds the dirty pages, so each byte is written once; holes in the
+    base stay holes. Returns the bytes copied.
+    """
+    dirty = sorted((off, off + length) for _, length, off in runs)
+    copied = 0
+    with open(base, "rb") as src, open(dest, "r+b") as dst:
         sfd, dfd = src.fileno(), dst.fileno()
-        pos = 0
+        pos, i = 0, 0
         while pos < size:
             try:
                 data_at = os.lseek(sfd, pos, os.SEEK_DATA)
             except OSError:
                 break  # only holes remain
             hole_at = min(os.lseek(sfd, data_at, os.SEEK_HOLE), size)
-            _copy_range(sfd, dfd, data_at, hole_at - data_at, data_at)
+            cur = data_at
+            while i < len(dirty) and dirty[i][1] <= cur:
+                i += 1
+            j = i
+            while cur < hole_at:
+                if j < len(dirty) and dirty[j][0] < hole_at:
+                    start, end = dirty[j]
+                    if start > cur:
+                        _copy_range(sfd, dfd, cur, start - cur, cur)
+                        copied += start - cur
+                    cur = max(cur, end)
+                    j += 1
+                else:
+                    _copy_range(sfd, dfd, cur, hole_at - cur, cur)
+                    copied += hole_at - cur
+                    cur = hole_at
             pos = hole_at
-        with open(dirty, "rb") as dsrc:
-            for _, length, offset in runs:
-                _copy_range(dsrc.fileno(), dfd, offset, length, offset)
+    return copied
 
 
 # ---------------------------------------------------------------------------
@@ -225,6 +244,7 @@ async def snapshot_kernel(vk, *, idle_timeout: float = 30.0) -> Snapshot:  # typ
         timings["quiesce"] = time.monotonic() - t0
         vm = vk.vm
         pid = vm.pid
+        size = vk.snapshot.machine.memory_mb << 20
         try:
             await vm.pause()
             t1 = time.monotonic()
@@ -236,8 +256,7 @@ async def snapshot_kernel(vk, *, idle_timeout: float = 30.0) -> Snapshot:  # typ
                 vk.disk_path = new_disk
                 vmas = ram_vmas(pid, vk.snapshot.mem_file)
                 runs = await asyncio.to_thread(dirty_runs, pid, vmas)
-                dirty_file = shm / f"fork-{fork_id}.dirty"
-                copied = await asyncio.to_thread(copy_dirty, pid, runs, dirty_file)
+                copied = await asyncio.to_thread(copy_dirty, pid, runs, mem, size)
             finally:
                 await vm.resume()
             timings["paused"] = time.monotonic() - t1
@@ -247,11 +266,7 @@ async def snapshot_kernel(vk, *, idle_timeout: float = 30.0) -> Snapshot:  # typ
             except Exception as exc:  # noqa: BLE001 - the parent must not stay frozen silently
                 log.error("kernel %s: thaw after fork failed: %s", vk.kernel_id, exc)
         t2 = time.monotonic()
-        size = vk.snapshot.machine.memory_mb << 20
-        try:
-            await asyncio.to_thread(assemble_image, vk.snapshot.mem_file, dirty_file, runs, mem, size)
-        finally:
-            dirty_file.unlink(missing_ok=True)
+        base_bytes = await asyncio.to_thread(fill_from_base, vk.snapshot.mem_file, mem, runs, size)
         await asyncio.to_thread(empty_overlay, d / "disk.qcow2", d / "overlay.qcow2")
         timings["image"] = time.monotonic() - t2
     except BaseException:
@@ -261,7 +276,7 @@ async def snapshot_kernel(vk, *, idle_timeout: float = 30.0) -> Snapshot:  # typ
     snap = dataclasses.replace(
         vk.snapshot, path=d, mem_file=mem, state_file=d / "state", disk=d / "disk.qcow2",
         created=time.time(), kind="fork", parent=vk.kernel_id,
-        info={**vk.snapshot.info, "ancestors": ancestors, "dirty_bytes": copied,
+        info={**vk.snapshot.info, "ancestors": ancestors, "dirty_bytes": copied, "base_bytes": base_bytes,
               "timings": timings, "template": str(vk.snapshot.info.get("template", ""))},
     )
     snap.save()

@@ -1,0 +1,132 @@
+#!/usr/bin/env python3
+"""Benchmark forking a warm kernel against what a user would do without forks.
+
+A parent kernel (a microVM) warms up by building ~150 MB of Python objects. Then, for
+N = 1 and 4, repeatedly:
+
+* fork: ``kernelmanager.provisioner.fork(parent, N)`` until every branch has answered a
+  cell showing the parent's state;
+* per-branch private memory (anonymous pages of its QEMU process) right after that, and
+  after the branch writes 20 MB of its own, to show it grows only with what it writes;
+* the alternative, in the same run: start N fresh local ipykernels (what Jupyter Kernel
+  Gateway would start) and re-run the warm-up in each.
+
+Prints medians and ratios. Run: ``python bench/bench_fork.py -r 3``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from jupyter_client.manager import AsyncKernelManager
+
+from kernelmanager.provisioner import fork
+
+WARMUP = """
+import os, hashlib
+data = {i: ('%08d' % i) * 12 for i in range(1_100_000)}
+digest = hashlib.sha256(repr(len(data)).encode()).hexdigest()
+"""
+CHECK = "assert len(data) == 1_100_000; 'ok'"
+WRITE_MB = 20
+
+
+def ensure_kernelspecs() -> None:
+    from kernelmanager.kernelspec import kernelspec_json, kernelspec_name
+    from kernelmanager.templates import get_spec
+
+    root = Path(tempfile.mkdtemp(prefix="vmkg-bench-jupyter-"))
+    d = root / "kernels" / kernelspec_name("python3")
+    d.mkdir(parents=True)
+    (d / "kernel.json").write_text(json.dumps(kernelspec_json(get_spec("python3"))))
+    os.environ["JUPYTER_PATH"] = os.pathsep.join(filter(None, [str(root), os.environ.get("JUPYTER_PATH")]))
+
+
+async def run(km: AsyncKernelManager, code: str) -> None:
+    kc = km.client()
+    kc.start_channels()
+    try:
+        await kc.wait_for_ready(timeout=120)
+        reply = await kc.execute_interactive(code, timeout=600, output_hook=lambda m: None)
+        assert reply["content"]["status"] == "ok", reply["content"]
+    finally:
+        kc.stop_channels()
+
+
+def anon_mb(km: AsyncKernelManager) -> float:
+    pid = km.provisioner.vm_kernel.vm.pid  # type: ignore[union-attr]
+    for line in open(f"/proc/{pid}/smaps_rollup"):
+        if line.startswith("Anonymous:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+async def fork_once(parent: AsyncKernelManager, n: int) -> tuple[float, list[float], list[float]]:
+    t0 = time.perf_counter()
+    kids = await fork(parent, n)
+    try:
+        await asyncio.gather(*(run(k, CHECK) for k in kids))
+        dt = time.perf_counter() - t0
+        before = [anon_mb(k) for k in kids]
+        await asyncio.gather(*(run(k, f"w = os.urandom({WRITE_MB} * 2**20)") for k in kids))
+        after = [anon_mb(k) for k in kids]
+        return dt, before, after
+    finally:
+        await asyncio.gather(*(k.shutdown_kernel(now=True) for k in kids))
+
+
+async def fresh_once(n: int) -> float:
+    t0 = time.perf_counter()
+    kms = [AsyncKernelManager(kernel_name="python3") for _ in range(n)]
+    await asyncio.gather(*(k.start_kernel() for k in kms))
+    try:
+        await asyncio.gather(*(run(k, WARMUP + "\n" + CHECK) for k in kms))
+        return time.perf_counter() - t0
+    finally:
+        await asyncio.gather(*(k.shutdown_kernel(now=True) for k in kms))
+
+
+async def main_async(args: argparse.Namespace) -> None:
+    ensure_kernelspecs()
+    parent = AsyncKernelManager(kernel_name="python3-microvm")
+    await parent.start_kernel()
+    try:
+        t0 = time.perf_counter()
+        await run(parent, WARMUP)
+        warm = time.perf_counter() - t0
+        print(f"parent warm-up in the VM: {warm:.1f} s; parent private memory {anon_mb(parent):.0f} MB")
+        for n in (1, 4):
+            forks, fresh, before, grown = [], [], [], []
+            for _ in range(args.r):
+                dt, b, a = await fork_once(parent, n)
+                forks.append(dt)
+                before += b
+                grown += [y - x for x, y in zip(b, a, strict=True)]
+                fresh.append(await fresh_once(n))
+            f50, l50 = statistics.median(forks), statistics.median(fresh)
+            print(f"N={n}: fork -> all answered p50 {f50:.2f} s (min {min(forks):.2f}) | "
+                  f"{n} fresh local kernels + warm-up p50 {l50:.2f} s | ratio {f50 / l50:.2f}x")
+            print(f"      branch private memory p50 {statistics.median(before):.0f} MB idle; "
+                  f"after writing {WRITE_MB} MB it grew {statistics.median(grown):.1f} MB "
+                  f"({statistics.median(grown) / WRITE_MB:.2f}x what it wrote)")
+    finally:
+        await parent.shutdown_kernel(now=True)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("-r", type=int, default=3, help="repetitions per N")
+    asyncio.run(main_async(ap.parse_args()))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
