@@ -1,0 +1,115 @@
+"""Files in and out of a kernel's VM: ``/api/kernels/{id}/files/{path}``.
+
+``PUT`` writes the request body to ``path``, ``GET`` returns it (or, for a directory or
+an empty path, a JSON listing), ``DELETE`` removes it. The bytes travel through the
+guest agent over the host-guest channel, never a shared folder or a network. Paths are
+relative to the kernel user's home (``/home/jovyan``, the kernel's working directory);
+absolute paths, ``..`` and symlinks are refused (here and again in the guest, which
+walks every path component with ``O_NOFOLLOW``).
+"""
+
+from __future__ import annotations
+
+import base64
+import mimetypes
+from typing import Any
+
+from jupyter_server.base.handlers import APIHandler
+from tornado import web
+
+from kernelmanager.exceptions import AgentError, VMDied
+from kernelmanager.runtime import Runtime
+
+from . import errors
+from .handlers import KERNEL_ID, GatewayHandlerMixin, _finish_json
+
+CHUNK = 4 << 20
+DEFAULT_MAX_FILE_SIZE = 100 << 20
+#: the agent's refusal kinds (guest/files.py) and what they mean over HTTP
+_AGENT_KIND_STATUS = {"forbidden": 403, "not_found": 404, "invalid": 400, "no_space": 507}
+
+
+def check_path(path: str) -> str:
+    if not path or path.strip("/") == "":
+        return ""
+    if path.startswith("/") or "\0" in path:
+        raise web.HTTPError(403, f"absolute paths are not allowed: {path!r}; paths are relative to the kernel's home")
+    if ".." in path.split("/"):
+        raise web.HTTPError(403, f"'..' is not allowed in {path!r}")
+    return path
+
+
+class FileHandler(GatewayHandlerMixin, APIHandler):
+    def _vm(self, kernel_id: str) -> Any:
+        km = self.kernel_manager
+        km._check_kernel_id(kernel_id)
+        vk = getattr(km.get_kernel(kernel_id).provisioner, "vm_kernel", None)
+        if vk is None or vk.poll() is not None:
+            raise web.HTTPError(409, f"kernel {kernel_id} has no running VM")
+        return vk
+
+    async def _op(self, vk: Any, **body: Any) -> Any:
+        try:
+            with errors.translated():
+                return await Runtime.instance().run(vk.request("file", timeout=120, **body))
+        except web.HTTPError as exc:
+            cause = exc.__cause__
+            if isinstance(cause, AgentError) and cause.kind in _AGENT_KIND_STATUS:
+                raise web.HTTPError(_AGENT_KIND_STATUS[cause.kind], "%s", str(cause)) from cause
+            if isinstance(cause, VMDied):
+                raise web.HTTPError(409, "%s", str(cause)) from cause
+            raise
+
+    @web.authenticated
+    async def get(self, kernel_id: str, path: str) -> None:
+        path = check_path(path)
+        vk = self._vm(kernel_id)
+        if not path or path.endswith("/"):
+            _finish_json(self, await self._op(vk, action="list", path=path))
+            return
+        first = await self._op(vk, action="read", path=path, offset=0, length=CHUNK)
+        size = int(first["size"])
+        self.set_header("Content-Type", mimetypes.guess_type(path)[0] or "application/octet-stream")
+        self.set_header("Content-Length", str(size))
+        data = base64.b64decode(first["data"])
+        self.write(data)
+        offset = len(data)
+        while offset < size:
+            await self.flush()
+            part = await self._op(vk, action="read", path=path, offset=offset, length=CHUNK)
+            data = base64.b64decode(part["data"])
+            if not data:
+                break  # the file shrank while we read it
+            self.write(data)
+            offset += len(data)
+        self.finish()
+
+    @web.authenticated
+    async def put(self, kernel_id: str, path: str) -> None:
+        path = check_path(path)
+        if not path or path.endswith("/"):
+            raise web.HTTPError(400, "PUT needs a file path, not a directory")
+        body = self.request.body
+        limit = int(self.settings.get("vmkg_max_file_size", DEFAULT_MAX_FILE_SIZE))
+        if len(body) > limit:
+            raise web.HTTPError(413, f"file of {len(body)} bytes exceeds the limit of {limit} bytes")
+        vk = self._vm(kernel_id)
+        result: dict[str, Any] = {}
+        for offset in range(0, max(len(body), 1), CHUNK):
+            chunk = body[offset:offset + CHUNK]
+            result = await self._op(vk, action="write", path=path, offset=offset, truncate=offset == 0,
+                                    data=base64.b64encode(chunk).decode())
+        _finish_json(self, {"path": path, "size": result.get("size", len(body))}, 201)
+
+    @web.authenticated
+    async def delete(self, kernel_id: str, path: str) -> None:
+        path = check_path(path)
+        if not path:
+            raise web.HTTPError(400, "DELETE needs a path")
+        await self._op(self._vm(kernel_id), action="delete", path=path)
+        self.set_status(204)
+        self.finish()
+
+
+def file_handlers() -> list[tuple[str, type]]:
+    return [(rf"/api/kernels/{KERNEL_ID}/files/(?P<path>.*)", FileHandler)]

@@ -1,0 +1,128 @@
+"""Forks over the gateway's HTTP API (POST /api/kernels/{id}/fork, GET .../forks) and the
+files API they share state through, against a live ``vmkg serve`` with real VMs."""
+
+from __future__ import annotations
+
+import asyncio
+import re
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+from gateway_helpers import Channels, Gateway
+
+pytestmark = pytest.mark.vm
+STAMP = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{6}Z$")
+
+
+@pytest.fixture(scope="module")
+def gw(template: Any, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
+    g = Gateway(tmp_path_factory.mktemp("gwf"), "--pool-size=0", env={"VMKG_MAX_KERNELS": "8"})
+    try:
+        yield g
+    finally:
+        assert g.stop() == 0, g.log()[-3000:]
+        g.assert_clean()
+
+
+async def value(gw: Gateway, kernel_id: str, code: str, expr: str = "None") -> Any:
+    ch = await Channels.open(gw, kernel_id)
+    try:
+        if code:
+            r = await ch.execute(code)
+            assert r.reply["status"] == "ok", r.reply
+        return await ch.value(expr)
+    finally:
+        await ch.close()
+
+
+def fork(gw: Gateway, kernel_id: str, expect: int = 201, **body: Any) -> Any:
+    r = gw.request("POST", f"/api/kernels/{kernel_id}/fork", json=body)
+    assert r.status_code == expect, (r.status_code, r.text)
+    return r.json()
+
+
+async def test_fork_lineage_state_files_and_parent_deletion(gw: Gateway) -> None:
+    parent = gw.start_kernel()["id"]
+    try:
+        r = gw.request("PUT", f"/api/kernels/{parent}/files/shared/input.txt", data=b"from parent")
+        assert r.status_code == 201, r.text
+        await value(gw, parent, "import numpy as np, os\nx = 41\narr = np.arange(10**6)")
+        kids = fork(gw, parent, count=3)["kernels"]
+        assert len(kids) == 3
+        for m in kids:
+            assert m["parent_id"] == parent and STAMP.match(m["forked_at"]), m
+            assert m["vmkg"]["source"] == "fork"
+        listed = gw.request("GET", f"/api/kernels/{parent}/forks").json()
+        assert sorted(k["id"] for k in listed["kernels"]) == sorted(k["id"] for k in kids)
+        assert {k["id"] for k in kids} <= {k["id"] for k in gw.request("GET", "/api/kernels").json()}
+        ids = [k["id"] for k in kids]
+        got = await asyncio.gather(*(value(gw, k, "", "[x, int(arr.sum()), open('shared/input.txt').read()]")
+                                     for k in ids))
+        assert got == [[41, 499999500000, "from parent"]] * 3
+        # a file a branch writes is in no other branch and not in the parent
+        r = gw.request("PUT", f"/api/kernels/{ids[0]}/files/mine.txt", data=b"branch 0")
+        assert r.status_code == 201
+        assert gw.request("GET", f"/api/kernels/{ids[1]}/files/mine.txt").status_code == 404
+        assert gw.request("GET", f"/api/kernels/{parent}/files/mine.txt").status_code == 404
+        # deleting the parent never breaks its branches; forks of forks work
+        gw.delete_kernel(parent)
+        assert await value(gw, ids[1], "x += 1", "x") == 42
+        grand = fork(gw, ids[1], count=1)["kernels"][0]
+        assert grand["parent_id"] == ids[1]
+        assert await value(gw, grand["id"], "", "[x, open('shared/input.txt').read()]") == [42, "from parent"]
+        for k in [*ids, grand["id"]]:
+            gw.delete_kernel(k)
+    finally:
+        gw.delete_kernel(parent)
+
+
+async def test_busy_parent_gets_409_and_bad_requests_400(gw: Gateway) -> None:
+    parent = gw.start_kernel()["id"]
+    try:
+        ch = await Channels.open(gw, parent)
+        try:
+            msg_id = await ch.send("execute_request", {"code": "import time; time.sleep(6); y = 1", "silent": False,
+                                                       "store_history": True, "user_expressions": {},
+                                                       "allow_stdin": False, "stop_on_error": True})
+            while True:  # until the kernel has started the cell
+                m = await ch.recv()
+                if m.msg_type == "status" and m.parent.get("msg_id") == msg_id \
+                        and m.content["execution_state"] == "busy":
+                    break
+            r = gw.request("POST", f"/api/kernels/{parent}/fork", json={"count": 1, "timeout": 1})
+            assert r.status_code == 409 and "busy" in r.json()["message"], r.text
+            result = await ch.collect(msg_id)
+            assert result.reply["status"] == "ok"  # the parent's cell was not disturbed
+        finally:
+            await ch.close()
+        for body in ({"count": 0}, {"count": 65}, {"count": "2"}, {"count": 1, "reseed": "no"},
+                     {"count": 1, "timeout": -1}):
+            r = gw.request("POST", f"/api/kernels/{parent}/fork", json=body)
+            assert r.status_code == 400 and r.json()["message"], (body, r.text)
+        r = gw.request("POST", "/api/kernels/00000000-0000-0000-0000-000000000000/fork", json={"count": 1})
+        assert r.status_code == 404
+        # max_kernels (8) counts the branches a fork would add
+        r = gw.request("POST", f"/api/kernels/{parent}/fork", json={"count": 8})
+        assert r.status_code == 403 and "max_kernels" in r.json()["message"], r.text
+    finally:
+        gw.delete_kernel(parent)
+
+
+def test_file_paths_are_confined(gw: Gateway) -> None:
+    kid = gw.start_kernel()["id"]
+    try:
+        # encoded, so no HTTP client normalises the dots away before the gateway sees them
+        for path, status in (("..%2F..%2Fetc%2Fpasswd", 403), ("%2Fetc%2Fpasswd", 403),
+                             ("a%2F..%2F..%2Fx", 403)):
+            r = gw.request("GET", f"/api/kernels/{kid}/files/{path}")
+            assert r.status_code == status, (path, r.status_code, r.text)
+        # a symlink the kernel made pointing out of its home is not followed
+        asyncio.run(value(gw, kid, "import os; os.symlink('/etc', 'escape')"))
+        r = gw.request("GET", f"/api/kernels/{kid}/files/escape/passwd")
+        assert r.status_code == 403, r.text
+        r = gw.request("PUT", f"/api/kernels/{kid}/files/escape/owned", data=b"x")
+        assert r.status_code == 403, r.text
+        assert gw.request("GET", f"/api/kernels/{kid}/files/nope.txt").status_code == 404
+    finally:
+        gw.delete_kernel(kid)
