@@ -83,6 +83,7 @@ def test_runs_in_the_guest_kernel_not_the_host(kernel: Kernel, template: Any) ->
     assert len(user_procs) < 10, user_procs  # the agent and the kernel, none of the host's
     assert kernel.value("__import__('os').getuid()") == 1000  # the kernel is not root in the guest
     assert kernel.value("__import__('os').getcwd()") == "/home/jovyan"
+    assert kernel.value("sorted(__import__('os').listdir('/sys/class/net'))") == ["lo"]  # no network device
 
 
 def test_clones_get_fresh_randomness_and_the_right_clock(template: Any) -> None:
