@@ -18,14 +18,11 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
-import os
 import statistics
 import sys
-import tempfile
 import time
-from pathlib import Path
 
+from common import ensure_kernelspecs
 from jupyter_client.manager import AsyncKernelManager
 
 from kernelmanager.provisioner import fork
@@ -39,15 +36,6 @@ CHECK = "assert len(data) == 1_100_000; 'ok'"
 WRITE_MB = 20
 
 
-def ensure_kernelspecs() -> None:
-    from kernelmanager.kernelspec import kernelspec_json, kernelspec_name
-    from kernelmanager.templates import get_spec
-
-    root = Path(tempfile.mkdtemp(prefix="vmkg-bench-jupyter-"))
-    d = root / "kernels" / kernelspec_name("python3")
-    d.mkdir(parents=True)
-    (d / "kernel.json").write_text(json.dumps(kernelspec_json(get_spec("python3"))))
-    os.environ["JUPYTER_PATH"] = os.pathsep.join(filter(None, [str(root), os.environ.get("JUPYTER_PATH")]))
 
 
 async def run(km: AsyncKernelManager, code: str) -> None:

@@ -22,31 +22,18 @@ import json
 import os
 import statistics
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
+from common import ensure_kernelspecs, pct
 from jupyter_client.manager import KernelManager, start_new_kernel
 
 VM, LOCAL = "python3-microvm", "python3"
 
 
-def ensure_kernelspecs() -> None:
-    """Make python3-microvm visible without a system-wide install."""
-    from kernelmanager.kernelspec import kernelspec_json, kernelspec_name
-    from kernelmanager.templates import get_spec
-
-    root = Path(tempfile.mkdtemp(prefix="vmkg-bench-jupyter-"))
-    d = root / "kernels" / kernelspec_name("python3")
-    d.mkdir(parents=True)
-    (d / "kernel.json").write_text(json.dumps(kernelspec_json(get_spec("python3"))))
-    os.environ["JUPYTER_PATH"] = os.pathsep.join(filter(None, [str(root), os.environ.get("JUPYTER_PATH")]))
 
 
-def pct(xs: list[float], p: float) -> float:
-    xs = sorted(xs)
-    return xs[min(len(xs) - 1, int(round(p / 100 * (len(xs) - 1))))]
 
 
 def first_result(name: str) -> tuple[float, dict[str, float]]:

@@ -13,6 +13,8 @@ the kernel CRNG, set the wall clock, take on the new kernel's identity (hostname
 environment, working directory, Python/NumPy random state).
 
 Runs on the guest's Python (Debian 12: 3.11) with pyzmq and jupyter_client installed.
+Its parts: ``system`` (PID 1 duties), ``link`` (the port to the host), ``identity``
+(what a restore renews), ``files`` (file operations), ``protocol`` (the wire format).
 """
 
 from __future__ import annotations
@@ -20,16 +22,10 @@ from __future__ import annotations
 import asyncio
 import base64
 import collections
-import ctypes
-import errno
-import fcntl
-import glob
 import json
 import os
-import select
 import signal
 import socket
-import struct
 import subprocess
 import sys
 import time
@@ -41,8 +37,9 @@ import zmq.asyncio
 from jupyter_client.session import Session
 
 from guest import files
+from guest.identity import RESTORE_FIFO, RESTORE_FILE, WARMUP_CODE, reseed_crng, set_clock
+from guest.link import HostLink, find_port
 from guest.protocol import (
-    PORT_NAME,
     ControlMessage,
     Endpoint,
     JupyterMessage,
@@ -51,6 +48,7 @@ from guest.protocol import (
     encode_control,
     encode_jupyter,
 )
+from guest.system import init_system, log
 
 RUN_DIR = "/run/vmkg"
 KERNEL_USER = 1000
@@ -60,63 +58,7 @@ READ_SIZE = 1 << 20
 #: requests served in order with the Jupyter messages around them
 ORDERED_OPS = frozenset({"restore", "thaw"})
 
-_libc = ctypes.CDLL(None, use_errno=True)
 
-
-def log(msg: str, *args: object) -> None:
-    print("vmkg-agent: " + (msg % args if args else msg), file=sys.stderr, flush=True)
-
-
-# ---------------------------------------------------------------------------
-# PID 1 duties
-
-
-def _mount(src: str, target: str, fstype: str, flags: int = 0, data: str = "") -> None:
-    os.makedirs(target, exist_ok=True)
-    if os.path.ismount(target):
-        return
-    if _libc.mount(src.encode(), target.encode(), fstype.encode(), flags, data.encode() or None) != 0:
-        err = ctypes.get_errno()
-        log("mount %s on %s failed: %s", fstype, target, os.strerror(err))
-
-
-def _loopback_up() -> None:
-    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-    try:
-        ifreq = struct.pack("16sH14x", b"lo", 0)
-        flags = struct.unpack("16sH14x", fcntl.ioctl(s, 0x8913, ifreq))[1]  # SIOCGIFFLAGS
-        fcntl.ioctl(s, 0x8914, struct.pack("16sH14x", b"lo", flags | 0x1))  # SIOCSIFFLAGS, IFF_UP
-    finally:
-        s.close()
-
-
-def _write(path: str, value: str) -> None:
-    try:
-        with open(path, "w") as f:
-            f.write(value)
-    except OSError as exc:
-        log("cannot write %s: %s", path, exc)
-
-
-def init_system() -> None:
-    """Mounts and settings an init would do. Only when we are PID 1."""
-    MS_NOSUID, MS_NODEV, MS_NOEXEC = 2, 4, 8
-    _mount("proc", "/proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC)
-    _mount("sysfs", "/sys", "sysfs", MS_NOSUID | MS_NODEV | MS_NOEXEC)
-    _mount("devtmpfs", "/dev", "devtmpfs", MS_NOSUID, "mode=0755")
-    _mount("devpts", "/dev/pts", "devpts", MS_NOSUID | MS_NOEXEC, "gid=5,mode=620,ptmxmode=666")
-    _mount("tmpfs", "/dev/shm", "tmpfs", MS_NOSUID | MS_NODEV, "mode=1777")
-    _mount("tmpfs", "/run", "tmpfs", MS_NOSUID | MS_NODEV, "mode=0755")
-    _mount("tmpfs", "/tmp", "tmpfs", MS_NOSUID | MS_NODEV, "mode=1777")
-    try:
-        _loopback_up()
-    except OSError as exc:
-        log("loopback: %s", exc)
-    socket.sethostname("vmkg")
-    # fewer periodic wake-ups: under emulation every guest timer costs host CPU
-    _write("/proc/sys/vm/dirty_writeback_centisecs", "3000")
-    _write("/proc/sys/vm/stat_interval", "60")
-    _write("/proc/sys/kernel/printk", "3 4 1 3")
 
 
 class OpError(files.FileOpError):
@@ -129,190 +71,6 @@ def _tail(path: str, n: int = 20) -> str:
             return " | ".join(f.read().splitlines()[-n:])
     except OSError as exc:
         return f"({exc})"
-
-
-# ---------------------------------------------------------------------------
-# Restore-time identity
-
-
-RNDADDENTROPY = 0x40085203
-RNDRESEEDCRNG = 0x5207
-
-
-def reseed_crng(entropy: bytes) -> None:
-    """Mix host entropy into the CRNG and force a reseed (no VMGENID in the guest kernel)."""
-    buf = struct.pack("ii", len(entropy) * 8, len(entropy)) + entropy
-    with open("/dev/urandom", "wb") as f:
-        fcntl.ioctl(f, RNDADDENTROPY, buf)
-        fcntl.ioctl(f, RNDRESEEDCRNG)
-
-
-class _Timespec(ctypes.Structure):
-    _fields_ = [("tv_sec", ctypes.c_long), ("tv_nsec", ctypes.c_long)]
-
-
-def set_clock(time_ns: int) -> None:
-    ts = _Timespec(time_ns // 1_000_000_000, time_ns % 1_000_000_000)
-    if _libc.clock_settime(0, ctypes.byref(ts)) != 0:  # CLOCK_REALTIME
-        raise OSError(ctypes.get_errno(), "clock_settime")
-
-
-# Installed in the kernel process at bake time. After a restore the agent writes the
-# new identity to RESTORE_FILE and sends SIGUSR2; the handler runs in the kernel's main
-# thread (idle in its event loop, since snapshots are only taken of idle kernels) and
-# reports on RESTORE_FIFO. That takes a millisecond where an execute_request takes
-# a hundred under emulation.
-RESTORE_FILE = "/run/vmkg/kernel/restore.json"
-RESTORE_FIFO = "/run/vmkg/kernel/restore.done"
-
-WARMUP_CODE = """\
-def _vmkg_warmup(preload, restore_file, restore_fifo):
-    import gc, json, os, random, signal, sys, uuid
-
-    def on_restore(signum, frame):
-        try:
-            with open(restore_file) as f:
-                req = json.load(f)
-            os.environ.update(req["env"])
-            if req["cwd"]:
-                os.makedirs(req["cwd"], exist_ok=True)
-                os.chdir(req["cwd"])
-            if req["reseed"]:
-                random.seed()
-                np = sys.modules.get("numpy")
-                if np is not None:
-                    np.random.seed()
-            get_ipython().kernel.session.session = str(uuid.uuid4())
-            result = "ok"
-        except Exception as exc:
-            result = "error: %s: %s" % (type(exc).__name__, exc)
-        fd = os.open(restore_fifo, os.O_WRONLY | os.O_NONBLOCK)
-        try:
-            os.write(fd, result.encode() + b"\\n")
-        finally:
-            os.close(fd)
-
-    signal.signal(signal.SIGUSR2, on_restore)
-    for name in preload:
-        __import__(name)
-    gc.collect()
-    gc.freeze()  # clones and forks then don't dirty pages by collecting old objects
-_vmkg_warmup({preload!r}, {restore_file!r}, {restore_fifo!r})
-del _vmkg_warmup
-"""
-
-
-# ---------------------------------------------------------------------------
-# The port to the host
-
-
-def find_port() -> str:
-    for name_file in glob.glob("/sys/class/virtio-ports/vport*/name"):
-        with open(name_file) as f:
-            if f.read().strip() == PORT_NAME:
-                return "/dev/" + name_file.split("/")[-2]
-    raise FileNotFoundError(f"no virtio-serial port named {PORT_NAME}")
-
-
-class HostLink:
-    """The guest end of the link over a virtio-serial port.
-
-    While the host end is away the port reports HUP and reads return EOF; the kernel
-    then signals SIGIO when the host comes back (we enable O_ASYNC only meanwhile).
-    """
-
-    def __init__(self, agent: Agent, path: str) -> None:
-        self.agent = agent
-        self.fd = os.open(path, os.O_RDWR | os.O_NONBLOCK | os.O_CLOEXEC)
-        self.loop = asyncio.get_running_loop()
-        self.out = bytearray()
-        self.connected = False
-        self._writing = False
-
-    def start(self) -> None:
-        fcntl.fcntl(self.fd, fcntl.F_SETOWN, os.getpid())
-        self.loop.add_signal_handler(signal.SIGIO, self._check_connected)
-        self._check_connected()
-
-    def _host_present(self) -> bool:
-        p = select.poll()
-        p.register(self.fd, select.POLLIN | select.POLLOUT)
-        return not any(ev & select.POLLHUP for _, ev in p.poll(0))
-
-    def _set_async(self, on: bool) -> None:
-        fl = fcntl.fcntl(self.fd, fcntl.F_GETFL)
-        fcntl.fcntl(self.fd, fcntl.F_SETFL, (fl | os.O_ASYNC) if on else (fl & ~os.O_ASYNC))
-
-    def _check_connected(self) -> None:
-        if self.connected or not self._host_present():
-            return
-        self._set_async(False)
-        self.connected = True
-        self.agent.endpoint.connection_made()
-        self.loop.add_reader(self.fd, self._on_readable)
-        self.flush()
-
-    def _lost(self) -> None:
-        if not self.connected:
-            return
-        self.connected = False
-        self.loop.remove_reader(self.fd)
-        if self._writing:
-            self.loop.remove_writer(self.fd)
-            self._writing = False
-        self.out.clear()
-        self.agent.endpoint.connection_lost()
-        self._set_async(True)
-        # the host may have come back before O_ASYNC was on: look once more, and
-        # keep a slow fallback poll for as long as we are disconnected
-        self.loop.call_soon(self._check_connected)
-        self.loop.call_later(1.0, self._fallback_poll)
-
-    def _fallback_poll(self) -> None:
-        if not self.connected:
-            self._check_connected()
-            if not self.connected:
-                self.loop.call_later(1.0, self._fallback_poll)
-
-    def _on_readable(self) -> None:
-        try:
-            data = os.read(self.fd, READ_SIZE)
-        except BlockingIOError:
-            return
-        except OSError as exc:
-            log("port read: %s", exc)
-            data = b""
-        if not data:
-            self._lost()
-            return
-        self.agent.on_bytes(data)
-
-    def flush(self) -> None:
-        if not self.connected:
-            return
-        self.out += self.agent.endpoint.outgoing()
-        if self.out and not self._writing:
-            self._on_writable()
-
-    def _on_writable(self) -> None:
-        while self.out:
-            try:
-                n = os.write(self.fd, self.out[:READ_SIZE])
-            except BlockingIOError:
-                break
-            except OSError as exc:
-                if exc.errno in (errno.EPIPE, errno.ENODEV, errno.EIO):
-                    self._lost()
-                    return
-                raise
-            del self.out[:n]
-        if self.out and not self._writing:
-            self.loop.add_writer(self.fd, self._on_writable)
-            self._writing = True
-        elif not self.out and self._writing:
-            self.loop.remove_writer(self.fd)
-            self._writing = False
-            self.agent.on_drained()
 
 
 # ---------------------------------------------------------------------------

@@ -1,0 +1,133 @@
+"""The guest end of the host link: the virtio-serial port the agent talks over.
+
+Only the standard library and guest.protocol: it runs on the guest's Python.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import fcntl
+import glob
+import os
+import select
+import signal
+from typing import TYPE_CHECKING
+
+from guest.protocol import PORT_NAME
+from guest.system import log
+
+if TYPE_CHECKING:
+    from guest.agent import Agent
+
+READ_SIZE = 1 << 20
+
+
+def find_port() -> str:
+    for name_file in glob.glob("/sys/class/virtio-ports/vport*/name"):
+        with open(name_file) as f:
+            if f.read().strip() == PORT_NAME:
+                return "/dev/" + name_file.split("/")[-2]
+    raise FileNotFoundError(f"no virtio-serial port named {PORT_NAME}")
+
+
+class HostLink:
+    """The guest end of the link over a virtio-serial port.
+
+    While the host end is away the port reports HUP and reads return EOF; the kernel
+    then signals SIGIO when the host comes back (we enable O_ASYNC only meanwhile).
+    """
+
+    def __init__(self, agent: Agent, path: str) -> None:
+        self.agent = agent
+        self.fd = os.open(path, os.O_RDWR | os.O_NONBLOCK | os.O_CLOEXEC)
+        self.loop = asyncio.get_running_loop()
+        self.out = bytearray()
+        self.connected = False
+        self._writing = False
+
+    def start(self) -> None:
+        fcntl.fcntl(self.fd, fcntl.F_SETOWN, os.getpid())
+        self.loop.add_signal_handler(signal.SIGIO, self._check_connected)
+        self._check_connected()
+
+    def _host_present(self) -> bool:
+        p = select.poll()
+        p.register(self.fd, select.POLLIN | select.POLLOUT)
+        return not any(ev & select.POLLHUP for _, ev in p.poll(0))
+
+    def _set_async(self, on: bool) -> None:
+        fl = fcntl.fcntl(self.fd, fcntl.F_GETFL)
+        fcntl.fcntl(self.fd, fcntl.F_SETFL, (fl | os.O_ASYNC) if on else (fl & ~os.O_ASYNC))
+
+    def _check_connected(self) -> None:
+        if self.connected or not self._host_present():
+            return
+        self._set_async(False)
+        self.connected = True
+        self.agent.endpoint.connection_made()
+        self.loop.add_reader(self.fd, self._on_readable)
+        self.flush()
+
+    def _lost(self) -> None:
+        if not self.connected:
+            return
+        self.connected = False
+        self.loop.remove_reader(self.fd)
+        if self._writing:
+            self.loop.remove_writer(self.fd)
+            self._writing = False
+        self.out.clear()
+        self.agent.endpoint.connection_lost()
+        self._set_async(True)
+        # the host may have come back before O_ASYNC was on: look once more, and
+        # keep a slow fallback poll for as long as we are disconnected
+        self.loop.call_soon(self._check_connected)
+        self.loop.call_later(1.0, self._fallback_poll)
+
+    def _fallback_poll(self) -> None:
+        if not self.connected:
+            self._check_connected()
+            if not self.connected:
+                self.loop.call_later(1.0, self._fallback_poll)
+
+    def _on_readable(self) -> None:
+        try:
+            data = os.read(self.fd, READ_SIZE)
+        except BlockingIOError:
+            return
+        except OSError as exc:
+            log("port read: %s", exc)
+            data = b""
+        if not data:
+            self._lost()
+            return
+        self.agent.on_bytes(data)
+
+    def flush(self) -> None:
+        if not self.connected:
+            return
+        self.out += self.agent.endpoint.outgoing()
+        if self.out and not self._writing:
+            self._on_writable()
+
+    def _on_writable(self) -> None:
+        while self.out:
+            try:
+                n = os.write(self.fd, self.out[:READ_SIZE])
+            except BlockingIOError:
+                break
+            except OSError as exc:
+                if exc.errno in (errno.EPIPE, errno.ENODEV, errno.EIO):
+                    self._lost()
+                    return
+                raise
+            del self.out[:n]
+        if self.out and not self._writing:
+            self.loop.add_writer(self.fd, self._on_writable)
+            self._writing = True
+        elif not self.out and self._writing:
+            self.loop.remove_writer(self.fd)
+            self._writing = False
+            self.agent.on_drained()
+
