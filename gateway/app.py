@@ -1,16 +1,402 @@
 """``vmkg``: the command line entry point (a traitlets Application).
 
 Subcommands: ``serve`` (the gateway), ``image``, ``template``, ``kernelspec``.
+
+``vmkg serve`` is a Jupyter Kernel Gateway (websocket mode) built from jupyter_server's
+handlers and kernel manager, whose kernels are microVMs restored from warm templates.
+Settings come, in rising priority, from ``VMKG_*`` environment variables, a config file
+(``--config=FILE``, Python or JSON, or ``$VMKG_CONFIG``) and the command line; ``vmkg
+serve --help-all`` lists them all.
+
+Crash safety: every VM directory records its owner process; when the gateway starts it
+first reaps what a crashed or SIGKILLed predecessor left (QEMU processes, VM directories,
+connection files), so a restart after a crash finds no orphans. SIGTERM or SIGINT stops it
+cleanly: websockets are closed, then every kernel (pooled ones too) is shut down.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import os
+import secrets
+import signal
+import socket
 import sys
+from typing import Any
 
+from jupyter_events import EventLogger
+from jupyter_server.auth.authorizer import AllowAllAuthorizer
+from jupyter_server.log import log_request
+from tornado import httpserver, netutil, web
+from traitlets import Bool, Integer, Type, Unicode, default
 from traitlets.config import Application
 
-from . import cli
+from kernelmanager.provisioner import MicroVMProvisioner
+
+from . import cli, handlers, logs, metrics
+from .auth import TokenIdentityProvider
+from .kernels import VMMappingKernelManager, _env_bool, _env_int
+from .kernelspecs import TemplateKernelSpecManager
+from .websocket import KernelChannelsHandler, VMKGWebsocketConnection
+
+
+def _env(name: str, fallback: str = "") -> str:
+    return os.environ.get(name, fallback)
+
+
+class ServeApp(Application):
+    name = "vmkg serve"
+    description = ("Run the gateway: the Jupyter Kernel Gateway API (REST + websocket, legacy and "
+                   "v1 protocols) where every kernel is a microVM restored from a warm snapshot. "
+                   "Point JupyterLab at it with `jupyter lab --gateway-url=http://IP:PORT "
+                   "--GatewayClient.auth_token=TOKEN`.\n\n"
+                   "At start it reaps VMs a crashed predecessor left behind; SIGTERM shuts every "
+                   "VM down cleanly.")
+    classes = [VMMappingKernelManager, VMKGWebsocketConnection, TemplateKernelSpecManager,
+               TokenIdentityProvider, MicroVMProvisioner]
+    aliases = {
+        "ip": "ServeApp.ip",
+        "port": "ServeApp.port",
+        "base-url": "ServeApp.base_url",
+        "config": "ServeApp.config_file",
+        "log-level": "Application.log_level",
+        "max-kernels": "VMMappingKernelManager.max_kernels",
+        "max-kernels-per-user": "VMMappingKernelManager.max_kernels_per_user",
+        "pool-size": "VMMappingKernelManager.pool_size",
+        "default-kernel-name": "VMMappingKernelManager.default_kernel_name",
+        "force-kernel-name": "VMMappingKernelManager.force_kernel_name",
+        "cull-idle-timeout": "VMMappingKernelManager.cull_idle_timeout",
+        "cull-interval": "VMMappingKernelManager.cull_interval",
+        "allow-origin": "ServeApp.allow_origin",
+        "certfile": "ServeApp.certfile",
+        "keyfile": "ServeApp.keyfile",
+    }
+    flags = {
+        "cull-connected": ({"VMMappingKernelManager": {"cull_connected": True}},
+                           "Cull idle kernels even while a client is connected."),
+        "cull-busy": ({"VMMappingKernelManager": {"cull_busy": True}}, "Cull busy kernels too."),
+        "no-auth": ({"ServeApp": {"auth_enabled": False}},
+                    "Accept requests without a token (only behind something that authenticates)."),
+        "json-logs": ({"ServeApp": {"json_logs": True}}, "Log one JSON object per line."),
+        "debug": ({"Application": {"log_level": logging.DEBUG}}, "Log at DEBUG level."),
+    }
+
+    @default("log_level")
+    def _log_level_default(self) -> int:
+        return logging.INFO
+
+    config_file = Unicode("", config=True,
+                          help="A config file (vmkg_config.py or .json) to load. ($VMKG_CONFIG)")
+
+    @default("config_file")
+    def _config_file_default(self) -> str:
+        return _env("VMKG_CONFIG")
+
+    ip = Unicode("127.0.0.1", config=True, help="Address to listen on. ($VMKG_IP)")
+
+    @default("ip")
+    def _ip_default(self) -> str:
+        return _env("VMKG_IP", "127.0.0.1")
+
+    port = Integer(8888, config=True, help="Port to listen on; 0 picks a free one. ($VMKG_PORT)")
+
+    @default("port")
+    def _port_default(self) -> int:
+        return _env_int("VMKG_PORT", 8888) or 0
+
+    base_url = Unicode("/", config=True, help="Path prefix of every route. ($VMKG_BASE_URL)")
+
+    @default("base_url")
+    def _base_url_default(self) -> str:
+        return _env("VMKG_BASE_URL", "/")
+
+    auth_enabled = Bool(True, config=True,
+                        help="Require the token on every request. ($VMKG_AUTH_ENABLED)")
+
+    @default("auth_enabled")
+    def _auth_enabled_default(self) -> bool:
+        return _env_bool("VMKG_AUTH_ENABLED", True)
+
+    auth_token = Unicode("", config=True,
+                         help="The token clients must present (Authorization: token|Bearer X, or "
+                              "?token=X). Generated and printed at start if empty. ($VMKG_AUTH_TOKEN)")
+
+    @default("auth_token")
+    def _auth_token_default(self) -> str:
+        return _env("VMKG_AUTH_TOKEN")
+
+    kernel_id_ws_auth = Bool(True, config=True,
+                             help="Accept a kernel's channels websocket that presents no credential "
+                                  "at all, the kernel's id (a random UUID only token holders learn) "
+                                  "standing in for the token: jupyter_server's GatewayKernelClient "
+                                  "(nbclient, papermill through a gateway) sends no Authorization "
+                                  "header there. A wrong token is still refused. "
+                                  "($VMKG_KERNEL_ID_WS_AUTH)")
+
+    @default("kernel_id_ws_auth")
+    def _kernel_id_ws_auth_default(self) -> bool:
+        return _env_bool("VMKG_KERNEL_ID_WS_AUTH", True)
+
+    allow_origin = Unicode("", config=True, help="Access-Control-Allow-Origin. ($VMKG_ALLOW_ORIGIN)")
+    allow_credentials = Unicode("", config=True,
+                                help="Access-Control-Allow-Credentials. ($VMKG_ALLOW_CREDENTIALS)")
+    allow_headers = Unicode("", config=True, help="Access-Control-Allow-Headers. ($VMKG_ALLOW_HEADERS)")
+    allow_methods = Unicode("", config=True, help="Access-Control-Allow-Methods. ($VMKG_ALLOW_METHODS)")
+    expose_headers = Unicode("", config=True,
+                             help="Access-Control-Expose-Headers. ($VMKG_EXPOSE_HEADERS)")
+    max_age = Unicode("", config=True, help="Access-Control-Max-Age. ($VMKG_MAX_AGE)")
+
+    @default("allow_origin")
+    def _allow_origin_default(self) -> str:
+        return _env("VMKG_ALLOW_ORIGIN")
+
+    @default("allow_credentials")
+    def _allow_credentials_default(self) -> str:
+        return _env("VMKG_ALLOW_CREDENTIALS")
+
+    @default("allow_headers")
+    def _allow_headers_default(self) -> str:
+        return _env("VMKG_ALLOW_HEADERS")
+
+    @default("allow_methods")
+    def _allow_methods_default(self) -> str:
+        return _env("VMKG_ALLOW_METHODS")
+
+    @default("expose_headers")
+    def _expose_headers_default(self) -> str:
+        return _env("VMKG_EXPOSE_HEADERS")
+
+    @default("max_age")
+    def _max_age_default(self) -> str:
+        return _env("VMKG_MAX_AGE")
+
+    trust_xheaders = Bool(False, config=True,
+                          help="Take the client address from X-Real-Ip/X-Forwarded-For (behind a "
+                               "proxy). ($VMKG_TRUST_XHEADERS)")
+
+    @default("trust_xheaders")
+    def _trust_xheaders_default(self) -> bool:
+        return _env_bool("VMKG_TRUST_XHEADERS", False)
+
+    list_kernels = Bool(True, config=True,
+                        help="Allow GET /api/kernels (JupyterLab's GatewayClient polls it). "
+                             "($VMKG_LIST_KERNELS)")
+
+    @default("list_kernels")
+    def _list_kernels_default(self) -> bool:
+        return _env_bool("VMKG_LIST_KERNELS", True)
+
+    ws_ping_interval = Integer(30, config=True,
+                               help="Seconds between websocket pings; 0 disables them. "
+                                    "($VMKG_WS_PING_INTERVAL)")
+
+    @default("ws_ping_interval")
+    def _ws_ping_interval_default(self) -> int:
+        return _env_int("VMKG_WS_PING_INTERVAL", 30) or 0
+
+    max_message_size = Integer(64 * 1024 * 1024, config=True,
+                               help="Largest websocket message accepted from a client, in bytes; a "
+                                    "larger one closes that websocket with code 1009. "
+                                    "($VMKG_MAX_MESSAGE_SIZE)")
+
+    @default("max_message_size")
+    def _max_message_size_default(self) -> int:
+        return _env_int("VMKG_MAX_MESSAGE_SIZE", 64 * 1024 * 1024) or 64 * 1024 * 1024
+
+    authenticate_metrics = Bool(True, config=True,
+                                help="Require the token for /metrics. ($VMKG_AUTHENTICATE_METRICS)")
+
+    @default("authenticate_metrics")
+    def _authenticate_metrics_default(self) -> bool:
+        return _env_bool("VMKG_AUTHENTICATE_METRICS", True)
+
+    json_logs = Bool(False, config=True, help="Log one JSON object per line. ($VMKG_JSON_LOGS)")
+
+    @default("json_logs")
+    def _json_logs_default(self) -> bool:
+        return _env_bool("VMKG_JSON_LOGS", False)
+
+    certfile = Unicode("", config=True, help="TLS certificate file (serve https/wss). ($VMKG_CERTFILE)")
+    keyfile = Unicode("", config=True, help="TLS private key file. ($VMKG_KEYFILE)")
+
+    @default("certfile")
+    def _certfile_default(self) -> str:
+        return _env("VMKG_CERTFILE")
+
+    @default("keyfile")
+    def _keyfile_default(self) -> str:
+        return _env("VMKG_KEYFILE")
+
+    kernel_manager_class = Type(VMMappingKernelManager, klass=VMMappingKernelManager, config=True,
+                                help="The kernel manager class.")
+    kernel_spec_manager_class = Type(TemplateKernelSpecManager, config=True,
+                                     help="The kernelspec manager class (default: one kernelspec "
+                                          "per template).")
+    kernel_websocket_connection_class = Type(VMKGWebsocketConnection, klass=VMKGWebsocketConnection,
+                                             config=True, help="The kernel websocket connection class.")
+    identity_provider_class = Type(TokenIdentityProvider, klass=TokenIdentityProvider, config=True,
+                                   help="The identity provider class.")
+
+    kernel_manager: Any = None
+    kernel_spec_manager: Any = None
+    http_server: Any = None
+    event_logger: Any = None  # ServerKernelManager looks for its grandparent's
+
+    def initialize(self, argv: Any = None) -> None:
+        super().initialize(argv)
+        if self.config_file:
+            path = os.path.abspath(self.config_file)
+            if not os.path.exists(path):
+                print(f"vmkg: error: config file {path} not found", file=sys.stderr)
+                self.exit(1)
+            self.load_config_file(os.path.basename(path), path=os.path.dirname(path))
+            self.update_config(self.cli_config)  # the command line wins over the file
+
+    # -- start -------------------------------------------------------------------------------
+
+    def start(self) -> None:
+        level = self.log_level
+        logs.configure(level, self.json_logs)
+        self.log = logging.getLogger("vmkg.gateway")
+        if self.parent is not None:
+            self.parent.log = self.log  # jupyter_server's request log uses the root app's
+        try:
+            asyncio.run(self.serve())
+        except OSError as exc:
+            self.log.critical("cannot listen on %s:%s: %s", self.ip, self.port, exc)
+            self.exit(1)
+
+    def web_settings(self) -> dict[str, Any]:
+        cors = {
+            "Access-Control-Allow-Origin": self.allow_origin,
+            "Access-Control-Allow-Credentials": self.allow_credentials,
+            "Access-Control-Allow-Headers": self.allow_headers,
+            "Access-Control-Allow-Methods": self.allow_methods,
+            "Access-Control-Expose-Headers": self.expose_headers,
+            "Access-Control-Max-Age": self.max_age,
+        }
+        return dict(
+            base_url=self.base_url,
+            kernel_manager=self.kernel_manager,
+            kernel_spec_manager=self.kernel_spec_manager,
+            contents_manager=None,
+            session_manager=None,
+            config=self.config,
+            identity_provider=self.identity_provider,
+            authorizer=AllowAllAuthorizer(parent=self, identity_provider=self.identity_provider),
+            kernel_websocket_connection_class=self.kernel_websocket_connection_class,
+            allow_origin=self.allow_origin,
+            allow_remote_access=True,
+            disable_check_xsrf=True,
+            ws_ping_interval=self.ws_ping_interval * 1000,
+            ws_ping_timeout=self.ws_ping_interval * 1000,
+            websocket_max_message_size=self.max_message_size,
+            log_function=log_request,
+            cookie_secret=secrets.token_bytes(32),
+            vmkg_cors_headers=cors,
+            vmkg_list_kernels=self.list_kernels,
+            vmkg_kernel_id_ws_auth=self.kernel_id_ws_auth,
+            vmkg_authenticate_metrics=self.authenticate_metrics,
+        )
+
+    def routes(self) -> list[tuple[str, type]]:
+        from jupyter_server.utils import url_path_join
+
+        table = [*handlers.default_handlers(),
+                 (rf"/api/kernels/{handlers.KERNEL_ID}/channels", KernelChannelsHandler),
+                 (r"/(.*)", handlers.NotFoundHandler)]
+        return [(url_path_join(self.base_url, path), cls) for path, cls in table]
+
+    async def serve(self) -> None:
+        from kernelmanager.runtime import Runtime
+
+        runtime = Runtime.instance()  # reaps what a crashed predecessor left, first of all
+        token = self.auth_token if self.auth_enabled else ""
+        generated = self.auth_enabled and not token
+        if generated:
+            token = secrets.token_urlsafe(24)
+        self.event_logger = EventLogger(parent=self)
+        self.kernel_spec_manager = self.kernel_spec_manager_class(parent=self, log=self.log)
+        self.kernel_manager = self.kernel_manager_class(parent=self, log=self.log,
+                                                        kernel_spec_manager=self.kernel_spec_manager)
+        km = self.kernel_manager
+        names = sorted(self.kernel_spec_manager.find_kernel_specs())
+        for name in filter(None, {km.default_kernel_name, km.force_kernel_name}):
+            if name not in names:
+                self.log.critical("kernelspec %r (default/forced kernel name) is not one of %s",
+                                  name, ", ".join(names))
+                self.exit(1)
+        self.identity_provider = self.identity_provider_class(parent=self, log=self.log, token=token)
+        metrics.register(lambda: self.kernel_manager)
+        app = web.Application(self.routes(), **self.web_settings())
+        ssl_options = None
+        if self.certfile:
+            ssl_options = {"certfile": self.certfile, "keyfile": self.keyfile or None}
+        self.http_server = httpserver.HTTPServer(app, xheaders=self.trust_xheaders,
+                                                 ssl_options=ssl_options)
+        sockets = netutil.bind_sockets(self.port, self.ip, family=socket.AF_UNSPEC)
+        self.http_server.add_sockets(sockets)
+        port = sockets[0].getsockname()[1]
+        scheme = "https" if ssl_options else "http"
+        host = f"[{self.ip}]" if ":" in self.ip else self.ip
+        url = f"{scheme}://{host}:{port}{self.base_url.rstrip('/')}"
+        print(f"vmkg: serving on {url}/ (kernelspecs: {', '.join(names)}; default {km.default_kernel_name}; "
+              f"pool {km.pool_size} per kernelspec)", flush=True)
+        if generated:
+            print(f"vmkg: no token configured ($VMKG_AUTH_TOKEN); generated for this run: {token}", flush=True)
+            print(f"vmkg:   jupyter lab --gateway-url={url} --GatewayClient.auth_token={token}", flush=True)
+        elif not token:
+            self.log.warning("authentication is disabled (--no-auth): anyone who can reach %s can "
+                             "run code", url)
+
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        prepare = asyncio.ensure_future(self._prepare_templates(runtime))
+        try:
+            await stop.wait()
+        finally:
+            prepare.cancel()
+            await self.shutdown()
+
+    async def _prepare_templates(self, runtime: Any) -> None:
+        """Bake (first run only: minutes) or load the templates the pool restores from, then
+        fill the pool. Other templates are baked on first use."""
+        from kernelmanager.kernelspec import kernelspec_name
+        from kernelmanager.templates import catalog, ensure_template
+
+        for spec in catalog().values():
+            if self.kernel_manager.pool_target(kernelspec_name(spec.name)) <= 0:
+                continue
+            try:
+                snap = await runtime.run(ensure_template(spec))
+                self.log.info("template %s: ready (%s)", spec.name, snap.path)
+            except Exception as exc:  # noqa: BLE001 - keep serving the other templates
+                self.log.error("template %s: unavailable: %s", spec.name, exc)
+        self.kernel_manager.refill_pool()
+
+    async def shutdown(self) -> None:
+        """Stop accepting, close websockets, shut every kernel down (pooled ones too)."""
+        from kernelmanager.runtime import Runtime
+
+        km = self.kernel_manager
+        self.log.info("shutting down: %d kernels, %d pooled", len(km.list_kernel_ids()),
+                      sum(km.pooled().values()))
+        self.http_server.stop()
+        for conn in list(self.kernel_websocket_connection_class._open_sockets):
+            try:
+                conn.websocket_handler.close(1001, "gateway shutting down")
+            except Exception:  # noqa: BLE001
+                pass
+        try:
+            await asyncio.wait_for(km.shutdown_all(now=True), 30)
+        except Exception as exc:  # noqa: BLE001 - the runtime below still closes every VM
+            self.log.error("shutdown: %s", exc)
+        self.kernel_spec_manager.close()
+        await asyncio.to_thread(Runtime.instance().shutdown)
+        self.log.info("stopped")
 
 
 class VMKGApp(Application):
@@ -20,6 +406,7 @@ class VMKGApp(Application):
                    "ipykernel was already warm. Start with `vmkg serve`; the guest image and the "
                    "template are built on first use (or ahead of time with `vmkg template bake`).")
     subcommands = {
+        "serve": (ServeApp, ServeApp.description.split("\n")[0]),
         "image": (cli.ImageApp, cli.ImageApp.description),
         "template": (cli.TemplateApp, cli.TemplateApp.description),
         "kernelspec": (cli.KernelspecApp, cli.KernelspecApp.description),

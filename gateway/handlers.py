@@ -1,0 +1,255 @@
+"""The REST API of the gateway: jupyter_server's handlers with token auth, CORS as Kernel
+Gateway has it, JSON errors, input validation and the gateway's kernel semantics.
+
+    GET    /api                           {"version": jupyter_server's, "vmkg": ours}
+    GET    /api/kernelspecs               one kernelspec per template
+    GET    /api/kernelspecs/{name}
+    GET    /kernelspecs/{name}/{path}     resources (logos); no '..' anywhere
+    GET    /api/kernels                   (403 if list_kernels is off)
+    POST   /api/kernels                   {"name", "env"} -> 201 model (from the warm pool if it can)
+    GET    /api/kernels/{id}
+    DELETE /api/kernels/{id}              204
+    POST   /api/kernels/{id}/interrupt    204
+    POST   /api/kernels/{id}/restart      200 model, once the new kernel answered kernel_info
+    WS     /api/kernels/{id}/channels     (gateway.websocket)
+    GET    /metrics                       Prometheus text format
+
+Every error is JSON ``{"reason", "message"}``; domain errors get their status codes in
+``gateway.errors`` only.
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+import posixpath
+import re
+from typing import Any
+
+import jupyter_server
+import jupyter_server.kernelspecs.handlers as ks_resources
+import jupyter_server.services.kernels.handlers as km_handlers
+import jupyter_server.services.kernelspecs.handlers as ks_handlers
+from jupyter_client.jsonutil import json_default
+from jupyter_core.utils import ensure_async
+from jupyter_server.auth.decorator import allow_unauthenticated
+from jupyter_server.base.handlers import APIHandler, JupyterHandler
+from jupyter_server.utils import url_escape, url_path_join
+from prometheus_client import REGISTRY, generate_latest
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+from tornado import web
+
+from . import errors
+
+KERNEL_ID = r"(?P<kernel_id>\w+-\w+-\w+-\w+-\w+)"
+UUID = re.compile(r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}")
+
+
+def vmkg_version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("vm-kernel-gateway")
+    except PackageNotFoundError:
+        return "unknown"
+
+
+def unauthorized_message(handler: web.RequestHandler) -> str:
+    presented = handler.settings["identity_provider"].presented_token(handler)
+    if presented:
+        return "Invalid token"
+    return ("Authentication required: send the gateway token as 'Authorization: token <token>', "
+            "'Authorization: Bearer <token>' or '?token=<token>'")
+
+
+class GatewayHandlerMixin:
+    """Token auth (401 with a JSON body), Kernel Gateway's CORS headers, JSON errors."""
+
+    settings: dict[str, Any]
+    request: Any
+
+    async def prepare(self, *args: Any, **kwargs: Any) -> None:
+        if self.request.method != "OPTIONS":
+            user = await self.settings["identity_provider"].get_user(self)
+            if user is None:
+                raise web.HTTPError(401, "%s", unauthorized_message(self))  # type: ignore[arg-type]
+        result = super().prepare(*args, **kwargs)  # type: ignore[misc]
+        if inspect.isawaitable(result):
+            await result
+
+    def set_cors_headers(self) -> None:
+        super().set_cors_headers()  # type: ignore[misc]
+        for header, value in self.settings.get("vmkg_cors_headers", {}).items():
+            if value:
+                self.set_header(header, value)  # type: ignore[attr-defined]
+        self.clear_header("Content-Security-Policy")  # type: ignore[attr-defined]
+
+    @allow_unauthenticated
+    def options(self, *args: Any, **kwargs: Any) -> None:
+        """CORS preflight: answered with the configured headers, no auth (browsers send none)."""
+        self.finish()  # type: ignore[attr-defined]
+
+    def write_error(self, status_code: int, **kwargs: Any) -> None:
+        exc = kwargs.get("exc_info", (None, None, None))[1]
+        self.set_header("Content-Type", "application/json")  # type: ignore[attr-defined]
+        self.finish(errors.dumps(status_code, exc))  # type: ignore[attr-defined]
+
+    def log_exception(self, typ: Any, value: Any, tb: Any) -> None:
+        # client errors are logged once, with their message, by the request log
+        if isinstance(value, web.HTTPError) and value.status_code < 500:
+            self.log.info("%s %s: %s", value.status_code, self.request.path,  # type: ignore[attr-defined]
+                          errors.error_body(value.status_code, value)["message"])
+            return
+        super().log_exception(typ, value, tb)  # type: ignore[misc]
+
+
+def _finish_json(handler: APIHandler, model: Any, status: int = 200) -> None:
+    handler.set_status(status)
+    handler.finish(json.dumps(model, default=json_default))
+
+
+class APIVersionHandler(GatewayHandlerMixin, APIHandler):
+    @web.authenticated
+    def get(self) -> None:
+        _finish_json(self, {"version": jupyter_server.__version__, "vmkg": vmkg_version()})
+
+
+class MainKernelHandler(GatewayHandlerMixin, km_handlers.MainKernelHandler):
+    @web.authenticated
+    async def get(self) -> None:
+        if not self.settings.get("vmkg_list_kernels", True):
+            raise web.HTTPError(403, "Listing kernels is disabled on this gateway (list_kernels)")
+        _finish_json(self, self.kernel_manager.list_kernels())
+
+    @web.authenticated
+    async def post(self) -> None:
+        model = self.get_json_body()  # 400 on malformed JSON
+        if model is None:
+            model = {}
+        if not isinstance(model, dict):
+            raise web.HTTPError(400, "The request body must be a JSON object like "
+                                     "{\"name\": \"python3-microvm\", \"env\": {}}")
+        name = model.get("name")
+        if name is not None and not isinstance(name, str):
+            raise web.HTTPError(400, "'name' must be a string (a kernelspec name)")
+        env = model.get("env") or {}
+        if not isinstance(env, dict) or not all(isinstance(k, str) for k in env):
+            raise web.HTTPError(400, "'env' must be a JSON object of variable names to strings")
+        bad = [k for k, v in env.items() if not isinstance(v, (str, int, float, bool))]
+        if bad:
+            raise web.HTTPError(400, f"'env' values must be strings; not for {', '.join(sorted(bad)[:5])}")
+        kernel_id = model.get("kernel_id")
+        if kernel_id is not None and (not isinstance(kernel_id, str) or not UUID.fullmatch(kernel_id)):
+            raise web.HTTPError(400, "'kernel_id' must be a UUID")
+        path = model.get("path")
+        km = self.kernel_manager
+        with errors.translated():
+            kid = await km.start_kernel(kernel_name=name or None, kernel_id=kernel_id, env=env,
+                                        path=path if isinstance(path, str) else None)
+        self.set_header("Location", url_path_join(self.base_url, "api", "kernels", url_escape(kid)))
+        _finish_json(self, km.kernel_model(kid), 201)
+
+
+class KernelHandler(GatewayHandlerMixin, km_handlers.KernelHandler):
+    @web.authenticated
+    async def get(self, kernel_id: str) -> None:
+        _finish_json(self, self.kernel_manager.kernel_model(kernel_id))
+
+    @web.authenticated
+    async def delete(self, kernel_id: str) -> None:
+        with errors.translated():
+            await self.kernel_manager.shutdown_kernel(kernel_id)
+        self.set_status(204)
+        self.finish()
+
+
+class KernelActionHandler(GatewayHandlerMixin, km_handlers.KernelActionHandler):
+    @web.authenticated
+    async def post(self, kernel_id: str, action: str) -> None:
+        km = self.kernel_manager
+        km._check_kernel_id(kernel_id)
+        if action == "interrupt":
+            with errors.translated():
+                await ensure_async(km.interrupt_kernel(kernel_id))
+            self.set_status(204)
+            self.finish()
+            return
+        # restart: open websockets hear "restarting"; answer once kernel_info is answered
+        self.settings["kernel_websocket_connection_class"].announce(kernel_id, "restarting")
+        with errors.translated():
+            try:
+                ready = await km.restart_kernel(kernel_id)
+                await ready
+            except TimeoutError as exc:
+                raise TimeoutError(f"kernel {kernel_id}: the restarted kernel did not answer "
+                                   "kernel_info in time") from exc
+            except RuntimeError as exc:
+                raise web.HTTPError(500, f"kernel {kernel_id}: restart failed: {exc}") from exc
+        _finish_json(self, km.kernel_model(kernel_id))
+
+
+class MainKernelSpecHandler(GatewayHandlerMixin, ks_handlers.MainKernelSpecHandler):
+    pass
+
+
+class KernelSpecHandler(GatewayHandlerMixin, ks_handlers.KernelSpecHandler):
+    pass
+
+
+class KernelSpecResourceHandler(GatewayHandlerMixin, ks_resources.KernelSpecResourceHandler):
+    @web.authenticated
+    async def get(self, kernel_name: str, path: str, include_body: bool = True) -> Any:
+        parts = posixpath.normpath("/" + path).split("/") if path else []
+        if not path or ".." in path.split("/") or "\\" in path or path.startswith("/") \
+                or ".." in parts:
+            raise web.HTTPError(400, f"Invalid kernelspec resource path {path!r}: use a file name "
+                                     "such as 'logo-64x64.png'")
+        return await super().get(kernel_name, path, include_body=include_body)
+
+    def compute_etag(self) -> str | None:
+        return None if self.get_status() >= 400 else super().compute_etag()
+
+
+class MetricsHandler(GatewayHandlerMixin, APIHandler):
+    async def prepare(self, *args: Any, **kwargs: Any) -> None:
+        if not self.settings.get("vmkg_authenticate_metrics", True):
+            return
+        await super().prepare(*args, **kwargs)
+
+    def get(self) -> None:
+        self.set_header("Content-Type", CONTENT_TYPE_LATEST)
+        JupyterHandler.finish(self, generate_latest(REGISTRY))
+
+
+class NotFoundHandler(GatewayHandlerMixin, APIHandler):
+    """Everything else: JSON 404 (after auth, so it reveals nothing to strangers)."""
+
+    def prepare(self, *args: Any, **kwargs: Any) -> Any:  # type: ignore[override]
+        async def check() -> None:
+            await GatewayHandlerMixin.prepare(self, *args, **kwargs)
+            raise web.HTTPError(404, f"No such resource: {self.request.path}")
+        return check()
+
+
+def default_handlers() -> list[tuple[str, type]]:
+    """Routes relative to base_url (the websocket route is added by the app)."""
+    name = ks_handlers.kernel_name_regex
+    return [
+        (r"/api", APIVersionHandler),
+        (r"/api/kernelspecs", MainKernelSpecHandler),
+        (rf"/api/kernelspecs/{name}", KernelSpecHandler),
+        (rf"/kernelspecs/{name}/(?P<path>.*)", KernelSpecResourceHandler),
+        (r"/api/kernels", MainKernelHandler),
+        (rf"/api/kernels/{KERNEL_ID}", KernelHandler),
+        (rf"/api/kernels/{KERNEL_ID}/(?P<action>restart|interrupt)", KernelActionHandler),
+        (r"/metrics", MetricsHandler),
+        *_extension_handlers(),
+    ]
+
+
+def _extension_handlers() -> list[tuple[str, type]]:
+    """vmkg's own endpoints beyond the Kernel Gateway API: forks and files."""
+    from .files import file_handlers
+    from .forks import fork_handlers
+
+    return [*fork_handlers(), *file_handlers()]

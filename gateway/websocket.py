@@ -1,0 +1,291 @@
+"""The kernel channels websocket: jupyter_server's, with what a gateway needs on top.
+
+jupyter_server's ``ZMQChannelsWebsocketConnection`` already negotiates the
+``v1.kernel.websocket.jupyter.org`` subprotocol (binary, offsets) against the legacy JSON
+protocol, and replays what its kernel manager buffered while the client was away. Here:
+
+- **Nothing dropped.** The iopub rate limit (which drops output) is off by default.
+  Instead, *backpressure*: when more than ``write_high_water`` bytes wait for a slow
+  client, the connection stops reading the kernel's ZMQ sockets until half of that is
+  flushed; messages wait in ZMQ meanwhile. Stream messages larger than
+  ``split_stream_size`` are split into several (same parent, consecutive text), so a 20 MB
+  print reaches clients whose frame limit is 10 MiB (tornado's, used by GatewayClient).
+- **Nothing lost to a close.** Messages that arrive while the websocket is closing are
+  put in front of the replay buffer instead of being written into a dead socket.
+- **Bad frames get a clear answer.** A frame that is not a Jupyter message (bad JSON,
+  bad v1 offsets, no header) or names an unknown channel closes that websocket with code
+  1007 and a reason; the kernel and every other connection are untouched. Oversized
+  frames are closed by tornado with 1009 (``websocket_max_message_size``).
+- **Latency.** TCP_NODELAY on every channels socket: small replies go out at once
+  instead of waiting out Nagle's algorithm against the peer's delayed ACK.
+- **Restart.** :meth:`VMKGWebsocketConnection.announce` sends ``status: restarting`` to
+  every open websocket of a kernel (the REST restart handler calls it).
+"""
+
+from __future__ import annotations
+
+import json
+from functools import partial
+from typing import Any
+
+from jupyter_server.services.kernels.connection.base import deserialize_binary_message
+from jupyter_server.services.kernels.connection.channels import ZMQChannelsWebsocketConnection
+from jupyter_server.services.kernels.websocket import KernelWebsocketHandler
+from tornado import web
+from tornado.websocket import WebSocketClosedError
+from traitlets import Bool, Integer
+
+from . import errors, metrics
+from .handlers import unauthorized_message
+
+V1 = "v1.kernel.websocket.jupyter.org"
+DELIM = b"<IDS|MSG>"
+CLOSE_BAD_FRAME = 1007
+CHANNELS = ("shell", "control", "stdin", "iopub")
+
+
+class BadFrame(ValueError):
+    """A websocket frame that is not a Jupyter message this gateway can route."""
+
+
+def _json_object(raw: bytes | str, what: str) -> dict[str, Any]:
+    try:
+        value = json.loads(raw)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise BadFrame(f"{what} is not valid JSON") from exc
+    if not isinstance(value, dict):
+        raise BadFrame(f"{what} is not a JSON object")
+    return value
+
+
+def parse_v1(frame: bytes | str) -> tuple[str, dict[str, Any], list[bytes]]:
+    """(channel, header, msg_list) of a v1 frame; raises BadFrame."""
+    if not isinstance(frame, bytes):
+        raise BadFrame(f"{V1} carries binary frames, got text")
+    if len(frame) < 8:
+        raise BadFrame("frame too short for a v1 offset table")
+    n = int.from_bytes(frame[:8], "little")
+    if n < 6 or 8 * (n + 1) > len(frame):
+        raise BadFrame("bad v1 offset table")
+    offsets = [int.from_bytes(frame[8 * (i + 1):8 * (i + 2)], "little") for i in range(n)]
+    if offsets[0] != 8 * (n + 1) or offsets != sorted(offsets) or offsets[-1] > len(frame):
+        raise BadFrame("bad v1 offsets")
+    try:
+        channel = frame[offsets[0]:offsets[1]].decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise BadFrame("channel name is not UTF-8") from exc
+    msg_list = [frame[offsets[i]:offsets[i + 1]] for i in range(1, n - 1)]
+    header = _json_object(msg_list[0], "header")
+    for part, what in zip(msg_list[1:4], ("parent_header", "metadata", "content"), strict=False):
+        _json_object(part, what)
+    return channel, header, msg_list
+
+
+def parse_legacy(frame: bytes | str) -> tuple[str | None, dict[str, Any]]:
+    """(channel, msg) of a legacy frame (JSON text, or the legacy binary layout)."""
+    if isinstance(frame, bytes):
+        try:
+            msg = deserialize_binary_message(frame)
+        except Exception as exc:  # noqa: BLE001 - any failure means a malformed frame
+            raise BadFrame("malformed binary message") from exc
+    else:
+        msg = _json_object(frame, "message")
+    channel = msg.pop("channel", None)
+    for key in ("parent_header", "metadata", "content"):
+        msg.setdefault(key, {})
+    for key in ("header", "parent_header", "metadata", "content"):
+        if not isinstance(msg.get(key), dict):
+            raise BadFrame(f"message has no {key} object")
+    msg.setdefault("buffers", [])
+    return channel, msg
+
+
+class VMKGWebsocketConnection(ZMQChannelsWebsocketConnection):  # type: ignore[misc]
+    limit_rate = Bool(False, config=True,
+                      help="Apply jupyter_server's iopub rate limits (which DROP output above "
+                           "iopub_msg_rate_limit / iopub_data_rate_limit). Off: output is never "
+                           "dropped; write_high_water applies backpressure instead.")
+    write_high_water = Integer(4 * 1024 * 1024, config=True,
+                               help="Bytes queued toward one websocket client before the gateway "
+                                    "stops reading that kernel's messages for it (they wait in ZMQ).")
+    split_stream_size = Integer(1024 * 1024, config=True,
+                                help="Stream (stdout/stderr) messages with more text than this are "
+                                     "sent as several consecutive ones. 0: never split.")
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self._queued = 0
+        self._paused = False
+        self._closed = False
+        self._undelivered: list[tuple[str, list[Any]]] = []
+
+    # -- client -> kernel ------------------------------------------------------------------
+
+    def handle_incoming_message(self, incoming_msg: Any) -> None:
+        if not self.channels:
+            self.log.debug("kernel %s: message on a closed websocket ignored", self.kernel_id)
+            return
+        msg_list: list[bytes] = []
+        try:
+            if self.subprotocol == V1:
+                channel, header, msg_list = parse_v1(incoming_msg)
+                msg: dict[str, Any] = {"header": header}
+            else:
+                channel, msg = parse_legacy(incoming_msg)
+                header = msg["header"]
+            if channel is None:
+                channel = "shell"
+            if channel not in CHANNELS or channel not in self.channels:
+                raise BadFrame(f"unknown channel {channel[:40]!r}; use one of {', '.join(CHANNELS[:3])}")
+            if not isinstance(header.get("msg_type"), str):
+                raise BadFrame("header has no msg_type")
+        except BadFrame as exc:
+            self.reject(str(exc))
+            return
+        allowed = self.multi_kernel_manager.allowed_message_types
+        if allowed and header["msg_type"] not in allowed:
+            self.log.warning("kernel %s: message type %r is not allowed; ignored", self.kernel_id,
+                             header["msg_type"])
+            return
+        stream = self.channels[channel]
+        if msg_list:
+            self.session.send_raw(stream, msg_list)
+        else:
+            self.session.send(stream, msg)
+
+    def reject(self, why: str) -> None:
+        """Close this websocket because of a frame we cannot route (other clients unaffected)."""
+        self.log.warning("kernel %s: closing a websocket after a bad frame: %s", self.kernel_id, why)
+        metrics.WS_REJECTED.inc()
+        reason = f"bad frame: {why}".encode()[:120].decode("utf-8", "ignore")
+        self.websocket_handler.close(CLOSE_BAD_FRAME, reason)
+
+    # -- kernel -> client ------------------------------------------------------------------
+
+    def _ws_closed(self) -> bool:
+        conn = self.websocket_handler.ws_connection
+        return conn is None or conn.is_closing()
+
+    def handle_outgoing_message(self, stream: Any, outgoing_msg: list[Any]) -> None:
+        channel = stream if isinstance(stream, str) else getattr(stream, "channel", None)
+        if self._ws_closed():
+            if len(self._undelivered) < self.multi_kernel_manager.max_buffered_messages:
+                self._undelivered.append((channel, outgoing_msg))
+            return
+        for parts in self._split(channel, outgoing_msg):
+            super().handle_outgoing_message(stream, parts)
+
+    def _split(self, channel: str | None, msg_list: list[Any]) -> list[list[Any]]:
+        size = self.split_stream_size
+        if channel != "iopub" or size <= 0:
+            return [msg_list]
+        try:
+            i = msg_list.index(DELIM)
+        except ValueError:
+            return [msg_list]
+        if len(msg_list) < i + 6 or len(msg_list[i + 5]) <= size:
+            return [msg_list]
+        header = self.session.unpack(msg_list[i + 2])
+        if header.get("msg_type") != "stream":
+            return [msg_list]
+        content = self.session.unpack(msg_list[i + 5])
+        text = content.get("text")
+        if not isinstance(text, str) or len(text) <= size:
+            return [msg_list]
+        out = []
+        for n, start in enumerate(range(0, len(text), size)):
+            body = [self.session.pack({**header, "msg_id": f"{header.get('msg_id')}-{n}"}),
+                    msg_list[i + 3], msg_list[i + 4],
+                    self.session.pack({**content, "text": text[start:start + size]})]
+            out.append([*msg_list[:i], DELIM, self.session.sign(body), *body])
+        return out
+
+    @property
+    def write_message(self) -> Any:  # type: ignore[override]
+        return self._write
+
+    def _write(self, message: bytes | str, binary: bool = False) -> Any:
+        try:
+            fut = self.websocket_handler.write_message(message, binary=binary)
+        except WebSocketClosedError:
+            self.log.debug("kernel %s: websocket closed during a write", self.kernel_id)
+            return None
+        n = len(message)
+        self._queued += n
+        fut.add_done_callback(partial(self._written, n))
+        if self._queued > self.write_high_water and not self._paused:
+            self._pause()
+        return fut
+
+    def _written(self, n: int, fut: Any) -> None:
+        if not fut.cancelled():
+            fut.exception()  # a closed stream: nothing to do, but retrieve it
+        self._queued -= n
+        if self._paused and self._queued <= self.write_high_water // 2:
+            self._resume()
+
+    def _pause(self) -> None:
+        self._paused = True
+        metrics.WS_PAUSES.inc()
+        self.log.debug("kernel %s: client is slow (%d bytes queued); pausing", self.kernel_id, self._queued)
+        for stream in self.channels.values():
+            if not stream.closed():
+                stream.stop_on_recv()
+
+    def _resume(self) -> None:
+        self._paused = False
+        if self._closed:
+            return
+        for stream in self.channels.values():
+            if not stream.closed():
+                stream.on_recv_stream(self.handle_outgoing_message)
+
+    # -- lifecycle -----------------------------------------------------------------------
+
+    def disconnect(self) -> None:
+        self._closed = True
+        undelivered, self._undelivered = self._undelivered, []
+        super().disconnect()
+        if undelivered:
+            self.multi_kernel_manager.prepend_buffered(self.kernel_id, self.session_key, undelivered)
+
+    @classmethod
+    def announce(cls, kernel_id: str, state: str) -> int:
+        """Send ``status: <state>`` to every open websocket of ``kernel_id``."""
+        n = 0
+        for conn in list(ZMQChannelsWebsocketConnection._open_sockets):
+            if conn.kernel_id == kernel_id and conn.websocket_handler is not None and conn.channels:
+                try:
+                    conn._send_status_message(state)
+                    n += 1
+                except (WebSocketClosedError, OSError):
+                    pass
+        return n
+
+
+class KernelChannelsHandler(KernelWebsocketHandler):  # type: ignore[misc]
+    """``/api/kernels/{id}/channels``: token auth answered with 401 JSON before the
+    upgrade, the kernel-id credential for token-less clients, TCP_NODELAY."""
+
+    def kernel_id_credential(self) -> bool:
+        """True when no credential was presented, kernel-id auth is on and the kernel exists
+        (see gateway.auth)."""
+        if not self.settings.get("vmkg_kernel_id_ws_auth"):
+            return False
+        kernel_id = self.path_kwargs.get("kernel_id")
+        return bool(kernel_id) and kernel_id in self.kernel_manager
+
+    async def prepare(self, *args: Any, **kwargs: Any) -> None:
+        user = await self.identity_provider.get_user(self)
+        if user is None:
+            raise web.HTTPError(401, "%s", unauthorized_message(self))
+        await super().prepare(*args, **kwargs)
+
+    def write_error(self, status_code: int, **kwargs: Any) -> None:
+        exc = kwargs.get("exc_info", (None, None, None))[1]
+        self.set_header("Content-Type", "application/json")
+        self.finish(errors.dumps(status_code, exc))
+
+    def open(self, kernel_id: str) -> Any:  # type: ignore[override]
+        self.set_nodelay(True)
+        return super().open(kernel_id)
