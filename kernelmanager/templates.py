@@ -77,11 +77,11 @@ async def ensure_template(spec: TemplateSpec, accel: str | None = None, progress
     """The baked snapshot for ``spec``, building the image and baking it if needed."""
     accel_name = accel or accel_mod.detect().name
     key = (spec.name, accel_name)
-    if key in _ready:
+    if key in _ready and (_ready[key].path / "snapshot.json").exists():  # a prune may remove it
         return _ready[key]
     lock = _locks.setdefault(key, asyncio.Lock())
     async with lock:
-        if key in _ready:
+        if key in _ready and (_ready[key].path / "snapshot.json").exists():
             return _ready[key]
         recipe = spec.recipe()
         image = find_image(recipe)
