@@ -410,6 +410,8 @@ class VMKGApp(Application):
         "image": (cli.ImageApp, cli.ImageApp.description),
         "template": (cli.TemplateApp, cli.TemplateApp.description),
         "kernelspec": (cli.KernelspecApp, cli.KernelspecApp.description),
+        "fork": (cli.ForkApp, cli.ForkApp.description.split(":")[0] + "."),
+        "cache": (cli.CacheApp, cli.CacheApp.description),
     }
 
     def start(self) -> None:

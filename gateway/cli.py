@@ -8,10 +8,14 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import sys
 import time
+import urllib.error
+import urllib.parse
+import urllib.request
 
-from traitlets import Bool, Unicode
+from traitlets import Bool, Float, Integer, Unicode, default
 from traitlets.config import Application
 
 from guest.image import ImageBuildError, build_image
@@ -138,3 +142,91 @@ class KernelspecApp(_Sub):
             self.print_help()
             self.exit(2)
         self.subapp.start()
+
+
+class CachePruneApp(_Sub):
+    name = "vmkg cache prune"
+    description = ("Remove guest images and templates that no current template recipe resolves to "
+                   "(every agent or recipe change leaves the old ones behind). Spares images and "
+                   "templates being built and anything a running VM uses.")
+    dry_run = Bool(False, config=True, help="Only say what would be removed.")
+    flags = {"dry-run": ({"CachePruneApp": {"dry_run": True}}, "Only say what would be removed.")}
+
+    def start(self) -> None:
+        from kernelmanager.cache import prune
+
+        report = prune(dry_run=self.dry_run)
+        verb = "would remove" if self.dry_run else "removed"
+        for p in report.removed:
+            print(f"{verb} {p}")
+        print(f"vmkg: {verb} {len(report.removed)}, kept {len(report.kept)}, "
+              f"{report.freed_bytes / 2**30:.1f} GB freed", file=sys.stderr)
+
+
+class CacheApp(_Sub):
+    name = "vmkg cache"
+    description = "The image and template cache ($VMKG_CACHE_DIR, /var/cache/vmkg as root)."
+    subcommands = {"prune": (CachePruneApp, "Remove images and templates no longer used.")}
+
+    def start(self) -> None:
+        if self.subapp is None:
+            self.print_help()
+            self.exit(2)
+        self.subapp.start()
+
+
+class ForkApp(_Sub):
+    name = "vmkg fork"
+    description = ("Fork a running kernel of a gateway into N new kernels that continue from its "
+                   "exact state (memory and disk, copy-on-write): vmkg fork KERNEL_ID -n 4. Prints "
+                   "the new kernel ids, one per line. The gateway comes from --url/--token or "
+                   "$VMKG_URL/$VMKG_TOKEN.")
+    url = Unicode(config=True, help="The gateway's URL ($VMKG_URL), e.g. http://127.0.0.1:8888")
+    token = Unicode(config=True, help="The gateway's token ($VMKG_TOKEN)")
+    n = Integer(1, config=True, help="How many branches.")
+    reseed = Bool(True, config=True, help="Reseed Python's and NumPy's random generators in each branch.")
+    timeout = Float(30.0, config=True, help="Seconds to wait for a busy kernel to become idle.")
+    json_out = Bool(False, config=True, help="Print the kernel models as JSON instead of ids.")
+    aliases = {"url": "ForkApp.url", "token": "ForkApp.token", "n": "ForkApp.n",
+               "timeout": "ForkApp.timeout"}
+    flags = {
+        "no-reseed": ({"ForkApp": {"reseed": False}}, "Keep identical random streams in every branch."),
+        "json": ({"ForkApp": {"json_out": True}}, "Print the kernel models as JSON."),
+    }
+
+    @default("url")
+    def _url_default(self) -> str:
+        return os.environ.get("VMKG_URL", "http://127.0.0.1:8888")
+
+    @default("token")
+    def _token_default(self) -> str:
+        return os.environ.get("VMKG_TOKEN", "")
+
+    def start(self) -> None:
+        if len(self.extra_args) != 1:
+            self.fail("usage: vmkg fork KERNEL_ID [-n N] [--url URL] [--token TOKEN]")
+            return
+        kernel_id = self.extra_args[0]
+        body = json.dumps({"count": self.n, "reseed": self.reseed, "timeout": self.timeout}).encode()
+        req = urllib.request.Request(
+            f"{self.url.rstrip('/')}/api/kernels/{urllib.parse.quote(kernel_id)}/fork", data=body,
+            method="POST", headers={"Content-Type": "application/json",
+                                    **({"Authorization": f"token {self.token}"} if self.token else {})})
+        try:
+            with urllib.request.urlopen(req, timeout=self.timeout + 120) as resp:
+                models = json.loads(resp.read())["kernels"]
+        except urllib.error.HTTPError as exc:
+            try:
+                message = json.loads(exc.read()).get("message", exc.reason)
+            except ValueError:
+                message = exc.reason
+            self.fail(f"{exc.code}: {message}")
+            return
+        except OSError as exc:
+            self.fail(f"cannot reach the gateway at {self.url}: {exc}")
+            return
+        if self.json_out:
+            print(json.dumps(models, indent=1))
+        else:
+            for m in models:
+                print(m["id"])

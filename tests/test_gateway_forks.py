@@ -4,7 +4,10 @@ files API they share state through, against a live ``vmkg serve`` with real VMs.
 from __future__ import annotations
 
 import asyncio
+import os
 import re
+import subprocess
+import sys
 from collections.abc import Iterator
 from typing import Any
 
@@ -126,3 +129,22 @@ def test_file_paths_are_confined(gw: Gateway) -> None:
         assert gw.request("GET", f"/api/kernels/{kid}/files/nope.txt").status_code == 404
     finally:
         gw.delete_kernel(kid)
+
+
+def test_vmkg_fork_command_line(gw: Gateway) -> None:
+    parent = gw.start_kernel()["id"]
+    try:
+        env = {**os.environ, "VMKG_URL": gw.url, "VMKG_TOKEN": gw.token}
+        out = subprocess.run([sys.executable, "-m", "gateway.app", "fork", parent, "-n", "2"],
+                             capture_output=True, text=True, env=env, timeout=180)
+        assert out.returncode == 0, out.stderr
+        ids = out.stdout.split()
+        assert len(ids) == 2
+        for kid in ids:
+            assert gw.request("GET", f"/api/kernels/{kid}").json()["parent_id"] == parent
+            gw.delete_kernel(kid)
+        bad = subprocess.run([sys.executable, "-m", "gateway.app", "fork", parent, "-n", "2",
+                              "--token", "wrong"], capture_output=True, text=True, env=env, timeout=60)
+        assert bad.returncode == 1 and "401" in bad.stderr, bad.stderr
+    finally:
+        gw.delete_kernel(parent)
