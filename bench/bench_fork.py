@@ -34,6 +34,7 @@ digest = hashlib.sha256(repr(len(data)).encode()).hexdigest()
 """
 CHECK = "assert len(data) == 1_100_000; 'ok'"
 WRITE_MB = 20
+RESTORED: dict[int, list[float]] = {}
 
 
 
@@ -60,9 +61,11 @@ def anon_mb(km: AsyncKernelManager) -> float:
 async def fork_once(parent: AsyncKernelManager, n: int) -> tuple[float, list[float], list[float]]:
     t0 = time.perf_counter()
     kids = await fork(parent, n)
+    restored = time.perf_counter() - t0
     try:
         await asyncio.gather(*(run(k, CHECK) for k in kids))
         dt = time.perf_counter() - t0
+        RESTORED.setdefault(n, []).append(restored)
         before = [anon_mb(k) for k in kids]
         await asyncio.gather(*(run(k, f"w = os.urandom({WRITE_MB} * 2**20)") for k in kids))
         after = [anon_mb(k) for k in kids]
@@ -102,6 +105,7 @@ async def main_async(args: argparse.Namespace) -> None:
             f50, l50 = statistics.median(forks), statistics.median(fresh)
             print(f"N={n}: fork -> all answered p50 {f50:.2f} s (min {min(forks):.2f}) | "
                   f"{n} fresh local kernels + warm-up p50 {l50:.2f} s | ratio {f50 / l50:.2f}x")
+            print(f"      of which fork -> all branches restored p50 {statistics.median(RESTORED[n]):.2f} s")
             print(f"      branch private memory p50 {statistics.median(before):.0f} MB idle; "
                   f"after writing {WRITE_MB} MB it grew {statistics.median(grown):.1f} MB "
                   f"({statistics.median(grown) / WRITE_MB:.2f}x what it wrote)")
