@@ -30,9 +30,11 @@ import asyncio
 import os
 import time
 from collections import Counter, deque
+from collections.abc import Callable
 from functools import partial
 from typing import Any
 
+from jupyter_core.paths import jupyter_runtime_dir
 from jupyter_server._tz import utcnow
 from jupyter_server.prometheus.metrics import KERNEL_CURRENTLY_RUNNING_TOTAL
 from jupyter_server.services.kernels.kernelmanager import AsyncMappingKernelManager
@@ -170,16 +172,26 @@ class VMMappingKernelManager(AsyncMappingKernelManager):  # type: ignore[misc]
     def _root_dir_default(self) -> str:
         return os.getcwd()
 
+    @default("connection_dir")
+    def _connection_dir_default(self) -> str:
+        # where the reaper looks for a crashed gateway's leftovers (not the working directory)
+        d = jupyter_runtime_dir()
+        os.makedirs(d, mode=0o700, exist_ok=True)
+        return d
+
     def __init__(self, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self._pool: dict[str, deque[Any]] = {}
         self._pool_starting: Counter[str] = Counter()
+        self._pool_waiters: dict[str, list[asyncio.Future[Any]]] = {}
         self._refill_task: asyncio.Task[None] | None = None
         self._reserved: Counter[str] = Counter()  # starts in flight, by username
         self._closing = False
         self.usernames: dict[str, str] = {}
         self.sources: dict[str, str] = {}  # kernel id -> "pool" | "restore"
         self.culled = 0
+        #: called with the id of every kernel leaving the map (shut down, culled, died)
+        self.removal_hooks: list[Callable[[str], None]] = []
         self._share_allowlist_with_provisioner()
 
     def _share_allowlist_with_provisioner(self) -> None:
@@ -246,6 +258,11 @@ class VMMappingKernelManager(AsyncMappingKernelManager):  # type: ignore[misc]
                 source = "restore"
                 kid = await super().start_kernel(kernel_name=kernel_name, kernel_id=kernel_id,
                                                  path=path, env=kernel_env, **kwargs)
+                km = self._kernels[kid]
+                if km.execution_state == "starting":
+                    # restored from a snapshot of an idle kernel, identity taken on: it is idle
+                    # (jupyter_server would say "starting" until a websocket nudged it)
+                    km.execution_state = "idle"
         finally:
             self._reserved[username] -= 1
         elapsed = time.monotonic() - t0
@@ -279,7 +296,10 @@ class VMMappingKernelManager(AsyncMappingKernelManager):  # type: ignore[misc]
     def remove_kernel(self, kernel_id: str) -> Any:
         self.usernames.pop(kernel_id, None)
         self.sources.pop(kernel_id, None)
-        return super().remove_kernel(kernel_id)
+        km = super().remove_kernel(kernel_id)
+        for hook in self.removal_hooks:
+            hook(kernel_id)
+        return km
 
     def kernel_model(self, kernel_id: str) -> dict[str, Any]:
         model: dict[str, Any] = super().kernel_model(kernel_id)
@@ -339,19 +359,40 @@ class VMMappingKernelManager(AsyncMappingKernelManager):  # type: ignore[misc]
             try:
                 km = await self._start_pooled(name)
             except Exception as exc:  # noqa: BLE001 - keep serving; retry with backoff
+                self._pool_starting[name] -= 1
+                self._release_waiters(name, None)
                 failures += 1
                 delay = min(60.0, 2.0 ** failures)
                 self.log.error("pool %s: could not restore a kernel (%s); retrying in %.0f s", name, exc, delay)
                 await asyncio.sleep(delay)
                 continue
-            finally:
-                self._pool_starting[name] -= 1
+            self._pool_starting[name] -= 1
             failures = 0
             if self._closing:
                 await self._discard(km)
                 return
+            if self._release_waiters(name, km):
+                continue  # a request was waiting for exactly this kernel
+            total = len(self._kernels) + sum(self._reserved.values()) + sum(self.pooled().values())
+            if self.max_kernels is not None and total >= self.max_kernels:
+                self.log.info("kernel %s: no room left under max_kernels; not pooled", km.kernel_id)
+                await self._discard(km)
+                continue
             self._pool.setdefault(name, deque()).append(km)
             self.log.info("pool %s: kernel %s ready (%d pooled)", name, km.kernel_id, len(self._pool[name]))
+
+    def _release_waiters(self, name: str, km: Any) -> bool:
+        """Give ``km`` to the first request waiting for a pool start of ``name`` (True if one
+        took it); with ``km=None`` tell every waiter to restore a kernel of its own."""
+        waiters = self._pool_waiters.get(name, [])
+        while waiters:
+            fut = waiters.pop(0)
+            if fut.done():
+                continue
+            fut.set_result(km)
+            if km is not None:
+                return True
+        return False
 
     async def _start_pooled(self, kernel_name: str) -> Any:
         kwargs: dict[str, Any] = {}
@@ -383,11 +424,25 @@ class VMMappingKernelManager(AsyncMappingKernelManager):  # type: ignore[misc]
         except Exception as exc:  # noqa: BLE001
             self.log.warning("kernel %s: pooled kernel did not shut down cleanly: %s", km.kernel_id, exc)
 
+    async def _take(self, kernel_name: str) -> Any:
+        """A pooled kernel manager: a ready one, else the one a refill is restoring right now
+        (sooner than a restore of our own, and no VM beyond the pool's), else None."""
+        pool = self._pool.get(kernel_name)
+        if pool:
+            return pool.popleft()
+        waiters = self._pool_waiters.setdefault(kernel_name, [])
+        if self._pool_starting[kernel_name] > len(waiters):
+            fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+            waiters.append(fut)
+            return await fut
+        return None
+
     async def _hand_out(self, kernel_name: str, env: dict[str, str]) -> str | None:
         """Move a pooled kernel into the kernel map for a client; None if none is ready."""
-        pool = self._pool.get(kernel_name)
-        while pool:
-            km = pool.popleft()
+        while True:
+            km = await self._take(kernel_name)
+            if km is None:
+                return None
             if not await km.is_alive():
                 self.log.warning("kernel %s: pooled kernel died; discarding it", km.kernel_id)
                 asyncio.ensure_future(self._discard(km))
@@ -412,7 +467,6 @@ class VMMappingKernelManager(AsyncMappingKernelManager):  # type: ignore[misc]
             if not self._initialized_culler:
                 self.initialize_culler()
             return kid
-        return None
 
     async def shutdown_all(self, now: bool = False) -> None:
         """Stop every kernel, pooled ones included (gateway shutdown)."""
@@ -423,6 +477,8 @@ class VMMappingKernelManager(AsyncMappingKernelManager):  # type: ignore[misc]
                 await self._refill_task
             except (asyncio.CancelledError, Exception):  # noqa: BLE001
                 pass
+        for name in list(self._pool_waiters):
+            self._release_waiters(name, None)
         pooled = self.pooled_managers()
         self._pool.clear()
         await asyncio.gather(*(self._discard(km) for km in pooled), super().shutdown_all(now=now))

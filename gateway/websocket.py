@@ -250,6 +250,14 @@ class VMKGWebsocketConnection(ZMQChannelsWebsocketConnection):  # type: ignore[m
             self.multi_kernel_manager.prepend_buffered(self.kernel_id, self.session_key, undelivered)
 
     @classmethod
+    def close_for_kernel(cls, kernel_id: str) -> None:
+        """Close every websocket of a kernel that is gone (deleted, culled, died): clients
+        learn it at once instead of talking to nothing."""
+        for conn in list(ZMQChannelsWebsocketConnection._open_sockets):
+            if conn.kernel_id == kernel_id and conn.websocket_handler is not None:
+                conn.websocket_handler.close(1001, f"kernel {kernel_id} was shut down")
+
+    @classmethod
     def announce(cls, kernel_id: str, state: str) -> int:
         """Send ``status: <state>`` to every open websocket of ``kernel_id``."""
         n = 0

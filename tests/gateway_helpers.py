@@ -71,7 +71,8 @@ class Gateway:
         raise RuntimeError(f"vmkg serve did not start; log:\n{self.log()}")
 
     def log(self) -> str:
-        self._log.flush()
+        if not self._log.closed:
+            self._log.flush()
         return self.log_path.read_text()
 
     def headers(self, token: str | None = None) -> dict[str, str]:

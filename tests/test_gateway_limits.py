@@ -1,0 +1,91 @@
+"""Limits and kernel names of ``vmkg serve``: max_kernels and max_kernels_per_user answered
+with 403 and a clear message (also under concurrent requests), the pool staying within
+max_kernels, one kernelspec per template, forced kernel names."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import pytest
+from gateway_helpers import Gateway
+
+pytestmark = pytest.mark.vm
+KERNEL = "python3-microvm"
+
+
+@pytest.fixture(scope="module")
+def gw(template: Any, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
+    work = tmp_path_factory.mktemp("gwl")
+    # a second template, listed but never started here (so never baked by these tests)
+    templates = work / "templates.json"
+    templates.write_text(json.dumps({"data": {"display_name": "Data (microVM)", "memory_mb": 2048}}))
+    g = Gateway(work, "--max-kernels=3", "--max-kernels-per-user=1", "--pool-size=1",
+                f"--force-kernel-name={KERNEL}",
+                env={"VMKG_TEMPLATES": str(templates)})
+    try:
+        yield g
+    finally:
+        assert g.stop() == 0, g.log()[-3000:]
+        g.assert_clean()
+
+
+def running(gw: Gateway) -> list[str]:
+    return [k["id"] for k in gw.request("GET", "/api/kernels").json()]
+
+
+def clear(gw: Gateway) -> None:
+    for kid in running(gw):
+        gw.delete_kernel(kid)
+
+
+def test_one_kernelspec_per_template_and_forced_name(gw: Gateway) -> None:
+    specs = gw.request("GET", "/api/kernelspecs").json()["kernelspecs"]
+    assert set(specs) == {KERNEL, "data-microvm"}
+    assert specs["data-microvm"]["spec"]["display_name"] == "Data (microVM)"
+    assert specs["data-microvm"]["spec"]["metadata"]["kernel_provisioner"]["config"] == {"template": "data"}
+    model = gw.start_kernel("data-microvm")  # forced to python3-microvm
+    assert model["name"] == KERNEL
+    gw.delete_kernel(model["id"])
+
+
+def test_limits_answer_403_with_a_clear_message(gw: Gateway) -> None:
+    clear(gw)
+    gw.wait_pool(1)
+    alice = gw.start_kernel(env={"KERNEL_USERNAME": "alice"})
+    r = gw.request("POST", "/api/kernels", json={"env": {"KERNEL_USERNAME": "alice"}})
+    assert r.status_code == 403
+    assert r.json()["reason"] == "Forbidden"
+    assert "max_kernels_per_user" in r.json()["message"] and "'alice'" in r.json()["message"]
+    bob = gw.start_kernel(env={"KERNEL_USERNAME": "bob"})
+    gw.start_kernel(env={"KERNEL_USERNAME": "carol"})
+    r = gw.request("POST", "/api/kernels", json={"env": {"KERNEL_USERNAME": "dave"}})
+    assert r.status_code == 403 and "max_kernels" in r.json()["message"] and "3" in r.json()["message"]
+    r = gw.request("POST", "/api/kernels", json={})  # no user: the global limit still applies
+    assert r.status_code == 403
+    # at the limit the pool does not grow past it either
+    assert gw.metric("vmkg_kernels", state="pooled") == 0
+    assert gw.metric("vmkg_vms") == 3
+    gw.delete_kernel(alice["id"])
+    gw.start_kernel(env={"KERNEL_USERNAME": "dave"})
+    gw.delete_kernel(bob["id"])
+    gw.start_kernel(env={"KERNEL_USERNAME": "alice"})  # alice's slot is free again
+    clear(gw)
+
+
+def test_concurrent_requests_cannot_overshoot(gw: Gateway) -> None:
+    clear(gw)
+    with ThreadPoolExecutor(6) as ex:
+        results = list(ex.map(lambda i: gw.request("POST", "/api/kernels",
+                                                   json={"env": {"KERNEL_USERNAME": f"u{i}"}}), range(6)))
+    codes = sorted(r.status_code for r in results)
+    assert codes == [201, 201, 201, 403, 403, 403], [r.text for r in results]
+    assert len(running(gw)) == 3
+    with ThreadPoolExecutor(3) as ex:  # the same user, concurrently: only one gets a kernel
+        clear(gw)
+        results = list(ex.map(lambda i: gw.request("POST", "/api/kernels",
+                                                   json={"env": {"KERNEL_USERNAME": "eve"}}), range(3)))
+    assert sorted(r.status_code for r in results) == [201, 403, 403]
+    clear(gw)
