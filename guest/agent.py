@@ -94,6 +94,7 @@ class Agent:
         self._tasks: list[asyncio.Task[None]] = []
         self._inbox: asyncio.Queue[JupyterMessage | ControlMessage] = asyncio.Queue()
         self.kernel_state = "idle"
+        self._started: collections.deque[str] = collections.deque(maxlen=256)  # requests seen busy
         self._state_changed = asyncio.Event()
         self._pending: dict[str, float] = {}  # shell requests sent to the kernel, not yet answered
         self.frozen = False
@@ -219,12 +220,36 @@ class Agent:
                 continue
             if channel == "iopub" and len(parts) > 3 and b'"iopub_welcome"' in parts[2]:
                 continue  # the welcome answers the agent's own subscription, not a client's
+            if channel == "shell":
+                await self._after_busy(parts)
             while not self.endpoint.can_send:
                 self._window_open.clear()
                 await self._window_open.wait()
             self.endpoint.send(encode_jupyter(channel, parts))
             if self.link:
                 self.link.flush()
+
+    async def _after_busy(self, parts: list[bytes], wait: float = 2.0) -> None:
+        """Hold a shell reply until its request's ``busy`` status went out on iopub.
+
+        ipykernel publishes from a separate thread, so on a slow (emulated, loaded) guest
+        the reply can overtake the ``busy`` it followed in the kernel. Clients such as
+        jupyter_kernel_test expect ``busy`` first; waiting (bounded) restores that order.
+        """
+        try:
+            msg_id = json.loads(parts[parts.index(DELIM) + 3]).get("msg_id")
+        except (ValueError, IndexError, AttributeError):
+            return
+        deadline = time.monotonic() + wait
+        while msg_id not in self._started:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return
+            self._state_changed.clear()
+            try:
+                await asyncio.wait_for(self._state_changed.wait(), left)
+            except asyncio.TimeoutError:
+                return
 
     # -- kernel state, for forks ------------------------------------------------
 
@@ -233,8 +258,11 @@ class Agent:
         if channel == "iopub":
             if parts and parts[0].endswith(b".status"):
                 try:
-                    content = json.loads(parts[parts.index(DELIM) + 5])
+                    i = parts.index(DELIM)
+                    content = json.loads(parts[i + 5])
                     self.kernel_state = content.get("execution_state", self.kernel_state)
+                    if self.kernel_state == "busy":
+                        self._started.append(json.loads(parts[i + 3]).get("msg_id"))
                 except (ValueError, IndexError):
                     return
                 self._state_changed.set()
