@@ -8,8 +8,8 @@ N = 1 and 4, repeatedly:
   cell showing the parent's state;
 * per-branch private memory (anonymous pages of its QEMU process) right after that, and
   after the branch writes 20 MB of its own, to show it grows only with what it writes;
-* the alternative, in the same run: start N fresh local ipykernels (what Jupyter Kernel
-  Gateway would start) and re-run the warm-up in each.
+* the alternative, in the same run: N new kernels of Jupyter Kernel Gateway 3.0.1 (local
+  ipykernels), each re-running the warm-up.
 
 Prints medians and ratios. Run: ``python bench/bench_fork.py -r 3``.
 """
@@ -18,10 +18,15 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import signal
 import statistics
 import sys
+import tempfile
 import time
+from pathlib import Path
+from typing import Any
 
+from bench_gateway import connect, run_cell, start_kg
 from common import ensure_kernelspecs
 from jupyter_client.manager import AsyncKernelManager
 
@@ -74,19 +79,36 @@ async def fork_once(parent: AsyncKernelManager, n: int) -> tuple[float, list[flo
         await asyncio.gather(*(k.shutdown_kernel(now=True) for k in kids))
 
 
-async def fresh_once(n: int) -> float:
+async def fresh_once(kg: Any, n: int) -> float:
+    """What a user does without forks: N new Kernel Gateway kernels, each re-running the warm-up."""
+
+    async def one() -> str:
+        kid = await asyncio.to_thread(kg.post_kernel)
+        ws = await connect(kg, kid)
+        try:
+            await run_cell(ws, WARMUP + "\n" + CHECK)
+        finally:
+            await ws.close()
+        return kid
+
     t0 = time.perf_counter()
-    kms = [AsyncKernelManager(kernel_name="python3") for _ in range(n)]
-    await asyncio.gather(*(k.start_kernel() for k in kms))
-    try:
-        await asyncio.gather(*(run(k, WARMUP + "\n" + CHECK) for k in kms))
-        return time.perf_counter() - t0
-    finally:
-        await asyncio.gather(*(k.shutdown_kernel(now=True) for k in kms))
+    kids = await asyncio.gather(*(one() for _ in range(n)))
+    took = time.perf_counter() - t0
+    await asyncio.gather(*(asyncio.to_thread(kg.delete_kernel, k) for k in kids))
+    return took
 
 
 async def main_async(args: argparse.Namespace) -> None:
     ensure_kernelspecs()
+    kg = start_kg(Path(tempfile.mkdtemp(prefix="vmkg-bench-kg-")))
+    try:
+        await bench(args, kg)
+    finally:
+        kg.proc.send_signal(signal.SIGTERM)
+        kg.proc.wait(30)
+
+
+async def bench(args: argparse.Namespace, kg: Any) -> None:
     parent = AsyncKernelManager(kernel_name="python3-microvm")
     await parent.start_kernel()
     try:
@@ -101,10 +123,10 @@ async def main_async(args: argparse.Namespace) -> None:
                 forks.append(dt)
                 before += b
                 grown += [y - x for x, y in zip(b, a, strict=True)]
-                fresh.append(await fresh_once(n))
+                fresh.append(await fresh_once(kg, n))
             f50, l50 = statistics.median(forks), statistics.median(fresh)
             print(f"N={n}: fork -> all answered p50 {f50:.2f} s (min {min(forks):.2f}) | "
-                  f"{n} fresh local kernels + warm-up p50 {l50:.2f} s | ratio {f50 / l50:.2f}x")
+                  f"{n} new Kernel Gateway kernels + warm-up p50 {l50:.2f} s | ratio {f50 / l50:.2f}x")
             print(f"      of which fork -> all branches restored p50 {statistics.median(RESTORED[n]):.2f} s")
             print(f"      branch private memory p50 {statistics.median(before):.0f} MB idle; "
                   f"after writing {WRITE_MB} MB it grew {statistics.median(grown):.1f} MB "
