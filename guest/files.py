@@ -88,6 +88,11 @@ def write(path: str, data: bytes, offset: int = 0, truncate: bool = True) -> dic
         if not stat.S_ISREG(st.st_mode):
             raise FileOpError("invalid", f"{path!r} is not a regular file")
         os.fchown(fd, OWNER, OWNER)
+        # the agent is root, but the files are the kernel user's: don't let them eat the
+        # blocks ext4 reserves for root (the kernel itself would get ENOSPC there)
+        vfs = os.fstatvfs(fd)
+        if len(data) > vfs.f_bavail * vfs.f_frsize:
+            raise FileOpError("no_space", "the kernel's disk is full")
         os.pwrite(fd, data, offset)
         os.fsync(fd)
         return {"size": os.fstat(fd).st_size}

@@ -148,3 +148,22 @@ def test_vmkg_fork_command_line(gw: Gateway) -> None:
         assert bad.returncode == 1 and "401" in bad.stderr, bad.stderr
     finally:
         gw.delete_kernel(parent)
+
+
+async def test_full_guest_disk_is_a_clear_error_and_loses_nothing(gw: Gateway) -> None:
+    kid = gw.start_kernel()["id"]
+    try:
+        free = await value(gw, kid, "import os; x = 'kept'; st = os.statvfs('.')", "st.f_bavail * st.f_frsize")
+        # reserve all free blocks without writing them (ext4 unwritten extents: fast)
+        await value(gw, kid, f"fd = os.open('filler', os.O_WRONLY | os.O_CREAT); os.posix_fallocate(fd, 0, {free - (4 << 20)}); os.close(fd)")
+        err = await value(gw, kid, "", "__import__('subprocess').run(['sh', '-c', 'head -c 8000000 /dev/zero > more; rm -f more'], "
+                                       "capture_output=True, text=True).stderr")
+        assert "No space left" in err
+        r = gw.request("PUT", f"/api/kernels/{kid}/files/upload.bin", data=b"x" * 8_000_000)
+        assert r.status_code == 507 and "full" in r.json()["message"], r.text
+        # the kernel and its state survived; freeing space makes it work again
+        assert await value(gw, kid, "os.unlink('filler')", "x") == "kept"
+        r = gw.request("PUT", f"/api/kernels/{kid}/files/upload.bin", data=b"x" * 2_000_000)
+        assert r.status_code == 201, r.text
+    finally:
+        gw.delete_kernel(kid)

@@ -96,6 +96,9 @@ class QemuVM:
               agent_fd: int, qmp_fd: int) -> list[str]:
         s = self.spec
         accel = "kvm" if s.accel == "kvm" else "tcg,tb-size=24"
+        # werror/rerror=report: a full host disk is an I/O error inside the guest (the
+        # kernel's write fails, the VM keeps running) rather than QEMU's default of
+        # silently pausing the whole VM.
         return [
             QEMU, "-name", "vmkg",
             "-machine", "microvm,memory-backend=mem,x-option-roms=off",
@@ -106,7 +109,7 @@ class QemuVM:
             "-nodefaults", "-no-user-config", "-display", "none", "-no-reboot",
             "-serial", f"file:{self.console_log}",
             "-kernel", s.kernel, "-initrd", s.initrd, "-append", s.cmdline,
-            "-drive", f"id=root,file={disk},format={disk_format},if=none,cache=unsafe,discard=unmap",
+            "-drive", f"id=root,file={disk},format={disk_format},if=none,cache=unsafe,discard=unmap,werror=report,rerror=report",
             "-device", "virtio-blk-device,drive=root",
             "-device", "virtio-serial-device,max_ports=2",
             "-chardev", f"socket,id=agent,fd={agent_fd},server=on,wait=off",
