@@ -180,3 +180,17 @@ async def test_branch_memory_is_shared_copy_on_write() -> None:
             assert anon < 100 * 1024, f"branch holds {anon // 1024} MB private: the blob was copied"
     finally:
         await shutdown(parent, *kids)
+
+
+async def test_restarting_a_branch_gives_a_fresh_kernel_from_the_template() -> None:
+    parent = await start()
+    kids: list[AsyncKernelManager] = []
+    try:
+        await value(parent, "x = 41")
+        kids = await fork(parent, 1)
+        assert await value(kids[0], "", "x") == 41
+        await kids[0].restart_kernel(now=True)
+        assert await value(kids[0], "", "'x' in globals()") is False
+        assert await value(parent, "", "x") == 41
+    finally:
+        await shutdown(parent, *kids)
