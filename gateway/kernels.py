@@ -27,6 +27,7 @@ itself hops to the runtime loop inside the provisioner.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import os
 import time
 from collections import Counter, deque
@@ -128,10 +129,12 @@ class VMMappingKernelManager(AsyncMappingKernelManager):  # type: ignore[misc]
                       help="Per-kernelspec pool sizes overriding pool_size, e.g. "
                            "{'data-microvm': 0}.")
 
-    pool_warmup_code = Unicode("pass", config=True,
-                               help="Code executed silently (no output, no history, execution count "
-                                    "unchanged) in each pooled kernel before it is handed out, so its "
-                                    "first real cell runs warm. Empty: only kernel_info.")
+    pool_warmup_code = Unicode("1+1", config=True,
+                               help="Code each pooled kernel runs (twice, as an ordinary cell) before "
+                                    "it is handed out, so a client's first cells find the execute, "
+                                    "display and history paths warm; then the kernel is reset (new "
+                                    "history session, empty namespace, execution count 1), so no "
+                                    "trace is left. Empty: only kernel_info.")
 
     max_buffered_messages = Integer(10_000, config=True,
                                     help="Messages kept per kernel while no websocket is connected, "
@@ -407,16 +410,25 @@ class VMMappingKernelManager(AsyncMappingKernelManager):  # type: ignore[misc]
         return km
 
     async def _warm(self, km: Any) -> None:
-        """Run the kernel_info and execute paths once, so the client's first ones are warm."""
+        """Run the paths a client's first requests take once, so they are warm when it comes
+        (under TCG a restored VM starts with an empty translation cache)."""
         kc = km.client()
         kc.start_channels(iopub=False, stdin=False, hb=False, control=False)
         try:
-            await kc.kernel_info(reply=True, timeout=30)
+            info = await kc.kernel_info(reply=True, timeout=30)
             if self.pool_warmup_code:
-                await kc.execute(self.pool_warmup_code, silent=True, store_history=False,
-                                 reply=True, timeout=30)
+                for _ in range(2):
+                    await kc.execute(self.pool_warmup_code, reply=True, timeout=30)
+                reply = await kc.execute("get_ipython().reset(new_session=True)", silent=True,
+                                         store_history=False, reply=True, timeout=30)
+                if reply["content"]["status"] != "ok":
+                    raise RuntimeError(f"warm-up reset failed: {reply['content'].get('evalue')}")
         finally:
             kc.stop_channels()
+        # the first websocket asks for kernel_info; jupyter_server keeps the answer here
+        cached: concurrent.futures.Future[dict[str, Any]] = concurrent.futures.Future()
+        cached.set_result(info["content"])
+        km._kernel_info_future = cached
 
     async def _discard(self, km: Any) -> None:
         try:

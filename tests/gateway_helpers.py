@@ -11,6 +11,7 @@ subprotocol or the legacy JSON protocol.
 from __future__ import annotations
 
 import asyncio
+import atexit
 import json
 import os
 import re
@@ -42,14 +43,17 @@ def qemu_pids(state_dir: Path) -> set[int]:
 
 class Gateway:
     def __init__(self, workdir: Path, *args: str, env: dict[str, str] | None = None,
-                 token: str = TOKEN, state_dir: Path | None = None) -> None:
+                 token: str | None = TOKEN, state_dir: Path | None = None) -> None:
+        """``token=None``: let the gateway generate one (read from what it prints)."""
         self.workdir = workdir
-        self.token = token
         base_state = Path(os.environ["VMKG_STATE_DIR"])
         self.state_dir = state_dir or base_state / f"gw-{uuid.uuid4().hex[:8]}"
         self.log_path = workdir / f"gateway-{uuid.uuid4().hex[:6]}.log"
-        full_env = {**os.environ, "VMKG_STATE_DIR": str(self.state_dir), "VMKG_AUTH_TOKEN": token,
-                    "PYTHONUNBUFFERED": "1", **(env or {})}
+        full_env = {**os.environ, "VMKG_STATE_DIR": str(self.state_dir), "PYTHONUNBUFFERED": "1"}
+        full_env.pop("VMKG_AUTH_TOKEN", None)
+        if token is not None:
+            full_env["VMKG_AUTH_TOKEN"] = token
+        full_env.update(env or {})
         self._log = open(self.log_path, "w")
         self.proc = subprocess.Popen(
             [sys.executable, "-c", "from gateway.app import main; main()", "serve", "--ip=127.0.0.1",
@@ -57,6 +61,17 @@ class Gateway:
             stdout=subprocess.PIPE, stderr=self._log, text=True, env=full_env, cwd=workdir)
         self.url = self._wait_for_url()
         self.ws_url = self.url.replace("http://", "ws://")
+        if token is None:
+            assert self.proc.stdout is not None
+            m = re.search(r"generated for this run: (\S+)", self.proc.stdout.readline())
+            assert m, "no generated token printed"
+            token = m.group(1)
+        self.token = token
+        atexit.register(self._kill_if_running)
+
+    def _kill_if_running(self) -> None:
+        if self.proc.poll() is None:  # a test that failed before stop(): do not leak it
+            self.proc.kill()
 
     def _wait_for_url(self, timeout: float = 60) -> str:
         assert self.proc.stdout is not None

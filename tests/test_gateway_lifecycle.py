@@ -64,12 +64,16 @@ async def test_cull_connected_and_cull_busy(template: Any, tmp_path: Path) -> No
 
 async def test_sigterm_shuts_every_vm_down(template: Any, tmp_path: Path) -> None:
     gw = Gateway(tmp_path, "--pool-size=1")
-    kids = [gw.start_kernel()["id"] for _ in range(2)]
-    await asyncio.to_thread(gw.wait_pool, 1)
-    assert len(qemu_pids(gw.state_dir)) == 3
-    ch = await Channels.open(gw, kids[0])
-    await ch.send("execute_request", {"code": "import time; time.sleep(60)", "silent": False})
-    await asyncio.sleep(0.5)
+    try:
+        kids = [gw.start_kernel()["id"] for _ in range(2)]
+        await asyncio.to_thread(gw.wait_pool, 1)
+        assert len(qemu_pids(gw.state_dir)) == 3
+        ch = await Channels.open(gw, kids[0])
+        await ch.send("execute_request", {"code": "import time; time.sleep(60)", "silent": False})
+        await asyncio.sleep(0.5)
+    except BaseException:
+        gw.stop(signal.SIGKILL)
+        raise
     t0 = time.monotonic()
     code = await asyncio.to_thread(gw.stop, signal.SIGTERM)
     assert code == 0, gw.log()[-3000:]
@@ -83,14 +87,16 @@ async def test_sigterm_shuts_every_vm_down(template: Any, tmp_path: Path) -> Non
 
 def test_after_sigkill_the_next_start_reaps_the_orphans(template: Any, tmp_path: Path) -> None:
     first = Gateway(tmp_path, "--pool-size=1")
-    kid = first.start_kernel()["id"]
-    first.wait_pool(1)
-    vms = first.state_dir / "vms"
-    left = {p.name for p in vms.iterdir()}
-    assert len(left) == 2
-    conn_file = Path(jupyter_runtime_dir()) / f"kernel-{kid}.json"
-    assert conn_file.exists()
-    assert first.stop(signal.SIGKILL) == -signal.SIGKILL
+    try:
+        kid = first.start_kernel()["id"]
+        first.wait_pool(1)
+        vms = first.state_dir / "vms"
+        left = {p.name for p in vms.iterdir()}
+        assert len(left) == 2
+        conn_file = Path(jupyter_runtime_dir()) / f"kernel-{kid}.json"
+        assert conn_file.exists()
+    finally:
+        assert first.stop(signal.SIGKILL) == -signal.SIGKILL
     deadline = time.monotonic() + 10
     while qemu_pids(first.state_dir) and time.monotonic() < deadline:
         time.sleep(0.2)
