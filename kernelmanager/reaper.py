@@ -1,6 +1,6 @@
 """Reaping what a crashed owner left behind.
 
-Every VM directory holds ``owner.json``: the owner's pid and start time, QEMU's pid and
+Every VM directory (and every fork snapshot directory) holds ``owner.json``: the owner's pid and start time, QEMU's pid and
 start time, and the connection file written for the kernel. QEMU runs with
 PR_SET_PDEATHSIG, so it normally dies with its owner, but the directory, its sockets
 and the connection file stay. At the next start of any runtime, directories whose
@@ -36,6 +36,13 @@ def is_alive(pid: int | None, start: int | None) -> bool:
     return bool(pid) and start is not None and process_start_time(pid) == start  # type: ignore[arg-type]
 
 
+def _read(path: Path) -> str | None:
+    try:
+        return path.read_text().strip()
+    except OSError:
+        return None
+
+
 def reap_orphans(vms_dir: Path, min_age: float = 30.0) -> list[str]:
     """Remove VM directories whose owner process is gone. Returns the names reaped.
 
@@ -68,12 +75,12 @@ def reap_orphans(vms_dir: Path, min_age: float = 30.0) -> list[str]:
                 os.kill(qpid, signal.SIGKILL)
             except ProcessLookupError:
                 pass
-        conn = info.get("connection_file")
-        if conn:
-            try:
-                os.unlink(conn)
-            except OSError:
-                pass
+        for leftover in (info.get("connection_file"), _read(d / "mem.path")):
+            if leftover:  # a kernel's connection file; a fork's RAM image on tmpfs
+                try:
+                    os.unlink(leftover)
+                except OSError:
+                    pass
         shutil.rmtree(d, ignore_errors=True)
         reaped.append(d.name)
     if reaped:

@@ -48,6 +48,7 @@ class Runtime:
         self.closers: weakref.WeakSet[Any] = weakref.WeakSet()
         self.zmq_context: zmq.asyncio.Context | None = None
         reaper.reap_orphans(paths.vms_dir())
+        reaper.reap_orphans(paths.state_dir() / "forks")
         self.thread.start()
         self._ready.wait()
         atexit.register(self.shutdown)

@@ -4,13 +4,17 @@ from __future__ import annotations
 
 import asyncio
 import json
+import subprocess
+import sys
+import textwrap
 import time
+from pathlib import Path
 from typing import Any
 
 import pytest
 from jupyter_client.manager import AsyncKernelManager
 
-from kernelmanager import forks
+from kernelmanager import forks, paths, reaper
 from kernelmanager.exceptions import KernelBusy
 from kernelmanager.provisioner import fork
 
@@ -194,3 +198,30 @@ async def test_restarting_a_branch_gives_a_fresh_kernel_from_the_template() -> N
         assert await value(parent, "", "x") == 41
     finally:
         await shutdown(parent, *kids)
+
+
+def test_fork_leftovers_of_a_killed_owner_are_reaped(tmp_path: Path) -> None:
+    script = textwrap.dedent(f"""
+        import asyncio, json, time
+        from jupyter_client.manager import AsyncKernelManager
+        from kernelmanager.provisioner import fork
+        async def main():
+            km = AsyncKernelManager(kernel_name={KERNEL!r})
+            await km.start_kernel()
+            kids = await fork(km, 1)
+            vk = kids[0].provisioner.vm_kernel
+            print(json.dumps({{"fork": str(vk.snapshot.path), "mem": str(vk.snapshot.mem_file)}}), flush=True)
+            time.sleep(600)
+        asyncio.run(main())
+    """)
+    proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout is not None
+        info = json.loads(proc.stdout.readline())
+    finally:
+        proc.kill()
+        proc.wait()
+    assert Path(info["fork"]).exists() and Path(info["mem"]).exists()
+    reaper.reap_orphans(forks.forks_dir())  # what the next start does
+    reaper.reap_orphans(paths.vms_dir())
+    assert not Path(info["fork"]).exists() and not Path(info["mem"]).exists()
