@@ -18,6 +18,9 @@ protocol, and replays what its kernel manager buffered while the client was away
   frames are closed by tornado with 1009 (``websocket_max_message_size``).
 - **Latency.** TCP_NODELAY on every channels socket: small replies go out at once
   instead of waiting out Nagle's algorithm against the peer's delayed ACK.
+- **Clients that go away** (``gateway.reconnect``): a client that asks can resume a broken
+  connection without losing what was in flight; a busy kernel whose clients all left is
+  interrupted after a grace period (``interrupt_on_disconnect``).
 - **Restart.** :meth:`VMKGWebsocketConnection.announce` sends ``status: restarting`` to
   every open websocket of a kernel (the REST restart handler calls it).
 """
@@ -37,6 +40,7 @@ from traitlets import Bool, Integer
 
 from . import errors, metrics
 from .handlers import unauthorized_message
+from .reconnect import ReconnectMixin
 
 V1 = "v1.kernel.websocket.jupyter.org"
 DELIM = b"<IDS|MSG>"
@@ -100,7 +104,7 @@ def parse_legacy(frame: bytes | str) -> tuple[str | None, dict[str, Any]]:
     return channel, msg
 
 
-class VMKGWebsocketConnection(ZMQChannelsWebsocketConnection):  # type: ignore[misc]
+class VMKGWebsocketConnection(ReconnectMixin, ZMQChannelsWebsocketConnection):  # type: ignore[misc]
     limit_rate = Bool(False, config=True,
                       help="Apply jupyter_server's iopub rate limits (which DROP output above "
                            "iopub_msg_rate_limit / iopub_data_rate_limit). Off: output is never "
