@@ -412,6 +412,7 @@ class VMKGApp(Application):
         "template": (cli.TemplateApp, cli.TemplateApp.description),
         "kernelspec": (cli.KernelspecApp, cli.KernelspecApp.description),
         "fork": (cli.ForkApp, cli.ForkApp.description.split(":")[0] + "."),
+        "run": (cli.RunApp, cli.RunApp.description.split(":")[0] + "."),
         "cache": (cli.CacheApp, cli.CacheApp.description),
     }
 

@@ -15,7 +15,7 @@ import urllib.error
 import urllib.parse
 import urllib.request
 
-from traitlets import Bool, Float, Integer, Unicode, default
+from traitlets import Bool, Float, Integer, List, Unicode, default
 from traitlets.config import Application
 
 from guest.image import ImageBuildError, build_image
@@ -230,3 +230,99 @@ class ForkApp(_Sub):
         else:
             for m in models:
                 print(m["id"])
+
+
+class RunApp(_Sub):
+    name = "vmkg run"
+    description = ("Run one cell in a fresh kernel of a gateway (or an existing one: --kernel ID) and "
+                   "print its outputs: vmkg run 'import sys; print(sys.version)'. The code is the "
+                   "arguments, or stdin when there are none or '-'. Exit status: 0 when the cell ran "
+                   "without raising, 1 when it raised, 124 when it ran past --timeout (it was "
+                   "interrupted), 2 for any other failure. The gateway comes from --url/--token or "
+                   "$VMKG_URL/$VMKG_TOKEN.")
+    url = Unicode(config=True, help="The gateway's URL ($VMKG_URL), e.g. http://127.0.0.1:8888")
+    token = Unicode(config=True, help="The gateway's token ($VMKG_TOKEN)")
+    kernel = Unicode("", config=True, help="Run in this running kernel (left running) instead of a "
+                                           "fresh one (shut down afterwards).")
+    template = Unicode("", config=True, help="Template of the fresh kernel (default: the gateway's).")
+    env = List(Unicode(), config=True, help="NAME=VALUE in the fresh kernel's environment; repeatable.")
+    timeout = Float(0.0, config=True, help="Seconds the cell may run before it is interrupted; 0: no limit.")
+    keep = Bool(False, config=True, help="Leave the fresh kernel running; its id goes to stderr.")
+    json_out = Bool(False, config=True, help="Print the whole execution as one JSON object (results "
+                                             "with every MIME type, logs, error) instead of as text.")
+    aliases = {"url": "RunApp.url", "token": "RunApp.token", "kernel": "RunApp.kernel",
+               "template": "RunApp.template", "env": "RunApp.env", "timeout": "RunApp.timeout"}
+    flags = {
+        "keep": ({"RunApp": {"keep": True}}, "Leave the fresh kernel running (id on stderr)."),
+        "json": ({"RunApp": {"json_out": True}}, "Print the execution as JSON."),
+    }
+
+    @default("url")
+    def _url_default(self) -> str:
+        return os.environ.get("VMKG_URL", "http://127.0.0.1:8888")
+
+    @default("token")
+    def _token_default(self) -> str:
+        return os.environ.get("VMKG_TOKEN", "")
+
+    def start(self) -> None:
+        from . import sdk
+
+        code = " ".join(self.extra_args)
+        if not self.extra_args or self.extra_args == ["-"]:
+            code = sys.stdin.read()
+        env = dict(item.partition("=")[::2] for item in self.env)
+        try:
+            status = asyncio.run(self._run(code, env))
+        except KeyboardInterrupt:
+            status = 130
+        except sdk.SDKError as exc:
+            print(f"vmkg: error: {exc}", file=sys.stderr)
+            status = 2
+        self.exit(status)
+
+    async def _run(self, code: str, env: dict[str, str]) -> int:
+        from . import sdk
+
+        out = self.json_out
+
+        def stdout(text: str) -> None:
+            sys.stdout.write(text)
+            sys.stdout.flush()
+
+        def stderr(text: str) -> None:
+            sys.stderr.write(text)
+            sys.stderr.flush()
+
+        def result(r: sdk.Result) -> None:
+            stdout((r.text if r.text is not None else f"[{', '.join(r.formats())}]") + "\n")
+
+        def error(e: sdk.ExecutionError) -> None:
+            lines = e.raw_traceback if sys.stderr.isatty() else e.traceback.splitlines()
+            stderr("\n".join(lines or [f"{e.name}: {e.value}"]) + "\n")
+
+        callbacks: dict[str, sdk.Callback] = {} if out else {"on_stdout": stdout, "on_stderr": stderr, "on_result": result,
+                                    "on_error": error}
+        async with sdk.Gateway(self.url, self.token) as gw:
+            if self.kernel:
+                kernel = await gw.connect_kernel(self.kernel)
+            else:
+                kernel = await gw.start_kernel(self.template or None, env=env)
+                if self.keep:
+                    kernel.detach()
+                    print(f"vmkg: kernel {kernel.id} left running", file=sys.stderr)
+            timed_out = False
+            try:
+                execution = await kernel.run_code(code, timeout=self.timeout or None, **callbacks)
+            except sdk.ExecutionTimeout as exc:
+                execution, timed_out = exc.execution, True
+                print(f"vmkg: error: {exc}", file=sys.stderr)
+            except asyncio.CancelledError:
+                if self.kernel:  # Ctrl-C: stop the cell we started in someone's kernel
+                    await asyncio.shield(kernel.interrupt())
+                raise
+            if out:
+                print(json.dumps({"kernel_id": kernel.id, "timed_out": timed_out, **execution.to_dict()}))
+        if timed_out:
+            return 124
+        return 1 if execution.error is not None else 0
