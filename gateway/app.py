@@ -204,6 +204,14 @@ class ServeApp(Application):
     def _max_message_size_default(self) -> int:
         return _env_int("VMKG_MAX_MESSAGE_SIZE", 64 * 1024 * 1024) or 64 * 1024 * 1024
 
+    max_file_size = Integer(100 * 1024 * 1024, config=True,
+                            help="Largest file PUT /api/kernels/{id}/files/{path} accepts, in bytes; "
+                                 "a larger one gets 413. ($VMKG_MAX_FILE_SIZE)")
+
+    @default("max_file_size")
+    def _max_file_size_default(self) -> int:
+        return _env_int("VMKG_MAX_FILE_SIZE", 100 * 1024 * 1024) or 0
+
     authenticate_metrics = Bool(True, config=True,
                                 help="Require the token for /metrics. ($VMKG_AUTHENTICATE_METRICS)")
 
@@ -298,6 +306,7 @@ class ServeApp(Application):
             vmkg_list_kernels=self.list_kernels,
             vmkg_kernel_id_ws_auth=self.kernel_id_ws_auth,
             vmkg_authenticate_metrics=self.authenticate_metrics,
+            vmkg_max_file_size=self.max_file_size,
         )
 
     def routes(self) -> list[tuple[str, type]]:

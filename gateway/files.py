@@ -39,7 +39,31 @@ def check_path(path: str) -> str:
     return path
 
 
+@web.stream_request_body
 class FileHandler(GatewayHandlerMixin, APIHandler):
+    """PUT bodies are streamed in rather than buffered by tornado (whose own cap would answer
+    a bare 400), so the size limit (``vmkg_max_file_size``, ServeApp.max_file_size) is
+    checked against Content-Length before the body is read: a 413 with the reason, which a
+    client that sent ``Expect: 100-continue`` (the vmkg SDK does) gets without sending it."""
+
+    async def prepare(self, *args: Any, **kwargs: Any) -> None:
+        await super().prepare(*args, **kwargs)
+        self._upload: list[bytes] = []
+        if self.request.method == "PUT":
+            limit = self._limit()
+            if self.request.connection is not None:
+                self.request.connection.set_max_body_size(limit)
+            length = self.request.headers.get("Content-Length", "")
+            if length.isdigit() and int(length) > limit:
+                raise web.HTTPError(413, f"file of {length} bytes exceeds the limit of {limit} bytes "
+                                         "(max_file_size)")
+
+    def data_received(self, chunk: bytes) -> None:
+        self._upload.append(chunk)
+
+    def _limit(self) -> int:
+        return int(self.settings.get("vmkg_max_file_size", DEFAULT_MAX_FILE_SIZE))
+
     def _vm(self, kernel_id: str) -> Any:
         km = self.kernel_manager
         km._check_kernel_id(kernel_id)
@@ -89,8 +113,8 @@ class FileHandler(GatewayHandlerMixin, APIHandler):
         path = check_path(path)
         if not path or path.endswith("/"):
             raise web.HTTPError(400, "PUT needs a file path, not a directory")
-        body = self.request.body
-        limit = int(self.settings.get("vmkg_max_file_size", DEFAULT_MAX_FILE_SIZE))
+        body = b"".join(self._upload)
+        limit = self._limit()
         if len(body) > limit:
             raise web.HTTPError(413, f"file of {len(body)} bytes exceeds the limit of {limit} bytes")
         vk = self._vm(kernel_id)

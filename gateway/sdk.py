@@ -262,7 +262,8 @@ class Gateway:
     # -- REST ------------------------------------------------------------------------------
 
     async def request(self, method: str, path: str, *, json_body: Any = None, body: bytes | None = None,
-                      timeout: float | None = None, kernel_id: str | None = None) -> tuple[int, bytes]:
+                      timeout: float | None = None, kernel_id: str | None = None,
+                      expect_continue: bool = False) -> tuple[int, bytes]:
         """One REST call; returns (status, body) of a 2xx answer, raises :class:`GatewayError`
         (:class:`KernelGone` for a 404 naming ``kernel_id``) or :class:`GatewayUnreachable`."""
         if self._http is None:
@@ -278,7 +279,8 @@ class Gateway:
             body = b""
         req = HTTPRequest(self.url + path, method=method, headers=headers, body=body,
                           request_timeout=timeout or self.request_timeout, connect_timeout=30,
-                          validate_cert=self.validate_cert, decompress_response=True)
+                          validate_cert=self.validate_cert, decompress_response=True,
+                          expect_100_continue=expect_continue)
         try:
             resp = await self._http.fetch(req, raise_error=False)
         except OSError as exc:
@@ -650,8 +652,10 @@ class Kernel:
             payload = payload.encode() if isinstance(payload, str) else bytes(payload)
         else:
             raise TypeError(f"upload() takes bytes, str or a file object, not {type(data).__name__}")
+        # a large body waits for the gateway's go-ahead, so a refusal (413) arrives cleanly
         answer = await self.gateway.request_json("PUT", self._path(f"/files/{_q_path(path)}"),
-                                                 body=payload, kernel_id=self.id)
+                                                 body=payload, kernel_id=self.id,
+                                                 expect_continue=len(payload) > (1 << 20))
         return FileInfo(name=path.rstrip("/").rsplit("/", 1)[-1], type="file",
                         size=int(answer.get("size", len(payload))), path=answer.get("path", path))
 

@@ -32,12 +32,13 @@ from gateway import sdk
 pytestmark = pytest.mark.vm
 REPO = Path(__file__).resolve().parents[1]
 GRACE = 2.0
+MAX_FILE = 8 << 20
 
 
 @pytest.fixture(scope="module")
 def live(template: Any, tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveGateway]:
     g = LiveGateway(tmp_path_factory.mktemp("gw-sdk"), "--pool-size=1",
-                    env={"VMKG_DISCONNECT_GRACE": str(GRACE)})
+                    env={"VMKG_DISCONNECT_GRACE": str(GRACE), "VMKG_MAX_FILE_SIZE": str(MAX_FILE)})
     try:
         yield g
     finally:
@@ -370,6 +371,18 @@ async def test_upload_read_in_code_download_and_remove(live: LiveGateway) -> Non
             await kernel.download("out/chart.png")
         assert gone.value.status == 404 and "chart.png" in gone.value.message
         assert not isinstance(gone.value, sdk.KernelGone)
+
+
+async def test_the_upload_size_limit_is_a_clear_error(live: LiveGateway) -> None:
+    async with client(live) as gw:
+        kernel = await gw.start_kernel()
+        for size in (MAX_FILE + 1, 3 * MAX_FILE):
+            with pytest.raises(sdk.GatewayError) as exc:
+                await kernel.upload("big.bin", b"\0" * size)
+            assert exc.value.status == 413, exc.value
+            assert f"{size} bytes exceeds the limit of {MAX_FILE} bytes" in exc.value.message
+        assert (await kernel.upload("big.bin", b"\1" * MAX_FILE)).size == MAX_FILE  # the limit itself is fine
+        assert (await kernel.run_code("import os; os.path.getsize('big.bin')")).text == str(MAX_FILE)
 
 
 async def test_paths_outside_the_working_directory_are_refused(live: LiveGateway) -> None:
