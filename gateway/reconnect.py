@@ -29,6 +29,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import time
 from collections import deque
 from typing import Any, ClassVar
 
@@ -42,6 +43,8 @@ from .kernels import _env_bool
 DELIM = b"<IDS|MSG>"
 RESUME_ARG = "vmkg_resume"
 RINGS_PER_KERNEL = 4
+#: a resumable session's kept messages are dropped after this long without a connection
+RING_TTL = 600.0
 STALE_CLOSE_WAIT = 10.0
 
 DISCONNECT_INTERRUPTS = Counter("vmkg_disconnect_interrupts_total",
@@ -62,11 +65,13 @@ class _Ring:
         self.max_bytes = max_bytes
         self.items: deque[tuple[str, str, list[Any]]] = deque()  # (msg_id, channel, msg_list)
         self.bytes = 0
+        self.used = time.monotonic()
 
     def add(self, channel: str, msg_list: list[Any]) -> None:
         msg_id = _msg_id(msg_list)
         if msg_id is None:
             return
+        self.used = time.monotonic()
         self.items.append((msg_id, channel, msg_list))
         self.bytes += sum(len(p) for p in msg_list)
         while self.items and (len(self.items) > self.max_messages or self.bytes > self.max_bytes):
@@ -117,11 +122,12 @@ class ReconnectMixin(LoggingConfigurable):
     def _disconnect_grace_default(self) -> float:
         return _env_float("VMKG_DISCONNECT_GRACE", 30.0)
 
-    resume_window = Integer(2000, config=True,
+    resume_window = Integer(1000, config=True,
                             help="Messages kept after sending, per session of a client that asked "
                                  "(?vmkg_resume=), to resend what a broken connection lost.")
-    resume_window_bytes = Integer(16 * 1024 * 1024, config=True,
-                                  help="Bytes kept per resumable session (see resume_window).")
+    resume_window_bytes = Integer(8 * 1024 * 1024, config=True,
+                                  help="Bytes kept per resumable session (see resume_window); "
+                                       "more than write_high_water plus what socket buffers hold.")
 
     _rings: ClassVar[dict[str, _Ring]] = {}  # session key -> ring
     _interrupt_timers: ClassVar[dict[str, asyncio.TimerHandle]] = {}  # kernel id -> timer
@@ -161,15 +167,29 @@ class ReconnectMixin(LoggingConfigurable):
         ring = self._rings.get(self.session_key)
         if ring is None and create:
             mkm = self.multi_kernel_manager
+            stale = time.monotonic() - RING_TTL
+            live = set(self._open_sessions)
             for key, other in list(self._rings.items()):
-                if other.kernel_id not in mkm:
+                if other.kernel_id not in mkm or (other.used < stale and key not in live):
                     del self._rings[key]
             mine = [k for k, r in self._rings.items() if r.kernel_id == self.kernel_id]
             for key in mine[:max(0, len(mine) - RINGS_PER_KERNEL + 1)]:
                 del self._rings[key]
             ring = self._rings[self.session_key] = _Ring(self.kernel_id, self.resume_window,
                                                          self.resume_window_bytes)
+            hooks = getattr(mkm, "removal_hooks", None)
+            if hooks is not None and self._forget_kernel not in hooks:
+                hooks.append(self._forget_kernel)
         return ring
+
+    @classmethod
+    def _forget_kernel(cls, kernel_id: str) -> None:
+        """Drop what was kept for a kernel that left the gateway (a removal hook)."""
+        for key in [k for k, r in cls._rings.items() if r.kernel_id == kernel_id]:
+            del cls._rings[key]
+        timer = cls._interrupt_timers.pop(kernel_id, None)
+        if timer is not None:
+            timer.cancel()
 
     def connect(self) -> Any:
         last = self._resume_arg()
