@@ -64,6 +64,7 @@ class ServeApp(Application):
         "max-kernels": "VMMappingKernelManager.max_kernels",
         "max-kernels-per-user": "VMMappingKernelManager.max_kernels_per_user",
         "pool-size": "VMMappingKernelManager.pool_size",
+        "max-fork-count": "ServeApp.max_fork_count",
         "default-kernel-name": "VMMappingKernelManager.default_kernel_name",
         "force-kernel-name": "VMMappingKernelManager.force_kernel_name",
         "cull-idle-timeout": "VMMappingKernelManager.cull_idle_timeout",
@@ -212,6 +213,14 @@ class ServeApp(Application):
     def _max_file_size_default(self) -> int:
         return _env_int("VMKG_MAX_FILE_SIZE", 100 * 1024 * 1024) or 0
 
+    max_fork_count = Integer(64, config=True,
+                             help="Most branches one POST /api/kernels/{id}/fork may ask for (400 "
+                                  "beyond it); max_kernels still bounds the total. ($VMKG_MAX_FORK_COUNT)")
+
+    @default("max_fork_count")
+    def _max_fork_count_default(self) -> int:
+        return _env_int("VMKG_MAX_FORK_COUNT", 64) or 64
+
     authenticate_metrics = Bool(True, config=True,
                                 help="Require the token for /metrics. ($VMKG_AUTHENTICATE_METRICS)")
 
@@ -307,6 +316,7 @@ class ServeApp(Application):
             vmkg_kernel_id_ws_auth=self.kernel_id_ws_auth,
             vmkg_authenticate_metrics=self.authenticate_metrics,
             vmkg_max_file_size=self.max_file_size,
+            vmkg_max_fork_count=self.max_fork_count,
         )
 
     def routes(self) -> list[tuple[str, type]]:

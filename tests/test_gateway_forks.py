@@ -20,7 +20,8 @@ STAMP = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{6}Z$")
 
 @pytest.fixture(scope="module")
 def gw(template: Any, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
-    g = Gateway(tmp_path_factory.mktemp("gwf"), "--pool-size=0", env={"VMKG_MAX_KERNELS": "8"})
+    g = Gateway(tmp_path_factory.mktemp("gwf"), "--pool-size=0", "--max-fork-count=6",
+                env={"VMKG_MAX_KERNELS": "5"})
     try:
         yield g
     finally:
@@ -99,14 +100,14 @@ async def test_busy_parent_gets_409_and_bad_requests_400(gw: Gateway) -> None:
             assert result.reply["status"] == "ok"  # the parent's cell was not disturbed
         finally:
             await ch.close()
-        for body in ({"count": 0}, {"count": 65}, {"count": "2"}, {"count": 1, "reseed": "no"},
+        for body in ({"count": 0}, {"count": 7}, {"count": "2"}, {"count": 1, "reseed": "no"},
                      {"count": 1, "timeout": -1}):
             r = gw.request("POST", f"/api/kernels/{parent}/fork", json=body)
             assert r.status_code == 400 and r.json()["message"], (body, r.text)
         r = gw.request("POST", "/api/kernels/00000000-0000-0000-0000-000000000000/fork", json={"count": 1})
         assert r.status_code == 404
-        # max_kernels (8) counts the branches a fork would add
-        r = gw.request("POST", f"/api/kernels/{parent}/fork", json={"count": 8})
+        # max_kernels (5) counts the branches a fork would add (1 running + 6 > 5)
+        r = gw.request("POST", f"/api/kernels/{parent}/fork", json={"count": 6, "timeout": 60})
         assert r.status_code == 403 and "max_kernels" in r.json()["message"], r.text
     finally:
         gw.delete_kernel(parent)
