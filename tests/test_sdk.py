@@ -250,6 +250,7 @@ async def test_a_client_killed_mid_cell_does_not_leave_the_kernel_busy(live: Liv
                 await child.wait()
         assert (await kernel.run_code("x")).text == "'kept'"
         assert "interrupt_on_disconnect" in live.log()
+        assert live.metric("vmkg_disconnect_interrupts_total") >= 1
 
 
 class Proxy:
@@ -473,7 +474,8 @@ def vmkg_run(live: LiveGateway, *args: str, stdin: str | None = None) -> subproc
 
 def test_vmkg_run_prints_outputs_and_its_exit_status_says_whether_the_cell_raised(live: LiveGateway) -> None:
     before = kernel_ids(live)
-    ok = vmkg_run(live, "import sys; print('out'); print('err', file=sys.stderr); 6 * 7")
+    ok = vmkg_run(live, "--env=GREETING=out", "import os, sys; print(os.environ['GREETING']); "
+                  "print('err', file=sys.stderr); 6 * 7")
     assert ok.returncode == 0, ok.stderr
     assert ok.stdout == "out\n42\n" and "err\n" in ok.stderr
     raised = vmkg_run(live, "raise KeyError('missing')")
