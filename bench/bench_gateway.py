@@ -7,10 +7,13 @@ GatewayClient speaks it), interleaved so both see the same machine noise:
 * create-to-first-result: ``POST /api/kernels``, open the channels websocket, execute
   ``1+1``, until its ``execute_result``. Ours from the warm pool (the pool refilled between
   runs, as at steady state) and from an empty pool (a restore per request);
-* warm execute round trip: ``1+1`` until its execute_reply and idle status, after warm-up;
+* warm execute round trip: ``1+1`` until its execute_reply and idle status, after warm-up
+  (and ``x = 1``, which has no result to format);
 * throughput of one cell printing 20 MB: bytes delivered and MB/s (Kernel Gateway with its
-  iopub rate limit turned off, and once as shipped, to show what its limit drops);
-* 10 concurrent creates: wall time until all ten have a first result, and the median.
+  iopub rate limit turned off, and once as shipped, to show what its limit drops), and the
+  CPU time the vmkg gateway process itself spent on it;
+* 10 concurrent creates: wall time until all ten have a first result, and the median; ours
+  with the default pool of 1 and with a pool of 10.
 
 Prints medians (p50) and ratios ours/KG. Run: ``python bench/bench_gateway.py`` (``-n``
 repetitions, ``--json FILE`` to keep the numbers).
@@ -52,8 +55,9 @@ class Server:
         self.h = {"Authorization": f"token {TOKEN}"}
 
     def post_kernel(self) -> str:
-        r = requests.post(self.url + "/api/kernels", json={"name": self.kernel, "env": {}},
-                          headers=self.h, timeout=120)
+        # GatewayClient always sends KERNEL_USERNAME (a pooled kernel must take it on)
+        r = requests.post(self.url + "/api/kernels", timeout=120, headers=self.h,
+                          json={"name": self.kernel, "env": {"KERNEL_USERNAME": "bench"}})
         r.raise_for_status()
         return str(r.json()["id"])
 
@@ -174,27 +178,36 @@ async def run_cell(ws: Any, code: str, until: str = "idle", timeout: float = 600
             return {"stdout": out}
 
 
-async def create_to_first_result(srv: Server) -> float:
+async def first_result(srv: Server) -> tuple[float, str, Any]:
+    """POST, websocket, ``1+1`` until its result: (seconds, kernel id, websocket)."""
     t0 = time.perf_counter()
     kid = await asyncio.to_thread(srv.post_kernel)
     ws = await connect(srv, kid)
     await run_cell(ws, "1+1", until="result")
-    took = time.perf_counter() - t0
+    return time.perf_counter() - t0, kid, ws
+
+
+async def dispose(srv: Server, kid: str, ws: Any) -> None:
     await ws.close()
     await asyncio.to_thread(srv.delete_kernel, kid)
+
+
+async def create_to_first_result(srv: Server) -> float:
+    took, kid, ws = await first_result(srv)
+    await dispose(srv, kid, ws)
     return took
 
 
-async def warm_rtt(srv: Server, n: int) -> list[float]:
+async def warm_rtt(srv: Server, n: int, code: str = "1+1") -> list[float]:
     kid = await asyncio.to_thread(srv.post_kernel)
     ws = await connect(srv, kid)
     try:
         for _ in range(8):
-            await run_cell(ws, "1+1")
+            await run_cell(ws, code)
         out = []
         for _ in range(n):
             t0 = time.perf_counter()
-            await run_cell(ws, "1+1")
+            await run_cell(ws, code)
             out.append(time.perf_counter() - t0)
         return out
     finally:
@@ -202,23 +215,32 @@ async def warm_rtt(srv: Server, n: int) -> list[float]:
         await asyncio.to_thread(srv.delete_kernel, kid)
 
 
-async def throughput(srv: Server) -> tuple[int, float]:
+def cpu_seconds(pid: int) -> float:
+    fields = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+async def throughput(srv: Server) -> tuple[int, float, float]:
+    """(bytes delivered, seconds, CPU seconds of the gateway process)"""
     kid = await asyncio.to_thread(srv.post_kernel)
     ws = await connect(srv, kid)
     try:
         await run_cell(ws, "1+1")
-        t0 = time.perf_counter()
+        c0, t0 = cpu_seconds(srv.proc.pid), time.perf_counter()
         got = (await run_cell(ws, f"print('x' * {OUTPUT_BYTES}, end='')"))["stdout"]
-        return got, time.perf_counter() - t0
+        return got, time.perf_counter() - t0, cpu_seconds(srv.proc.pid) - c0
     finally:
         await ws.close()
         await asyncio.to_thread(srv.delete_kernel, kid)
 
 
 async def concurrent_creates(srv: Server, n: int) -> tuple[float, list[float]]:
+    """(seconds until all ``n`` have a first result, each one's create-to-first-result)"""
     t0 = time.perf_counter()
-    each = await asyncio.gather(*(create_to_first_result(srv) for _ in range(n)))
-    return time.perf_counter() - t0, list(each)
+    each = await asyncio.gather(*(first_result(srv) for _ in range(n)))
+    wall = time.perf_counter() - t0
+    await asyncio.gather(*(dispose(srv, kid, ws) for _, kid, ws in each))
+    return wall, [took for took, _, _ in each]
 
 
 def wait_pool(srv: Server, n: int = 1, timeout: float = 120) -> None:
@@ -273,6 +295,8 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
         rtt_ours = await warm_rtt(ours, args.rtt)
         rtt_kg = await warm_rtt(kg, args.rtt)
         results["warm_rtt"] = {"vmkg": rtt_ours, "kg": rtt_kg}
+        results["warm_rtt_no_result"] = {"vmkg": await warm_rtt(ours, args.rtt, "x = 1"),
+                                         "kg": await warm_rtt(kg, args.rtt, "x = 1")}
 
         # 3. 20 MB of output
         tp_ours = [await throughput(ours) for _ in range(args.tp)]
@@ -287,7 +311,14 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
         await asyncio.to_thread(wait_pool, ours)
         conc_ours = await concurrent_creates(ours, 10)
         conc_kg = await concurrent_creates(kg, 10)
-        results["concurrent_10"] = {"vmkg": conc_ours, "kg": conc_kg}
+        ours.stop()
+        ours0.stop()
+        ours10 = start_vmkg(workdir, pool=10)
+        started.append(ours10)
+        await asyncio.to_thread(wait_pool, ours10, 10, 300)
+        await asyncio.sleep(2)
+        conc_ours10 = await concurrent_creates(ours10, 10)
+        results["concurrent_10"] = {"vmkg": conc_ours, "kg": conc_kg, "vmkg_pool10": conc_ours10}
     return results
 
 
@@ -300,27 +331,35 @@ def report(r: dict[str, Any]) -> None:
           f"{p50['vmkg_pool'] / p50['kg']:.2f}x")
     print(f"{'create-to-first-result p50, pool empty':44s} {ms(c['vmkg_restore']):>24s} {ms(c['kg']):>24s}  "
           f"{p50['vmkg_restore'] / p50['kg']:.2f}x")
-    w = r["warm_rtt"]
-    print(f"{'warm execute round trip p50':44s} {ms(w['vmkg']):>24s} {ms(w['kg']):>24s}  "
-          f"{statistics.median(w['vmkg']) / statistics.median(w['kg']):.2f}x")
+    for key, what in (("warm_rtt", "warm execute round trip p50, 1+1"),
+                      ("warm_rtt_no_result", "warm execute round trip p50, x = 1")):
+        w = r[key]
+        print(f"{what:44s} {ms(w['vmkg']):>24s} {ms(w['kg']):>24s}  "
+              f"{statistics.median(w['vmkg']) / statistics.median(w['kg']):.2f}x")
     t = r["throughput"]
 
-    def rate(runs: list[tuple[int, float]]) -> tuple[float, int]:
-        rates = [got / secs / 1e6 for got, secs in runs]
-        return statistics.median(rates), min(got for got, _ in runs)
+    def rate(runs: list[list[float]]) -> tuple[float, int]:
+        rates = [run[0] / run[1] / 1e6 for run in runs]
+        return statistics.median(rates), int(min(run[0] for run in runs))
 
     ro, go = rate(t["vmkg"])
     rk, gk = rate(t["kg"])
     print(f"{'20 MB print: MB/s (delivered of 20 MiB)':44s} {f'{ro:.1f} ({go / OUTPUT_BYTES:.0%})':>24s} "
           f"{f'{rk:.1f} ({gk / OUTPUT_BYTES:.0%})':>24s}  {ro / rk:.2f}x")
+    cpu = statistics.median(run[2] for run in t["vmkg"])
+    secs = statistics.median(run[1] for run in t["vmkg"])
+    print(f"{'  of which the vmkg gateway process (CPU)':44s} {f'{cpu:.2f} s of {secs:.2f} s':>24s}")
     got_default = t["kg_default"][0]
     print(f"{'  Kernel Gateway as shipped (rate limit on)':44s} {'':>24s} "
           f"{f'{got_default / OUTPUT_BYTES:.0%} delivered':>24s}")
-    co, ck = r["concurrent_10"]["vmkg"], r["concurrent_10"]["kg"]
-    print(f"{'10 concurrent creates: all answered':44s} {f'{co[0] * 1000:.0f} ms':>24s} "
-          f"{f'{ck[0] * 1000:.0f} ms':>24s}  {co[0] / ck[0]:.2f}x")
-    print(f"{'10 concurrent creates: p50 of each':44s} {ms(co[1]):>24s} {ms(ck[1]):>24s}  "
-          f"{statistics.median(co[1]) / statistics.median(ck[1]):.2f}x")
+    c = r["concurrent_10"]
+    ck = c["kg"]
+    for key, what in (("vmkg", "pool 1"), ("vmkg_pool10", "pool 10")):
+        co = c[key]
+        print(f"{f'10 concurrent creates, {what}: all answered':44s} {f'{co[0] * 1000:.0f} ms':>24s} "
+              f"{f'{ck[0] * 1000:.0f} ms':>24s}  {co[0] / ck[0]:.2f}x")
+        print(f"{f'10 concurrent creates, {what}: p50 of each':44s} {ms(co[1]):>24s} {ms(ck[1]):>24s}  "
+              f"{statistics.median(co[1]) / statistics.median(ck[1]):.2f}x")
 
 
 def main() -> int:

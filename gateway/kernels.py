@@ -39,7 +39,7 @@ from jupyter_core.paths import jupyter_runtime_dir
 from jupyter_server._tz import utcnow
 from jupyter_server.prometheus.metrics import KERNEL_CURRENTLY_RUNNING_TOTAL
 from jupyter_server.services.kernels.kernelmanager import AsyncMappingKernelManager
-from traitlets import Dict, Integer, List, Unicode, default
+from traitlets import Dict, Float, Integer, List, Unicode, default
 
 from kernelmanager.exceptions import LimitExceeded
 
@@ -129,6 +129,11 @@ class VMMappingKernelManager(AsyncMappingKernelManager):  # type: ignore[misc]
                       help="Per-kernelspec pool sizes overriding pool_size, e.g. "
                            "{'data-microvm': 0}.")
 
+    pool_refill_delay = Float(1.0, config=True,
+                              help="Seconds a refill waits after the last kernel start request, so "
+                                   "a burst of clients gets the CPU for its first cells before the "
+                                   "pool restores (and warms) replacements.")
+
     pool_warmup_code = Unicode("1+1", config=True,
                                help="Code each pooled kernel runs (twice, as an ordinary cell) before "
                                     "it is handed out, so a client's first cells find the execute, "
@@ -189,6 +194,7 @@ class VMMappingKernelManager(AsyncMappingKernelManager):  # type: ignore[misc]
         self._pool_waiters: dict[str, list[asyncio.Future[Any]]] = {}
         self._refill_task: asyncio.Task[None] | None = None
         self._reserved: Counter[str] = Counter()  # starts in flight, by username
+        self._last_request = 0.0
         self._closing = False
         self.usernames: dict[str, str] = {}
         self.sources: dict[str, str] = {}  # kernel id -> "pool" | "restore"
@@ -253,6 +259,7 @@ class VMMappingKernelManager(AsyncMappingKernelManager):  # type: ignore[misc]
         username = kernel_env.get("KERNEL_USERNAME", "")
         self._check_limits(username)
         self._reserved[username] += 1
+        self._last_request = time.monotonic()
         t0 = time.monotonic()
         try:
             kid = await self._hand_out(kernel_name, kernel_env) if kernel_id is None else None
@@ -355,6 +362,10 @@ class VMMappingKernelManager(AsyncMappingKernelManager):  # type: ignore[misc]
     async def _refill(self) -> None:
         failures = 0
         while not self._closing:
+            quiet = self._last_request + self.pool_refill_delay - time.monotonic()
+            if quiet > 0 or sum(self._reserved.values()):
+                await asyncio.sleep(max(quiet, 0.05))
+                continue
             name = self._next_to_fill()
             if name is None:
                 return

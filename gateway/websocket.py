@@ -27,6 +27,7 @@ protocol, and replays what its kernel manager buffered while the client was away
 
 from __future__ import annotations
 
+import asyncio
 import json
 from functools import partial
 from typing import Any
@@ -45,7 +46,8 @@ from .reconnect import ReconnectMixin
 V1 = "v1.kernel.websocket.jupyter.org"
 DELIM = b"<IDS|MSG>"
 CLOSE_BAD_FRAME = 1007
-CHANNELS = ("shell", "control", "stdin", "iopub")
+#: the channels a client may send on (iopub only carries messages from the kernel)
+CHANNELS = ("shell", "control", "stdin")
 
 
 class BadFrame(ValueError):
@@ -140,7 +142,7 @@ class VMKGWebsocketConnection(ReconnectMixin, ZMQChannelsWebsocketConnection):  
             if channel is None:
                 channel = "shell"
             if channel not in CHANNELS or channel not in self.channels:
-                raise BadFrame(f"unknown channel {channel[:40]!r}; use one of {', '.join(CHANNELS[:3])}")
+                raise BadFrame(f"unknown channel {channel[:40]!r}; use one of {', '.join(CHANNELS)}")
             if not isinstance(header.get("msg_type"), str):
                 raise BadFrame("header has no msg_type")
         except BadFrame as exc:
@@ -243,6 +245,46 @@ class VMKGWebsocketConnection(ReconnectMixin, ZMQChannelsWebsocketConnection):  
         for stream in self.channels.values():
             if not stream.closed():
                 stream.on_recv_stream(self.handle_outgoing_message)
+
+    # -- connecting ----------------------------------------------------------------------
+
+    def create_stream(self) -> None:
+        super().create_stream()
+        self._fresh_iopub = True
+
+    def nudge(self) -> Any:
+        """Resolve once this connection's iopub subscription is live.
+
+        jupyter_server sends kernel_info requests until a reply and an iopub message come
+        back; through a VM each is a round trip through emulated ipykernel, and the
+        client's first request waits behind them. The relay greets every new iopub
+        subscriber with ``iopub_welcome`` on the host, which proves the subscription just
+        as well. Reused streams (a reconnect that replays a buffer) get no new welcome:
+        there, and if no welcome comes within a second, jupyter_server's nudge runs.
+        """
+        if not getattr(self, "_fresh_iopub", False):
+            return super().nudge()
+        self._fresh_iopub = False
+        iopub = self.channels["iopub"]
+        welcomed: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+
+        def on_iopub(_: Any) -> None:
+            if not welcomed.done():
+                iopub.stop_on_recv()
+                welcomed.set_result(None)
+
+        iopub.on_recv(on_iopub)
+
+        async def wait() -> None:
+            try:
+                await asyncio.wait_for(asyncio.shield(welcomed), 1.0)
+            except asyncio.TimeoutError:
+                if not iopub.closed():
+                    iopub.stop_on_recv()
+                self.log.debug("kernel %s: no iopub welcome; nudging", self.kernel_id)
+                await super(VMKGWebsocketConnection, self).nudge()
+
+        return asyncio.ensure_future(wait())
 
     # -- lifecycle -----------------------------------------------------------------------
 

@@ -385,6 +385,8 @@ async def test_bad_frames_close_only_their_websocket(gw: Gateway, kernel: str) -
             (False, json.dumps({"channel": "shell", "content": {}}), 1007, "header"),
             (False, json.dumps({"channel": "bogus", "header": {"msg_type": "execute_request"},
                                 "parent_header": {}, "metadata": {}, "content": {}}), 1007, "bogus"),
+            (False, json.dumps({"channel": "iopub", "header": {"msg_type": "stream"},
+                                "parent_header": {}, "metadata": {}, "content": {}}), 1007, "iopub"),
             (True, b"\x01\x02garbage", 1007, "v1"),
             (True, "text on v1", 1007, "binary"),
             (False, "x" * (2 * 1024 * 1024), 1009, ""),
@@ -407,7 +409,7 @@ async def test_bad_frames_close_only_their_websocket(gw: Gateway, kernel: str) -
         await bystander.close()
     finally:
         gw.delete_kernel(other)
-    assert gw.metric("vmkg_websocket_frames_rejected_total") >= 6
+    assert gw.metric("vmkg_websocket_frames_rejected_total") >= 7
 
 
 # -- operations ----------------------------------------------------------------------------------
