@@ -25,7 +25,7 @@ KERNEL_USER = User("kernel-id", display_name="Kernel-id websocket client")
 ANONYMOUS = User("anonymous", display_name="Anonymous (auth disabled)")
 
 
-class TokenIdentityProvider(IdentityProvider):  # type: ignore[misc]
+class TokenIdentityProvider(IdentityProvider):
     """Token-only identity for ``vmkg serve``; the app sets ``token`` ("" disables auth)."""
 
     @property

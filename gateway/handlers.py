@@ -221,7 +221,7 @@ class MetricsHandler(GatewayHandlerMixin, APIHandler):
 class NotFoundHandler(GatewayHandlerMixin, APIHandler):
     """Everything else: JSON 404 (after auth, so it reveals nothing to strangers)."""
 
-    def prepare(self, *args: Any, **kwargs: Any) -> Any:  # type: ignore[override]
+    def prepare(self, *args: Any, **kwargs: Any) -> Any:
         async def check() -> None:
             await GatewayHandlerMixin.prepare(self, *args, **kwargs)
             raise web.HTTPError(404, "No such resource: %s", self.request.path)

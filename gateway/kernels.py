@@ -64,7 +64,7 @@ def _env_bool(name: str, fallback: bool) -> bool:
     return value.strip().lower() in ("1", "true", "yes", "on")
 
 
-class VMMappingKernelManager(AsyncMappingKernelManager):  # type: ignore[misc]
+class VMMappingKernelManager(AsyncMappingKernelManager):
     max_kernels = Integer(None, allow_none=True, config=True,
                           help="Most kernels clients may hold at once; a start beyond it is "
                                "refused with 403. Unbounded if unset. ($VMKG_MAX_KERNELS)")

@@ -43,7 +43,7 @@ def write_kernelspecs(root: Path) -> list[str]:
     return names
 
 
-class TemplateKernelSpecManager(KernelSpecManager):  # type: ignore[misc]
+class TemplateKernelSpecManager(KernelSpecManager):
     """A KernelSpecManager that sees only the gateway's template kernelspecs.
 
     Created by ``vmkg serve``; ``close()`` removes the directory it wrote.

@@ -106,7 +106,7 @@ def parse_legacy(frame: bytes | str) -> tuple[str | None, dict[str, Any]]:
     return channel, msg
 
 
-class VMKGWebsocketConnection(ReconnectMixin, ZMQChannelsWebsocketConnection):  # type: ignore[misc]
+class VMKGWebsocketConnection(ReconnectMixin, ZMQChannelsWebsocketConnection):
     limit_rate = Bool(False, config=True,
                       help="Apply jupyter_server's iopub rate limits (which DROP output above "
                            "iopub_msg_rate_limit / iopub_data_rate_limit). Off: output is never "
@@ -207,7 +207,7 @@ class VMKGWebsocketConnection(ReconnectMixin, ZMQChannelsWebsocketConnection):  
         return out
 
     @property
-    def write_message(self) -> Any:  # type: ignore[override]
+    def write_message(self) -> Any:
         return self._write
 
     def _write(self, message: bytes | str, binary: bool = False) -> Any:
@@ -317,7 +317,7 @@ class VMKGWebsocketConnection(ReconnectMixin, ZMQChannelsWebsocketConnection):  
         return n
 
 
-class KernelChannelsHandler(KernelWebsocketHandler):  # type: ignore[misc]
+class KernelChannelsHandler(KernelWebsocketHandler):
     """``/api/kernels/{id}/channels``: token auth answered with 401 JSON before the
     upgrade, the kernel-id credential for token-less clients, TCP_NODELAY."""
 
@@ -340,6 +340,6 @@ class KernelChannelsHandler(KernelWebsocketHandler):  # type: ignore[misc]
         self.set_header("Content-Type", "application/json")
         self.finish(errors.dumps(status_code, exc))
 
-    def open(self, kernel_id: str) -> Any:  # type: ignore[override]
+    def open(self, kernel_id: str) -> Any:
         self.set_nodelay(True)
         return super().open(kernel_id)
