@@ -113,14 +113,17 @@ class ReconnectMixin(LoggingConfigurable):
     def _interrupt_on_disconnect_default(self) -> bool:
         return _env_bool("VMKG_INTERRUPT_ON_DISCONNECT", True)
 
-    disconnect_grace = Float(30.0, config=True,
+    # 10 minutes: long enough that a JupyterLab user who closes the laptop during a long
+    # cell is not interrupted by a short walk, short enough that a crashed agent's runaway
+    # cell does not hold a VM busy for good. Agent platforms may want 30 s.
+    disconnect_grace = Float(600.0, config=True,
                              help="Seconds a busy kernel may stay without any websocket before it is "
                                   "interrupted (a client reconnecting within them keeps its cell "
                                   "running). ($VMKG_DISCONNECT_GRACE)")
 
     @default("disconnect_grace")
     def _disconnect_grace_default(self) -> float:
-        return _env_float("VMKG_DISCONNECT_GRACE", 30.0)
+        return _env_float("VMKG_DISCONNECT_GRACE", 600.0)
 
     resume_window = Integer(1000, config=True,
                             help="Messages kept after sending, per session of a client that asked "
