@@ -65,12 +65,19 @@ def _open_parent(parts: list[str], create: bool) -> int:
         raise
 
 
+def _is_symlink(dfd: int, name: str) -> bool:
+    try:
+        return stat.S_ISLNK(os.stat(name, dir_fd=dfd, follow_symlinks=False).st_mode)
+    except OSError:
+        return False
+
+
 def _open(parts: list[str], flags: int, create_dirs: bool = False) -> int:
     dfd = _open_parent(parts, create_dirs)
     try:
         return os.open(parts[-1], flags | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644, dir_fd=dfd)
     except OSError as exc:
-        if exc.errno == errno.ELOOP:
+        if exc.errno in (errno.ELOOP, errno.ENOTDIR) and _is_symlink(dfd, parts[-1]):
             raise FileOpError("forbidden", f"{parts[-1]!r} is a symlink") from exc
         if exc.errno == errno.EISDIR:
             raise FileOpError("invalid", f"{'/'.join(parts)!r} is a directory") from exc

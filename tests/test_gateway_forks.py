@@ -127,6 +127,8 @@ def test_file_paths_are_confined(gw: Gateway) -> None:
         assert r.status_code == 403, r.text
         r = gw.request("PUT", f"/api/kernels/{kid}/files/escape/owned", data=b"x")
         assert r.status_code == 403, r.text
+        r = gw.request("GET", f"/api/kernels/{kid}/files/escape/")  # listing through it
+        assert r.status_code == 403, r.text
         assert gw.request("GET", f"/api/kernels/{kid}/files/nope.txt").status_code == 404
     finally:
         gw.delete_kernel(kid)
