@@ -34,11 +34,15 @@ import time
 import uuid
 from collections.abc import Iterable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from . import paths
 from .exceptions import AgentError, ForkError, KernelBusy
 from .snapshots import Snapshot, empty_overlay
 from .vm.qemu import write_owner
+
+if TYPE_CHECKING:
+    from .vmkernel import VMKernel
 
 log = logging.getLogger(__name__)
 
@@ -217,7 +221,7 @@ def fill_from_base(base: Path, dest: Path, runs: list[tuple[int, int, int]], siz
 # Taking the snapshot
 
 
-async def snapshot_kernel(vk, *, idle_timeout: float = 30.0) -> Snapshot:  # type: ignore[no-untyped-def]
+async def snapshot_kernel(vk: VMKernel, *, idle_timeout: float = 30.0) -> Snapshot:
     """Snapshot a running ``VMKernel`` for forking. The parent keeps running.
 
     Raises KernelBusy when the kernel does not become idle within ``idle_timeout``.
@@ -244,6 +248,8 @@ async def snapshot_kernel(vk, *, idle_timeout: float = 30.0) -> Snapshot:  # typ
         timings["quiesce"] = time.monotonic() - t0
         vm = vk.vm
         pid = vm.pid
+        if pid is None:
+            raise ForkError(f"kernel {vk.kernel_id}: the VM has no process")
         size = vk.snapshot.machine.memory_mb << 20
         try:
             await vm.pause()

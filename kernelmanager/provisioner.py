@@ -26,7 +26,7 @@ import logging
 import os
 import posixpath
 import signal
-from typing import Any
+from typing import Any, cast
 
 from jupyter_client.connect import KernelConnectionInfo
 from jupyter_client.provisioning.provisioner_base import KernelProvisionerBase
@@ -47,7 +47,7 @@ log = logging.getLogger(__name__)
 GUEST_HOME = "/home/jovyan"
 
 
-class MicroVMProvisioner(KernelProvisionerBase):  # type: ignore[misc]
+class MicroVMProvisioner(KernelProvisionerBase):
     template = Unicode("python3", config=True,
                        help="Name of the template (see kernelmanager.templates) the kernel restores from.")
     accel = Unicode("", config=True,
@@ -182,7 +182,7 @@ class MicroVMProvisioner(KernelProvisionerBase):  # type: ignore[misc]
 
         self._kernel = await rt.run(launch())
         self._launched = True
-        return relay.connection_info()
+        return cast(KernelConnectionInfo, relay.connection_info())  # the ports the relay bound
 
     async def cleanup(self, restart: bool = False) -> None:
         await self._stop_vm()
