@@ -31,6 +31,16 @@ class _Sub(Application):
         self.exit(1)
 
 
+class _Group(_Sub):
+    """A command whose work is done by one of its subcommands."""
+
+    def start(self) -> None:
+        if self.subapp is None:
+            self.print_help()
+            self.exit(2)
+        self.subapp.start()
+
+
 class ImageBuildApp(_Sub):
     name = "vmkg image build"
     description = ("Build the guest image of a template (Debian cloud kernel, busybox initramfs, "
@@ -50,16 +60,11 @@ class ImageBuildApp(_Sub):
         print(image.path)
 
 
-class ImageApp(_Sub):
+class ImageApp(_Group):
     name = "vmkg image"
     description = "Guest images."
     subcommands = {"build": (ImageBuildApp, ImageBuildApp.description.splitlines()[0])}
 
-    def start(self) -> None:
-        if self.subapp is None:
-            self.print_help()
-            self.exit(2)
-        self.subapp.start()
 
 
 class TemplateBakeApp(_Sub):
@@ -96,7 +101,7 @@ class TemplateListApp(_Sub):
                               "vcpus": spec.vcpus, "preload": spec.preload}))
 
 
-class TemplateApp(_Sub):
+class TemplateApp(_Group):
     name = "vmkg template"
     description = "Templates: warm VM snapshots kernels are restored from."
     subcommands = {
@@ -104,11 +109,6 @@ class TemplateApp(_Sub):
         "list": (TemplateListApp, "List templates."),
     }
 
-    def start(self) -> None:
-        if self.subapp is None:
-            self.print_help()
-            self.exit(2)
-        self.subapp.start()
 
 
 class KernelspecInstallApp(_Sub):
@@ -132,16 +132,11 @@ class KernelspecInstallApp(_Sub):
             self.fail(str(exc))
 
 
-class KernelspecApp(_Sub):
+class KernelspecApp(_Group):
     name = "vmkg kernelspec"
     description = "Jupyter kernelspecs for the microVM provisioner."
     subcommands = {"install": (KernelspecInstallApp, "Install the kernelspecs.")}
 
-    def start(self) -> None:
-        if self.subapp is None:
-            self.print_help()
-            self.exit(2)
-        self.subapp.start()
 
 
 class CachePruneApp(_Sub):
@@ -163,16 +158,11 @@ class CachePruneApp(_Sub):
               f"{report.freed_bytes / 2**30:.1f} GB freed", file=sys.stderr)
 
 
-class CacheApp(_Sub):
+class CacheApp(_Group):
     name = "vmkg cache"
     description = "The image and template cache ($VMKG_CACHE_DIR, /var/cache/vmkg as root)."
     subcommands = {"prune": (CachePruneApp, "Remove images and templates no longer used.")}
 
-    def start(self) -> None:
-        if self.subapp is None:
-            self.print_help()
-            self.exit(2)
-        self.subapp.start()
 
 
 class ForkApp(_Sub):
