@@ -393,7 +393,12 @@ async def test_bad_frames_close_only_their_websocket(gw: Gateway, kernel: str) -
         ]
         for v1, frame, code, words in cases:
             ch = await Channels.open(gw, kernel, v1=v1)
-            await ch.ws.send(frame)
+            try:
+                await ch.ws.send(frame)
+            except websockets.exceptions.ConnectionClosed as exc:
+                # an oversized frame may be refused before the client has finished sending it
+                assert exc.rcvd is not None and exc.rcvd.code == code, exc
+                continue
             reason = await expect_close(ch, code)
             assert words in reason, (reason, words)
         ch = await Channels.open(gw, kernel, v1=True)
