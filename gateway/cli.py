@@ -139,6 +139,21 @@ class KernelspecApp(_Group):
 
 
 
+class _GatewayClient(_Sub):
+    """A command that talks to a running gateway: ``--url``/``--token`` or the environment."""
+
+    url = Unicode(config=True, help="The gateway's URL ($VMKG_URL), e.g. http://127.0.0.1:8888")
+    token = Unicode(config=True, help="The gateway's token ($VMKG_TOKEN)")
+
+    @default("url")
+    def _url_default(self) -> str:
+        return os.environ.get("VMKG_URL", "http://127.0.0.1:8888")
+
+    @default("token")
+    def _token_default(self) -> str:
+        return os.environ.get("VMKG_TOKEN", "")
+
+
 class CachePruneApp(_Sub):
     name = "vmkg cache prune"
     description = ("Remove guest images and templates that no current template recipe resolves to "
@@ -165,14 +180,12 @@ class CacheApp(_Group):
 
 
 
-class ForkApp(_Sub):
+class ForkApp(_GatewayClient):
     name = "vmkg fork"
     description = ("Fork a running kernel of a gateway into N new kernels that continue from its "
                    "exact state (memory and disk, copy-on-write): vmkg fork KERNEL_ID -n 4. Prints "
                    "the new kernel ids, one per line. The gateway comes from --url/--token or "
                    "$VMKG_URL/$VMKG_TOKEN.")
-    url = Unicode(config=True, help="The gateway's URL ($VMKG_URL), e.g. http://127.0.0.1:8888")
-    token = Unicode(config=True, help="The gateway's token ($VMKG_TOKEN)")
     n = Integer(1, config=True, help="How many branches.")
     reseed = Bool(True, config=True, help="Reseed Python's and NumPy's random generators in each branch.")
     timeout = Float(30.0, config=True, help="Seconds to wait for a busy kernel to become idle.")
@@ -183,14 +196,6 @@ class ForkApp(_Sub):
         "no-reseed": ({"ForkApp": {"reseed": False}}, "Keep identical random streams in every branch."),
         "json": ({"ForkApp": {"json_out": True}}, "Print the kernel models as JSON."),
     }
-
-    @default("url")
-    def _url_default(self) -> str:
-        return os.environ.get("VMKG_URL", "http://127.0.0.1:8888")
-
-    @default("token")
-    def _token_default(self) -> str:
-        return os.environ.get("VMKG_TOKEN", "")
 
     def start(self) -> None:
         if len(self.extra_args) != 1:
@@ -222,7 +227,7 @@ class ForkApp(_Sub):
                 print(m["id"])
 
 
-class RunApp(_Sub):
+class RunApp(_GatewayClient):
     name = "vmkg run"
     description = ("Run one cell in a fresh kernel of a gateway (or an existing one: --kernel ID) and "
                    "print its outputs: vmkg run 'import sys; print(sys.version)'. The code is the "
@@ -230,8 +235,6 @@ class RunApp(_Sub):
                    "without raising, 1 when it raised, 124 when it ran past --timeout (it was "
                    "interrupted), 2 for any other failure. The gateway comes from --url/--token or "
                    "$VMKG_URL/$VMKG_TOKEN.")
-    url = Unicode(config=True, help="The gateway's URL ($VMKG_URL), e.g. http://127.0.0.1:8888")
-    token = Unicode(config=True, help="The gateway's token ($VMKG_TOKEN)")
     kernel = Unicode("", config=True, help="Run in this running kernel (left running) instead of a "
                                            "fresh one (shut down afterwards).")
     template = Unicode("", config=True, help="Template of the fresh kernel (default: the gateway's).")
@@ -246,14 +249,6 @@ class RunApp(_Sub):
         "keep": ({"RunApp": {"keep": True}}, "Leave the fresh kernel running (id on stderr)."),
         "json": ({"RunApp": {"json_out": True}}, "Print the execution as JSON."),
     }
-
-    @default("url")
-    def _url_default(self) -> str:
-        return os.environ.get("VMKG_URL", "http://127.0.0.1:8888")
-
-    @default("token")
-    def _token_default(self) -> str:
-        return os.environ.get("VMKG_TOKEN", "")
 
     def start(self) -> None:
         from . import sdk
