@@ -173,11 +173,11 @@ class MicroVMProvisioner(KernelProvisionerBase):
             snap.check_restorable(qemu_version(), accel.name)
             kernel = VMKernel(snap, kernel_id=self.kernel_id, env=self._env, cwd=self._cwd,
                               reseed=reseed, on_jupyter=relay.from_guest, connection_file=conn_file)
+            rt.register(kernel)  # before starting: a shutdown also stops starts under way
             await kernel.start(timeout=self.launch_timeout)
             assert kernel.channel is not None
             relay.attach(kernel.channel)
             relay.alive = lambda: kernel.poll() is None
-            rt.register(kernel)
             return kernel
 
         self._kernel = await rt.run(launch())

@@ -56,6 +56,7 @@ class VMKernel:
         self._closing = False
         self._crashed = False
         self._acquired = False
+        self._release_lock = asyncio.Lock()
         self.disk_path = self.workdir / "disk.qcow2"  # the active overlay; a fork moves it on
 
     # -- lifecycle ---------------------------------------------------------------------
@@ -71,8 +72,11 @@ class VMKernel:
         t0 = time.monotonic()
         try:
             await self._start(timeout)
+            if self._closing:
+                # closed while starting (a shutdown): release what the start made afterwards
+                raise VMStartError(f"kernel {self.kernel_id}: closed while starting")
         except BaseException:
-            await self.close()
+            await self._release()
             raise
         self.timings["start"] = time.monotonic() - t0
         log.info("kernel %s: restored in %.0f ms (vm %s, pid %s)", self.kernel_id,
@@ -141,12 +145,17 @@ class VMKernel:
         return self.exit_code if self.exit_code is not None else 1
 
     async def close(self) -> None:
-        """Release everything; safe to call more than once and after failures."""
-        if self._closing:
-            if self._watch is not None:
-                await self.exited.wait()
-            return
+        """Release everything; safe to call more than once, concurrently, and while a
+        start is still under way (the start then releases what it made after this)."""
         self._closing = True
+        await self._release()
+
+    async def _release(self) -> None:
+        self._closing = True
+        async with self._release_lock:
+            await self._release_unlocked()
+
+    async def _release_unlocked(self) -> None:
         if self.channel is not None:
             await self.channel.close()
         await self.vm.close()
