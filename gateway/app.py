@@ -36,13 +36,10 @@ from kernelmanager.provisioner import MicroVMProvisioner
 
 from . import cli, handlers, logs, metrics
 from .auth import TokenIdentityProvider
-from .kernels import VMMappingKernelManager, _env_bool, _env_int
+from .envvars import env_bool, env_int, env_str
+from .kernels import VMMappingKernelManager
 from .kernelspecs import TemplateKernelSpecManager
 from .websocket import KernelChannelsHandler, VMKGWebsocketConnection
-
-
-def _env(name: str, fallback: str = "") -> str:
-    return os.environ.get(name, fallback)
 
 
 class ServeApp(Application):
@@ -92,32 +89,32 @@ class ServeApp(Application):
 
     @default("config_file")
     def _config_file_default(self) -> str:
-        return _env("VMKG_CONFIG")
+        return env_str("VMKG_CONFIG")
 
     ip = Unicode("127.0.0.1", config=True, help="Address to listen on. ($VMKG_IP)")
 
     @default("ip")
     def _ip_default(self) -> str:
-        return _env("VMKG_IP", "127.0.0.1")
+        return env_str("VMKG_IP", "127.0.0.1")
 
     port = Integer(8888, config=True, help="Port to listen on; 0 picks a free one. ($VMKG_PORT)")
 
     @default("port")
     def _port_default(self) -> int:
-        return _env_int("VMKG_PORT", 8888) or 0
+        return env_int("VMKG_PORT", 8888) or 0
 
     base_url = Unicode("/", config=True, help="Path prefix of every route. ($VMKG_BASE_URL)")
 
     @default("base_url")
     def _base_url_default(self) -> str:
-        return _env("VMKG_BASE_URL", "/")
+        return env_str("VMKG_BASE_URL", "/")
 
     auth_enabled = Bool(True, config=True,
                         help="Require the token on every request. ($VMKG_AUTH_ENABLED)")
 
     @default("auth_enabled")
     def _auth_enabled_default(self) -> bool:
-        return _env_bool("VMKG_AUTH_ENABLED", True)
+        return env_bool("VMKG_AUTH_ENABLED", True)
 
     auth_token = Unicode("", config=True,
                          help="The token clients must present (Authorization: token|Bearer X, or "
@@ -125,7 +122,7 @@ class ServeApp(Application):
 
     @default("auth_token")
     def _auth_token_default(self) -> str:
-        return _env("VMKG_AUTH_TOKEN")
+        return env_str("VMKG_AUTH_TOKEN")
 
     kernel_id_ws_auth = Bool(True, config=True,
                              help="Accept a kernel's channels websocket that presents no credential "
@@ -137,7 +134,7 @@ class ServeApp(Application):
 
     @default("kernel_id_ws_auth")
     def _kernel_id_ws_auth_default(self) -> bool:
-        return _env_bool("VMKG_KERNEL_ID_WS_AUTH", True)
+        return env_bool("VMKG_KERNEL_ID_WS_AUTH", True)
 
     allow_origin = Unicode("", config=True, help="Access-Control-Allow-Origin. ($VMKG_ALLOW_ORIGIN)")
     allow_credentials = Unicode("", config=True,
@@ -150,27 +147,27 @@ class ServeApp(Application):
 
     @default("allow_origin")
     def _allow_origin_default(self) -> str:
-        return _env("VMKG_ALLOW_ORIGIN")
+        return env_str("VMKG_ALLOW_ORIGIN")
 
     @default("allow_credentials")
     def _allow_credentials_default(self) -> str:
-        return _env("VMKG_ALLOW_CREDENTIALS")
+        return env_str("VMKG_ALLOW_CREDENTIALS")
 
     @default("allow_headers")
     def _allow_headers_default(self) -> str:
-        return _env("VMKG_ALLOW_HEADERS")
+        return env_str("VMKG_ALLOW_HEADERS")
 
     @default("allow_methods")
     def _allow_methods_default(self) -> str:
-        return _env("VMKG_ALLOW_METHODS")
+        return env_str("VMKG_ALLOW_METHODS")
 
     @default("expose_headers")
     def _expose_headers_default(self) -> str:
-        return _env("VMKG_EXPOSE_HEADERS")
+        return env_str("VMKG_EXPOSE_HEADERS")
 
     @default("max_age")
     def _max_age_default(self) -> str:
-        return _env("VMKG_MAX_AGE")
+        return env_str("VMKG_MAX_AGE")
 
     trust_xheaders = Bool(False, config=True,
                           help="Take the client address from X-Real-Ip/X-Forwarded-For (behind a "
@@ -178,7 +175,7 @@ class ServeApp(Application):
 
     @default("trust_xheaders")
     def _trust_xheaders_default(self) -> bool:
-        return _env_bool("VMKG_TRUST_XHEADERS", False)
+        return env_bool("VMKG_TRUST_XHEADERS", False)
 
     list_kernels = Bool(True, config=True,
                         help="Allow GET /api/kernels (JupyterLab's GatewayClient polls it). "
@@ -186,7 +183,7 @@ class ServeApp(Application):
 
     @default("list_kernels")
     def _list_kernels_default(self) -> bool:
-        return _env_bool("VMKG_LIST_KERNELS", True)
+        return env_bool("VMKG_LIST_KERNELS", True)
 
     ws_ping_interval = Integer(30, config=True,
                                help="Seconds between websocket pings; 0 disables them. "
@@ -194,7 +191,7 @@ class ServeApp(Application):
 
     @default("ws_ping_interval")
     def _ws_ping_interval_default(self) -> int:
-        return _env_int("VMKG_WS_PING_INTERVAL", 30) or 0
+        return env_int("VMKG_WS_PING_INTERVAL", 30) or 0
 
     max_message_size = Integer(64 * 1024 * 1024, config=True,
                                help="Largest websocket message accepted from a client, in bytes; a "
@@ -203,7 +200,7 @@ class ServeApp(Application):
 
     @default("max_message_size")
     def _max_message_size_default(self) -> int:
-        return _env_int("VMKG_MAX_MESSAGE_SIZE", 64 * 1024 * 1024) or 64 * 1024 * 1024
+        return env_int("VMKG_MAX_MESSAGE_SIZE", 64 * 1024 * 1024) or 64 * 1024 * 1024
 
     max_file_size = Integer(100 * 1024 * 1024, config=True,
                             help="Largest file PUT /api/kernels/{id}/files/{path} accepts, in bytes; "
@@ -211,7 +208,7 @@ class ServeApp(Application):
 
     @default("max_file_size")
     def _max_file_size_default(self) -> int:
-        return _env_int("VMKG_MAX_FILE_SIZE", 100 * 1024 * 1024) or 0
+        return env_int("VMKG_MAX_FILE_SIZE", 100 * 1024 * 1024) or 0
 
     max_fork_count = Integer(64, config=True,
                              help="Most branches one POST /api/kernels/{id}/fork may ask for (400 "
@@ -219,31 +216,31 @@ class ServeApp(Application):
 
     @default("max_fork_count")
     def _max_fork_count_default(self) -> int:
-        return _env_int("VMKG_MAX_FORK_COUNT", 64) or 64
+        return env_int("VMKG_MAX_FORK_COUNT", 64) or 64
 
     authenticate_metrics = Bool(True, config=True,
                                 help="Require the token for /metrics. ($VMKG_AUTHENTICATE_METRICS)")
 
     @default("authenticate_metrics")
     def _authenticate_metrics_default(self) -> bool:
-        return _env_bool("VMKG_AUTHENTICATE_METRICS", True)
+        return env_bool("VMKG_AUTHENTICATE_METRICS", True)
 
     json_logs = Bool(False, config=True, help="Log one JSON object per line. ($VMKG_JSON_LOGS)")
 
     @default("json_logs")
     def _json_logs_default(self) -> bool:
-        return _env_bool("VMKG_JSON_LOGS", False)
+        return env_bool("VMKG_JSON_LOGS", False)
 
     certfile = Unicode("", config=True, help="TLS certificate file (serve https/wss). ($VMKG_CERTFILE)")
     keyfile = Unicode("", config=True, help="TLS private key file. ($VMKG_KEYFILE)")
 
     @default("certfile")
     def _certfile_default(self) -> str:
-        return _env("VMKG_CERTFILE")
+        return env_str("VMKG_CERTFILE")
 
     @default("keyfile")
     def _keyfile_default(self) -> str:
-        return _env("VMKG_KEYFILE")
+        return env_str("VMKG_KEYFILE")
 
     kernel_manager_class = Type(VMMappingKernelManager, klass=VMMappingKernelManager, config=True,
                                 help="The kernel manager class.")

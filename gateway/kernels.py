@@ -44,24 +44,12 @@ from traitlets import Dict, Float, Integer, List, Unicode, default
 from kernelmanager.exceptions import LimitExceeded
 
 from . import metrics
+from .envvars import env_bool, env_int, env_list
 
 DELIM = b"<IDS|MSG>"
 
 
-def _env_int(name: str, fallback: int | None) -> int | None:
-    value = os.environ.get(name)
-    return int(value) if value not in (None, "") else fallback
 
-
-def _env_list(name: str) -> list[str]:
-    return [v.strip() for v in os.environ.get(name, "").split(",") if v.strip()]
-
-
-def _env_bool(name: str, fallback: bool) -> bool:
-    value = os.environ.get(name)
-    if value in (None, ""):
-        return fallback
-    return value.strip().lower() in ("1", "true", "yes", "on")
 
 
 class VMMappingKernelManager(AsyncMappingKernelManager):
@@ -71,7 +59,7 @@ class VMMappingKernelManager(AsyncMappingKernelManager):
 
     @default("max_kernels")
     def _max_kernels_default(self) -> int | None:
-        return _env_int("VMKG_MAX_KERNELS", None)
+        return env_int("VMKG_MAX_KERNELS", None)
 
     max_kernels_per_user = Integer(None, allow_none=True, config=True,
                                    help="Most kernels one KERNEL_USERNAME may hold at once; beyond it "
@@ -80,7 +68,7 @@ class VMMappingKernelManager(AsyncMappingKernelManager):
 
     @default("max_kernels_per_user")
     def _max_per_user_default(self) -> int | None:
-        return _env_int("VMKG_MAX_KERNELS_PER_USER", None)
+        return env_int("VMKG_MAX_KERNELS_PER_USER", None)
 
     force_kernel_name = Unicode("", config=True,
                                 help="Start this kernelspec whatever a request names. "
@@ -107,7 +95,7 @@ class VMMappingKernelManager(AsyncMappingKernelManager):
 
     @default("env_allowlist")
     def _env_allowlist_default(self) -> list[str]:
-        return _env_list("VMKG_ENV_ALLOWLIST")
+        return env_list("VMKG_ENV_ALLOWLIST")
 
     env_process_allowlist = List(Unicode(), config=True,
                                  help="Variables of the gateway's own environment passed into every "
@@ -115,7 +103,7 @@ class VMMappingKernelManager(AsyncMappingKernelManager):
 
     @default("env_process_allowlist")
     def _env_process_allowlist_default(self) -> list[str]:
-        return _env_list("VMKG_ENV_PROCESS_ALLOWLIST")
+        return env_list("VMKG_ENV_PROCESS_ALLOWLIST")
 
     pool_size = Integer(1, config=True,
                         help="Kernels per kernelspec restored and warmed ahead of time and handed to "
@@ -123,7 +111,7 @@ class VMMappingKernelManager(AsyncMappingKernelManager):
 
     @default("pool_size")
     def _pool_size_default(self) -> int:
-        return _env_int("VMKG_POOL_SIZE", 1) or 0
+        return env_int("VMKG_POOL_SIZE", 1) or 0
 
     pool_sizes = Dict(key_trait=Unicode(), value_trait=Integer(), config=True,
                       help="Per-kernelspec pool sizes overriding pool_size, e.g. "
@@ -148,7 +136,7 @@ class VMMappingKernelManager(AsyncMappingKernelManager):
 
     @default("max_buffered_messages")
     def _max_buffered_messages_default(self) -> int:
-        return _env_int("VMKG_MAX_BUFFERED_MESSAGES", 10_000) or 0
+        return env_int("VMKG_MAX_BUFFERED_MESSAGES", 10_000) or 0
 
     max_buffered_bytes = Integer(256 * 1024 * 1024, config=True,
                                  help="Bytes kept per kernel while no websocket is connected. "
@@ -156,25 +144,25 @@ class VMMappingKernelManager(AsyncMappingKernelManager):
 
     @default("max_buffered_bytes")
     def _max_buffered_bytes_default(self) -> int:
-        return _env_int("VMKG_MAX_BUFFERED_BYTES", 256 * 1024 * 1024) or 0
+        return env_int("VMKG_MAX_BUFFERED_BYTES", 256 * 1024 * 1024) or 0
 
     # culling: jupyter_server's traits, settable from the environment too
 
     @default("cull_idle_timeout")
     def _cull_idle_timeout_default(self) -> int:
-        return _env_int("VMKG_CULL_IDLE_TIMEOUT", 0) or 0
+        return env_int("VMKG_CULL_IDLE_TIMEOUT", 0) or 0
 
     @default("cull_interval")
     def _cull_interval_default(self) -> int:
-        return _env_int("VMKG_CULL_INTERVAL", self.cull_interval_default) or self.cull_interval_default
+        return env_int("VMKG_CULL_INTERVAL", self.cull_interval_default) or self.cull_interval_default
 
     @default("cull_connected")
     def _cull_connected_default(self) -> bool:
-        return _env_bool("VMKG_CULL_CONNECTED", False)
+        return env_bool("VMKG_CULL_CONNECTED", False)
 
     @default("cull_busy")
     def _cull_busy_default(self) -> bool:
-        return _env_bool("VMKG_CULL_BUSY", False)
+        return env_bool("VMKG_CULL_BUSY", False)
 
     @default("root_dir")
     def _root_dir_default(self) -> str:

@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import time
 from collections import deque
 from typing import Any, ClassVar
@@ -38,7 +37,7 @@ from prometheus_client import Counter
 from traitlets import Bool, Float, Integer, default
 from traitlets.config import LoggingConfigurable
 
-from .kernels import _env_bool
+from .envvars import env_bool, env_float
 
 DELIM = b"<IDS|MSG>"
 RESUME_ARG = "vmkg_resume"
@@ -49,11 +48,6 @@ STALE_CLOSE_WAIT = 10.0
 
 DISCONNECT_INTERRUPTS = Counter("vmkg_disconnect_interrupts_total",
                                 "Busy kernels interrupted because no client stayed connected")
-
-
-def _env_float(name: str, fallback: float) -> float:
-    value = os.environ.get(name)
-    return float(value) if value not in (None, "") else fallback
 
 
 class _Ring:
@@ -111,7 +105,7 @@ class ReconnectMixin(LoggingConfigurable):
 
     @default("interrupt_on_disconnect")
     def _interrupt_on_disconnect_default(self) -> bool:
-        return _env_bool("VMKG_INTERRUPT_ON_DISCONNECT", True)
+        return env_bool("VMKG_INTERRUPT_ON_DISCONNECT", True)
 
     # 10 minutes: long enough that a JupyterLab user who closes the laptop during a long
     # cell is not interrupted by a short walk, short enough that a crashed agent's runaway
@@ -123,7 +117,7 @@ class ReconnectMixin(LoggingConfigurable):
 
     @default("disconnect_grace")
     def _disconnect_grace_default(self) -> float:
-        return _env_float("VMKG_DISCONNECT_GRACE", 600.0)
+        return env_float("VMKG_DISCONNECT_GRACE", 600.0)
 
     resume_window = Integer(1000, config=True,
                             help="Messages kept after sending, per session of a client that asked "
