@@ -25,7 +25,6 @@ import asyncio
 import logging
 import os
 import posixpath
-import signal
 from typing import Any, cast
 
 from jupyter_client.connect import KernelConnectionInfo
@@ -223,9 +222,6 @@ class MicroVMProvisioner(KernelProvisionerBase):
             return snap
 
         return await Runtime.instance().run(take())
-
-    async def interrupt(self) -> None:
-        await self.send_signal(signal.SIGINT)
 
     async def adopt(self, env: dict[str, str]) -> None:
         """Apply a client's environment to a kernel that was started before the client

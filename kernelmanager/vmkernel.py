@@ -111,11 +111,7 @@ class VMKernel:
         except ChannelError as exc:
             raise VMStartError(f"{exc}; {self.vm.failure_detail()}") from exc
         self.timings["connected"] = time.monotonic() - t0
-        await self.channel.request(
-            "restore", timeout=timeout,
-            entropy=base64.b64encode(os.urandom(64)).decode(), time_ns=time.time_ns(),
-            hostname=f"vmkg-{self.kernel_id[:8]}", env=self.env, cwd=self.cwd or "", reseed=self.reseed,
-        )
+        await self._take_identity(self.channel, timeout)
         self.timings["restored"] = time.monotonic() - t0
 
     async def _watch_process(self) -> None:
@@ -207,8 +203,6 @@ class VMKernel:
     async def request(self, op: str, timeout: float = 30.0, **args: Any) -> Any:
         return await self._require_channel().request(op, timeout=timeout, **args)
 
-    async def send_jupyter(self, channel: str, parts: list[bytes]) -> None:
-        await self._require_channel().send_jupyter(channel, parts)
 
     # -- handing a pooled kernel to a client (gateway) ------------------------------------
 
@@ -224,7 +218,12 @@ class VMKernel:
         self.env.update(env)
         if cwd:
             self.cwd = cwd
-        await self._require_channel().request(
+        await self._take_identity(self._require_channel(), timeout)
+
+    async def _take_identity(self, channel: AgentChannel, timeout: float) -> None:
+        """The agent's ``restore`` op: fresh entropy, clock, hostname, env, cwd, random state.
+        Idempotent, so adopt() can send it again with a merged environment."""
+        await channel.request(
             "restore", timeout=timeout,
             entropy=base64.b64encode(os.urandom(64)).decode(), time_ns=time.time_ns(),
             hostname=f"vmkg-{self.kernel_id[:8]}", env=self.env, cwd=self.cwd or "", reseed=self.reseed,

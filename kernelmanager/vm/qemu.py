@@ -33,13 +33,14 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from guest.protocol import PORT_NAME
+
 from ..exceptions import VMStartError
 from .qmp import QMPClient
 
 log = logging.getLogger(__name__)
 
 QEMU = os.environ.get("VMKG_QEMU", "qemu-system-x86_64")
-AGENT_PORT_NAME = "vmkg.agent"
 
 
 def _child_setup() -> None:  # runs in the child between fork and exec
@@ -120,7 +121,7 @@ class QemuVM:
             "-device", "virtio-blk-device,drive=root",
             "-device", "virtio-serial-device,max_ports=2",
             "-chardev", f"socket,id=agent,fd={agent_fd},server=on,wait=off",
-            "-device", f"virtserialport,chardev=agent,name={AGENT_PORT_NAME}",
+            "-device", f"virtserialport,chardev=agent,name={PORT_NAME}",
             "-chardev", f"socket,id=qmp,fd={qmp_fd}",
             "-mon", "chardev=qmp,mode=control",
         ]
@@ -212,18 +213,6 @@ class QemuVM:
         assert self.qmp is not None
         await self.qmp.execute("blockdev-snapshot-sync", device="root",
                                **{"snapshot-file": str(new_overlay), "format": "qcow2"})
-
-    async def ram_mapping(self) -> tuple[int, int]:
-        """(start address, length) of the guest RAM mapping inside the QEMU process."""
-        assert self.pid is not None
-        want = str(self.mem_file)
-        with open(f"/proc/{self.pid}/maps") as f:
-            for line in f:
-                fields = line.split(maxsplit=5)
-                if len(fields) == 6 and fields[5].strip() == want:
-                    lo, hi = (int(x, 16) for x in fields[0].split("-"))
-                    return lo, hi - lo
-        raise VMStartError("guest RAM mapping not found in QEMU's address space")
 
     async def close(self, timeout: float = 2.0) -> int | None:
         """Stop QEMU: ``quit`` over QMP, then SIGKILL. Always leaves no process behind."""
