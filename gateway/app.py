@@ -34,12 +34,13 @@ from traitlets.config import Application
 
 from kernelmanager.provisioner import MicroVMProvisioner
 
-from . import cli, handlers, logs, metrics
+from . import cli, logs, metrics
 from .auth import TokenIdentityProvider
 from .envvars import env_bool, env_int, env_str
 from .kernels import VMMappingKernelManager
 from .kernelspecs import TemplateKernelSpecManager
-from .websocket import KernelChannelsHandler, VMKGWebsocketConnection
+from .routes import routes
+from .websocket import VMKGWebsocketConnection
 
 
 class ServeApp(Application):
@@ -316,14 +317,6 @@ class ServeApp(Application):
             vmkg_max_fork_count=self.max_fork_count,
         )
 
-    def routes(self) -> list[tuple[str, type]]:
-        from jupyter_server.utils import url_path_join
-
-        table = [*handlers.default_handlers(),
-                 (rf"/api/kernels/{handlers.KERNEL_ID}/channels", KernelChannelsHandler),
-                 (r"/(.*)", handlers.NotFoundHandler)]
-        return [(url_path_join(self.base_url, path), cls) for path, cls in table]
-
     async def serve(self) -> None:
         from kernelmanager.runtime import Runtime
 
@@ -346,7 +339,7 @@ class ServeApp(Application):
                 self.exit(1)
         self.identity_provider = self.identity_provider_class(parent=self, log=self.log, token=token)
         metrics.register(lambda: self.kernel_manager)
-        app = web.Application(self.routes(), **self.web_settings())
+        app = web.Application(routes(self.base_url), **self.web_settings())
         ssl_options = None
         if self.certfile:
             ssl_options = {"certfile": self.certfile, "keyfile": self.keyfile or None}

@@ -21,7 +21,7 @@ from kernelmanager.exceptions import AgentError, VMDied
 from kernelmanager.runtime import Runtime
 
 from . import errors
-from .handlers import KERNEL_ID, GatewayHandlerMixin, _finish_json
+from .handlers import GatewayHandlerMixin, _finish_json
 
 CHUNK = 4 << 20
 DEFAULT_MAX_FILE_SIZE = 100 << 20
@@ -134,6 +134,3 @@ class FileHandler(GatewayHandlerMixin, APIHandler):
         self.set_status(204)
         self.finish()
 
-
-def file_handlers() -> list[tuple[str, type]]:
-    return [(rf"/api/kernels/{KERNEL_ID}/files/(?P<path>.*)", FileHandler)]

@@ -25,7 +25,7 @@ from kernelmanager.exceptions import LimitExceeded
 from kernelmanager.provisioner import MicroVMProvisioner, release_snapshot
 
 from . import errors
-from .handlers import KERNEL_ID, GatewayHandlerMixin, _finish_json
+from .handlers import GatewayHandlerMixin, _finish_json
 
 DEFAULT_MAX_FORK_COUNT = 64
 
@@ -116,9 +116,3 @@ class ForksListHandler(GatewayHandlerMixin, APIHandler):
         _finish_json(self, {"kernel_id": kernel_id, **lineage_fields(km, kernel_id),
                             "kernels": [km.kernel_model(k) for k in children_of(km, kernel_id)]})
 
-
-def fork_handlers() -> list[tuple[str, type]]:
-    return [
-        (rf"/api/kernels/{KERNEL_ID}/fork", ForkHandler),
-        (rf"/api/kernels/{KERNEL_ID}/forks", ForksListHandler),
-    ]

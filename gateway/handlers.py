@@ -14,7 +14,7 @@ Gateway has it, JSON errors, input validation and the gateway's kernel semantics
     WS     /api/kernels/{id}/channels     (gateway.websocket)
     GET    /metrics                       Prometheus text format
 
-Every error is JSON ``{"reason", "message"}``; domain errors get their status codes in
+The URL patterns are in ``gateway.routes`` (the one route table). Every error is JSON ``{"reason", "message"}``; domain errors get their status codes in
 ``gateway.errors`` only.
 """
 
@@ -40,7 +40,6 @@ from tornado import web
 
 from . import errors
 
-KERNEL_ID = r"(?P<kernel_id>\w+-\w+-\w+-\w+-\w+)"
 UUID = re.compile(r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}")
 
 
@@ -226,27 +225,3 @@ class NotFoundHandler(GatewayHandlerMixin, APIHandler):
             await GatewayHandlerMixin.prepare(self, *args, **kwargs)
             raise web.HTTPError(404, "No such resource: %s", self.request.path)
         return check()
-
-
-def default_handlers() -> list[tuple[str, type]]:
-    """Routes relative to base_url (the websocket route is added by the app)."""
-    name = ks_handlers.kernel_name_regex
-    return [
-        (r"/api", APIVersionHandler),
-        (r"/api/kernelspecs", MainKernelSpecHandler),
-        (rf"/api/kernelspecs/{name}", KernelSpecHandler),
-        (rf"/kernelspecs/{name}/(?P<path>.*)", KernelSpecResourceHandler),
-        (r"/api/kernels", MainKernelHandler),
-        (rf"/api/kernels/{KERNEL_ID}", KernelHandler),
-        (rf"/api/kernels/{KERNEL_ID}/(?P<action>restart|interrupt)", KernelActionHandler),
-        (r"/metrics", MetricsHandler),
-        *_extension_handlers(),
-    ]
-
-
-def _extension_handlers() -> list[tuple[str, type]]:
-    """vmkg's own endpoints beyond the Kernel Gateway API: forks and files."""
-    from .files import file_handlers
-    from .forks import fork_handlers
-
-    return [*fork_handlers(), *file_handlers()]
