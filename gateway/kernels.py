@@ -31,7 +31,6 @@ import os
 import time
 from collections import Counter, deque
 from collections.abc import Callable
-from functools import partial
 from typing import Any
 
 from jupyter_core.paths import jupyter_runtime_dir
@@ -43,6 +42,7 @@ from kernelmanager.exceptions import LimitExceeded
 from . import metrics
 from .envvars import env_bool, env_int, env_list
 from .pool import WarmPoolMixin
+from .replay import ReplayBufferMixin
 
 DELIM = b"<IDS|MSG>"
 
@@ -50,7 +50,7 @@ DELIM = b"<IDS|MSG>"
 
 
 
-class VMMappingKernelManager(WarmPoolMixin, AsyncMappingKernelManager):
+class VMMappingKernelManager(ReplayBufferMixin, WarmPoolMixin, AsyncMappingKernelManager):
     max_kernels = Integer(None, allow_none=True, config=True,
                           help="Most kernels clients may hold at once; a start beyond it is "
                                "refused with 403. Unbounded if unset. ($VMKG_MAX_KERNELS)")
@@ -330,62 +330,6 @@ class VMMappingKernelManager(WarmPoolMixin, AsyncMappingKernelManager):
         pooled = self.pooled_managers()
         self._pool.clear()
         await asyncio.gather(*(self._discard(km) for km in pooled), super().shutdown_all(now=now))
-
-    # -- bounded buffering while no websocket is connected ---------------------------------
-
-    def start_buffering(self, kernel_id: str, session_key: str, channels: dict[str, Any]) -> None:
-        if not self.buffer_offline_messages:
-            for stream in channels.values():
-                stream.close()
-            return
-        self.log.info("kernel %s: buffering messages for session %s", kernel_id, session_key)
-        self._check_kernel_id(kernel_id)
-        self.stop_buffering(kernel_id)
-        info = self._kernel_buffers[kernel_id]
-        buf: deque[tuple[str, list[bytes]]] = deque()
-        info.update(session_key=session_key, buffer=buf, channels=channels, bytes=0, dropped=0)
-        for channel, stream in channels.items():
-            stream.on_recv(partial(self._buffer_msg, info, channel))
-
-    def _buffer_msg(self, info: dict[str, Any], channel: str, parts: list[Any]) -> None:
-        buf = info["buffer"]
-        buf.append((channel, parts))
-        info["bytes"] += sum(len(p) for p in parts)
-        while len(buf) > 1 and (len(buf) > self.max_buffered_messages
-                                or info["bytes"] > self.max_buffered_bytes):
-            _, old = buf.popleft()
-            info["bytes"] -= sum(len(p) for p in old)
-            info["dropped"] += 1
-
-    def prepend_buffered(self, kernel_id: str, session_key: str, messages: list[tuple[str, list[Any]]]) -> None:
-        """Put messages a closing websocket could not deliver in front of the buffer."""
-        info = self._kernel_buffers.get(kernel_id) if kernel_id in self._kernel_buffers else None
-        if not info or info.get("session_key") != session_key:
-            return
-        for channel, parts in reversed(messages):
-            info["buffer"].appendleft((channel, parts))
-            info["bytes"] = info.get("bytes", 0) + sum(len(p) for p in parts)
-
-    def get_buffer(self, kernel_id: str, session_key: str) -> Any:
-        info = super().get_buffer(kernel_id, session_key)
-        if info and info.get("dropped"):
-            notice = self._notice(kernel_id, (
-                f"[vmkg] {info['dropped']} messages of this kernel were dropped while no client "
-                f"was connected (replay buffer limit: {self.max_buffered_messages} messages, "
-                f"{self.max_buffered_bytes} bytes)\n"))
-            if notice is not None:
-                info["buffer"].appendleft(("iopub", notice))
-        return info
-
-    def _notice(self, kernel_id: str, text: str) -> list[bytes] | None:
-        """A signed iopub stderr message, as if from the kernel (for the replay buffer)."""
-        km = self._kernels.get(kernel_id)
-        if km is None:
-            return None
-        session = km.session
-        msg = session.msg("stream", content={"name": "stderr", "text": text})
-        parts: list[bytes] = session.serialize(msg)
-        return parts
 
     # -- for metrics ---------------------------------------------------------------------
 

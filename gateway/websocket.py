@@ -18,7 +18,7 @@ protocol, and replays what its kernel manager buffered while the client was away
   frames are closed by tornado with 1009 (``websocket_max_message_size``).
 - **Latency.** TCP_NODELAY on every channels socket: small replies go out at once
   instead of waiting out Nagle's algorithm against the peer's delayed ACK.
-- **Clients that go away** (``gateway.reconnect``): a client that asks can resume a broken
+- **Clients that go away** (``gateway.replay``): a client that asks can resume a broken
   connection without losing what was in flight; a busy kernel whose clients all left is
   interrupted after a grace period (``interrupt_on_disconnect``).
 - **Restart.** :meth:`VMKGWebsocketConnection.announce` sends ``status: restarting`` to
@@ -41,7 +41,7 @@ from traitlets import Bool, Integer
 
 from . import errors, metrics
 from .handlers import unauthorized_message
-from .reconnect import ReconnectMixin
+from .replay import ReconnectMixin
 
 V1 = "v1.kernel.websocket.jupyter.org"
 DELIM = b"<IDS|MSG>"

@@ -30,6 +30,7 @@ import asyncio
 import json
 import time
 from collections import deque
+from functools import partial
 from typing import Any, ClassVar
 
 from jupyter_core.utils import ensure_async
@@ -258,3 +259,59 @@ class ReconnectMixin(LoggingConfigurable):
 
         asyncio.ensure_future(interrupt())
         cls._arm_interrupt(mkm, kernel_id, grace, log)  # again, while it stays busy and alone
+
+
+class ReplayBufferMixin:
+    def start_buffering(self, kernel_id: str, session_key: str, channels: dict[str, Any]) -> None:
+        if not self.buffer_offline_messages:
+            for stream in channels.values():
+                stream.close()
+            return
+        self.log.info("kernel %s: buffering messages for session %s", kernel_id, session_key)
+        self._check_kernel_id(kernel_id)
+        self.stop_buffering(kernel_id)
+        info = self._kernel_buffers[kernel_id]
+        buf: deque[tuple[str, list[bytes]]] = deque()
+        info.update(session_key=session_key, buffer=buf, channels=channels, bytes=0, dropped=0)
+        for channel, stream in channels.items():
+            stream.on_recv(partial(self._buffer_msg, info, channel))
+
+    def _buffer_msg(self, info: dict[str, Any], channel: str, parts: list[Any]) -> None:
+        buf = info["buffer"]
+        buf.append((channel, parts))
+        info["bytes"] += sum(len(p) for p in parts)
+        while len(buf) > 1 and (len(buf) > self.max_buffered_messages
+                                or info["bytes"] > self.max_buffered_bytes):
+            _, old = buf.popleft()
+            info["bytes"] -= sum(len(p) for p in old)
+            info["dropped"] += 1
+
+    def prepend_buffered(self, kernel_id: str, session_key: str, messages: list[tuple[str, list[Any]]]) -> None:
+        """Put messages a closing websocket could not deliver in front of the buffer."""
+        info = self._kernel_buffers.get(kernel_id) if kernel_id in self._kernel_buffers else None
+        if not info or info.get("session_key") != session_key:
+            return
+        for channel, parts in reversed(messages):
+            info["buffer"].appendleft((channel, parts))
+            info["bytes"] = info.get("bytes", 0) + sum(len(p) for p in parts)
+
+    def get_buffer(self, kernel_id: str, session_key: str) -> Any:
+        info = super().get_buffer(kernel_id, session_key)
+        if info and info.get("dropped"):
+            notice = self._notice(kernel_id, (
+                f"[vmkg] {info['dropped']} messages of this kernel were dropped while no client "
+                f"was connected (replay buffer limit: {self.max_buffered_messages} messages, "
+                f"{self.max_buffered_bytes} bytes)\n"))
+            if notice is not None:
+                info["buffer"].appendleft(("iopub", notice))
+        return info
+
+    def _notice(self, kernel_id: str, text: str) -> list[bytes] | None:
+        """A signed iopub stderr message, as if from the kernel (for the replay buffer)."""
+        km = self._kernels.get(kernel_id)
+        if km is None:
+            return None
+        session = km.session
+        msg = session.msg("stream", content={"name": "stderr", "text": text})
+        parts: list[bytes] = session.serialize(msg)
+        return parts
