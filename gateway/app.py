@@ -6,7 +6,8 @@ Subcommands: ``serve`` (the gateway), ``image``, ``template``, ``kernelspec``.
 handlers and kernel manager, whose kernels are microVMs restored from warm templates.
 Settings come, in rising priority, from ``VMKG_*`` environment variables, a config file
 (``--config=FILE``, Python or JSON, or ``$VMKG_CONFIG``) and the command line; ``vmkg
-serve --help-all`` lists them all.
+serve --help-all`` lists them all. Each is a trait; those with a variable are made by
+``gateway.envvars.env_trait``, which also explains the precedence.
 
 Crash safety: every VM directory records its owner process; when the gateway starts it
 first reaps what a crashed or SIGKILLed predecessor left (QEMU processes, VM directories,
@@ -36,7 +37,7 @@ from kernelmanager.provisioner import MicroVMProvisioner
 
 from . import cli, logs, metrics
 from .auth import TokenIdentityProvider
-from .envvars import env_bool, env_int, env_str
+from .envvars import env_trait
 from .kernels import VMMappingKernelManager
 from .kernelspecs import TemplateKernelSpecManager
 from .routes import routes
@@ -85,163 +86,52 @@ class ServeApp(Application):
     def _log_level_default(self) -> int:
         return logging.INFO
 
-    config_file = Unicode("", config=True,
-                          help="A config file (vmkg_config.py or .json) to load. ($VMKG_CONFIG)")
-
-    @default("config_file")
-    def _config_file_default(self) -> str:
-        return env_str("VMKG_CONFIG")
-
-    ip = Unicode("127.0.0.1", config=True, help="Address to listen on. ($VMKG_IP)")
-
-    @default("ip")
-    def _ip_default(self) -> str:
-        return env_str("VMKG_IP", "127.0.0.1")
-
-    port = Integer(8888, config=True, help="Port to listen on; 0 picks a free one. ($VMKG_PORT)")
-
-    @default("port")
-    def _port_default(self) -> int:
-        return env_int("VMKG_PORT", 8888) or 0
-
-    base_url = Unicode("/", config=True, help="Path prefix of every route. ($VMKG_BASE_URL)")
-
-    @default("base_url")
-    def _base_url_default(self) -> str:
-        return env_str("VMKG_BASE_URL", "/")
-
-    auth_enabled = Bool(True, config=True,
-                        help="Require the token on every request. ($VMKG_AUTH_ENABLED)")
-
-    @default("auth_enabled")
-    def _auth_enabled_default(self) -> bool:
-        return env_bool("VMKG_AUTH_ENABLED", True)
-
-    auth_token = Unicode("", config=True,
-                         help="The token clients must present (Authorization: token|Bearer X, or "
-                              "?token=X). Generated and printed at start if empty. ($VMKG_AUTH_TOKEN)")
-
-    @default("auth_token")
-    def _auth_token_default(self) -> str:
-        return env_str("VMKG_AUTH_TOKEN")
-
-    kernel_id_ws_auth = Bool(True, config=True,
-                             help="Accept a kernel's channels websocket that presents no credential "
-                                  "at all, the kernel's id (a random UUID only token holders learn) "
-                                  "standing in for the token: jupyter_server's GatewayKernelClient "
-                                  "(nbclient, papermill through a gateway) sends no Authorization "
-                                  "header there. A wrong token is still refused. "
-                                  "($VMKG_KERNEL_ID_WS_AUTH)")
-
-    @default("kernel_id_ws_auth")
-    def _kernel_id_ws_auth_default(self) -> bool:
-        return env_bool("VMKG_KERNEL_ID_WS_AUTH", True)
-
-    allow_origin = Unicode("", config=True, help="Access-Control-Allow-Origin. ($VMKG_ALLOW_ORIGIN)")
-    allow_credentials = Unicode("", config=True,
-                                help="Access-Control-Allow-Credentials. ($VMKG_ALLOW_CREDENTIALS)")
-    allow_headers = Unicode("", config=True, help="Access-Control-Allow-Headers. ($VMKG_ALLOW_HEADERS)")
-    allow_methods = Unicode("", config=True, help="Access-Control-Allow-Methods. ($VMKG_ALLOW_METHODS)")
-    expose_headers = Unicode("", config=True,
-                             help="Access-Control-Expose-Headers. ($VMKG_EXPOSE_HEADERS)")
-    max_age = Unicode("", config=True, help="Access-Control-Max-Age. ($VMKG_MAX_AGE)")
-
-    @default("allow_origin")
-    def _allow_origin_default(self) -> str:
-        return env_str("VMKG_ALLOW_ORIGIN")
-
-    @default("allow_credentials")
-    def _allow_credentials_default(self) -> str:
-        return env_str("VMKG_ALLOW_CREDENTIALS")
-
-    @default("allow_headers")
-    def _allow_headers_default(self) -> str:
-        return env_str("VMKG_ALLOW_HEADERS")
-
-    @default("allow_methods")
-    def _allow_methods_default(self) -> str:
-        return env_str("VMKG_ALLOW_METHODS")
-
-    @default("expose_headers")
-    def _expose_headers_default(self) -> str:
-        return env_str("VMKG_EXPOSE_HEADERS")
-
-    @default("max_age")
-    def _max_age_default(self) -> str:
-        return env_str("VMKG_MAX_AGE")
-
-    trust_xheaders = Bool(False, config=True,
-                          help="Take the client address from X-Real-Ip/X-Forwarded-For (behind a "
-                               "proxy). ($VMKG_TRUST_XHEADERS)")
-
-    @default("trust_xheaders")
-    def _trust_xheaders_default(self) -> bool:
-        return env_bool("VMKG_TRUST_XHEADERS", False)
-
-    list_kernels = Bool(True, config=True,
-                        help="Allow GET /api/kernels (JupyterLab's GatewayClient polls it). "
-                             "($VMKG_LIST_KERNELS)")
-
-    @default("list_kernels")
-    def _list_kernels_default(self) -> bool:
-        return env_bool("VMKG_LIST_KERNELS", True)
-
-    ws_ping_interval = Integer(30, config=True,
-                               help="Seconds between websocket pings; 0 disables them. "
-                                    "($VMKG_WS_PING_INTERVAL)")
-
-    @default("ws_ping_interval")
-    def _ws_ping_interval_default(self) -> int:
-        return env_int("VMKG_WS_PING_INTERVAL", 30) or 0
-
-    max_message_size = Integer(64 * 1024 * 1024, config=True,
-                               help="Largest websocket message accepted from a client, in bytes; a "
-                                    "larger one closes that websocket with code 1009. "
-                                    "($VMKG_MAX_MESSAGE_SIZE)")
-
-    @default("max_message_size")
-    def _max_message_size_default(self) -> int:
-        return env_int("VMKG_MAX_MESSAGE_SIZE", 64 * 1024 * 1024) or 64 * 1024 * 1024
-
-    max_file_size = Integer(100 * 1024 * 1024, config=True,
-                            help="Largest file PUT /api/kernels/{id}/files/{path} accepts, in bytes; "
-                                 "a larger one gets 413. ($VMKG_MAX_FILE_SIZE)")
-
-    @default("max_file_size")
-    def _max_file_size_default(self) -> int:
-        return env_int("VMKG_MAX_FILE_SIZE", 100 * 1024 * 1024) or 0
-
-    max_fork_count = Integer(64, config=True,
-                             help="Most branches one POST /api/kernels/{id}/fork may ask for (400 "
-                                  "beyond it); max_kernels still bounds the total. ($VMKG_MAX_FORK_COUNT)")
-
-    @default("max_fork_count")
-    def _max_fork_count_default(self) -> int:
-        return env_int("VMKG_MAX_FORK_COUNT", 64) or 64
-
-    authenticate_metrics = Bool(True, config=True,
-                                help="Require the token for /metrics. ($VMKG_AUTHENTICATE_METRICS)")
-
-    @default("authenticate_metrics")
-    def _authenticate_metrics_default(self) -> bool:
-        return env_bool("VMKG_AUTHENTICATE_METRICS", True)
-
-    json_logs = Bool(False, config=True, help="Log one JSON object per line. ($VMKG_JSON_LOGS)")
-
-    @default("json_logs")
-    def _json_logs_default(self) -> bool:
-        return env_bool("VMKG_JSON_LOGS", False)
-
-    certfile = Unicode("", config=True, help="TLS certificate file (serve https/wss). ($VMKG_CERTFILE)")
-    keyfile = Unicode("", config=True, help="TLS private key file. ($VMKG_KEYFILE)")
-
-    @default("certfile")
-    def _certfile_default(self) -> str:
-        return env_str("VMKG_CERTFILE")
-
-    @default("keyfile")
-    def _keyfile_default(self) -> str:
-        return env_str("VMKG_KEYFILE")
+    config_file = env_trait(Unicode, "VMKG_CONFIG", "",
+                            help="A config file (vmkg_config.py or .json) to load.")
+    ip = env_trait(Unicode, "VMKG_IP", "127.0.0.1", help="Address to listen on.")
+    port = env_trait(Integer, "VMKG_PORT", 8888, help="Port to listen on; 0 picks a free one.")
+    base_url = env_trait(Unicode, "VMKG_BASE_URL", "/", help="Path prefix of every route.")
+    auth_enabled = env_trait(Bool, "VMKG_AUTH_ENABLED", True,
+                             help="Require the token on every request.")
+    auth_token = env_trait(Unicode, "VMKG_AUTH_TOKEN", "",
+                           help="The token clients must present (Authorization: token|Bearer X, or "
+                                "?token=X). Generated and printed at start if empty.")
+    kernel_id_ws_auth = env_trait(
+        Bool, "VMKG_KERNEL_ID_WS_AUTH", True,
+        help="Accept a kernel's channels websocket that presents no credential at all, the "
+             "kernel's id (a random UUID only token holders learn) standing in for the token: "
+             "jupyter_server's GatewayKernelClient (nbclient, papermill through a gateway) sends "
+             "no Authorization header there. A wrong token is still refused.")
+    allow_origin = env_trait(Unicode, "VMKG_ALLOW_ORIGIN", "", help="Access-Control-Allow-Origin.")
+    allow_credentials = env_trait(Unicode, "VMKG_ALLOW_CREDENTIALS", "",
+                                  help="Access-Control-Allow-Credentials.")
+    allow_headers = env_trait(Unicode, "VMKG_ALLOW_HEADERS", "", help="Access-Control-Allow-Headers.")
+    allow_methods = env_trait(Unicode, "VMKG_ALLOW_METHODS", "", help="Access-Control-Allow-Methods.")
+    expose_headers = env_trait(Unicode, "VMKG_EXPOSE_HEADERS", "",
+                               help="Access-Control-Expose-Headers.")
+    max_age = env_trait(Unicode, "VMKG_MAX_AGE", "", help="Access-Control-Max-Age.")
+    trust_xheaders = env_trait(Bool, "VMKG_TRUST_XHEADERS", False,
+                               help="Take the client address from X-Real-Ip/X-Forwarded-For (behind "
+                                    "a proxy).")
+    list_kernels = env_trait(Bool, "VMKG_LIST_KERNELS", True,
+                             help="Allow GET /api/kernels (JupyterLab's GatewayClient polls it).")
+    ws_ping_interval = env_trait(Integer, "VMKG_WS_PING_INTERVAL", 30,
+                                 help="Seconds between websocket pings; 0 disables them.")
+    max_message_size = env_trait(Integer, "VMKG_MAX_MESSAGE_SIZE", 64 * 1024 * 1024,
+                                 zero_is_default=True,
+                                 help="Largest websocket message accepted from a client, in bytes; "
+                                      "a larger one closes that websocket with code 1009.")
+    max_file_size = env_trait(Integer, "VMKG_MAX_FILE_SIZE", 100 * 1024 * 1024,
+                              help="Largest file PUT /api/kernels/{id}/files/{path} accepts, in "
+                                   "bytes; a larger one gets 413.")
+    max_fork_count = env_trait(Integer, "VMKG_MAX_FORK_COUNT", 64, zero_is_default=True,
+                               help="Most branches one POST /api/kernels/{id}/fork may ask for "
+                                    "(400 beyond it); max_kernels still bounds the total.")
+    authenticate_metrics = env_trait(Bool, "VMKG_AUTHENTICATE_METRICS", True,
+                                     help="Require the token for /metrics.")
+    json_logs = env_trait(Bool, "VMKG_JSON_LOGS", False, help="Log one JSON object per line.")
+    certfile = env_trait(Unicode, "VMKG_CERTFILE", "", help="TLS certificate file (serve https/wss).")
+    keyfile = env_trait(Unicode, "VMKG_KEYFILE", "", help="TLS private key file.")
 
     kernel_manager_class = Type(VMMappingKernelManager, klass=VMMappingKernelManager, config=True,
                                 help="The kernel manager class.")

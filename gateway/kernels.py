@@ -35,12 +35,12 @@ from typing import Any
 
 from jupyter_core.paths import jupyter_runtime_dir
 from jupyter_server.services.kernels.kernelmanager import AsyncMappingKernelManager
-from traitlets import Dict, Float, Integer, List, Unicode, default
+from traitlets import Bool, Dict, Float, Integer, List, Unicode, default
 
 from kernelmanager.exceptions import LimitExceeded
 
 from . import metrics
-from .envvars import env_bool, env_int, env_list
+from .envvars import env_trait, inherited_help
 from .pool import WarmPoolMixin
 from .replay import ReplayBufferMixin
 
@@ -51,34 +51,18 @@ DELIM = b"<IDS|MSG>"
 
 
 class VMMappingKernelManager(ReplayBufferMixin, WarmPoolMixin, AsyncMappingKernelManager):
-    max_kernels = Integer(None, allow_none=True, config=True,
-                          help="Most kernels clients may hold at once; a start beyond it is "
-                               "refused with 403. Unbounded if unset. ($VMKG_MAX_KERNELS)")
-
-    @default("max_kernels")
-    def _max_kernels_default(self) -> int | None:
-        return env_int("VMKG_MAX_KERNELS", None)
-
-    max_kernels_per_user = Integer(None, allow_none=True, config=True,
-                                   help="Most kernels one KERNEL_USERNAME may hold at once; beyond it "
-                                        "403. Requests without KERNEL_USERNAME are not counted per "
-                                        "user. ($VMKG_MAX_KERNELS_PER_USER)")
-
-    @default("max_kernels_per_user")
-    def _max_per_user_default(self) -> int | None:
-        return env_int("VMKG_MAX_KERNELS_PER_USER", None)
-
-    force_kernel_name = Unicode("", config=True,
-                                help="Start this kernelspec whatever a request names. "
-                                     "($VMKG_FORCE_KERNEL_NAME)")
-
-    @default("force_kernel_name")
-    def _force_default(self) -> str:
-        return os.environ.get("VMKG_FORCE_KERNEL_NAME", "")
-
-    @default("default_kernel_name")
-    def _default_name_default(self) -> str:
-        return os.environ.get("VMKG_DEFAULT_KERNEL_NAME", "python3-microvm")
+    max_kernels = env_trait(Integer, "VMKG_MAX_KERNELS", None, allow_none=True,
+                            help="Most kernels clients may hold at once; a start beyond it is "
+                                 "refused with 403. Unbounded if unset.")
+    max_kernels_per_user = env_trait(Integer, "VMKG_MAX_KERNELS_PER_USER", None, allow_none=True,
+                                     help="Most kernels one KERNEL_USERNAME may hold at once; "
+                                          "beyond it 403. Requests without KERNEL_USERNAME are not "
+                                          "counted per user.")
+    force_kernel_name = env_trait(Unicode, "VMKG_FORCE_KERNEL_NAME", "",
+                                  help="Start this kernelspec whatever a request names.")
+    default_kernel_name = env_trait(Unicode, "VMKG_DEFAULT_KERNEL_NAME", "python3-microvm",
+                                    help=inherited_help(AsyncMappingKernelManager,
+                                                        "default_kernel_name"))
 
     kernel_name_aliases = Dict(key_trait=Unicode(), value_trait=Unicode(),
                                default_value={"python3": "python3-microvm"}, config=True,
@@ -87,29 +71,17 @@ class VMMappingKernelManager(ReplayBufferMixin, WarmPoolMixin, AsyncMappingKerne
                                     "papermill) asks for 'python3' unless given a name; here that "
                                     "is a microVM too. Names not served and not aliased get 404.")
 
-    env_allowlist = List(Unicode(), config=True,
-                         help="Variables a request's 'env' may set in the kernel besides KERNEL_*. "
-                              "($VMKG_ENV_ALLOWLIST, comma-separated)")
+    env_allowlist = env_trait(List, "VMKG_ENV_ALLOWLIST", [], trait=Unicode(),
+                              help="Variables a request's 'env' may set in the kernel besides "
+                                   "KERNEL_*.")
+    env_process_allowlist = env_trait(List, "VMKG_ENV_PROCESS_ALLOWLIST", [], trait=Unicode(),
+                                      help="Variables of the gateway's own environment passed into "
+                                           "every kernel.")
 
-    @default("env_allowlist")
-    def _env_allowlist_default(self) -> list[str]:
-        return env_list("VMKG_ENV_ALLOWLIST")
-
-    env_process_allowlist = List(Unicode(), config=True,
-                                 help="Variables of the gateway's own environment passed into every "
-                                      "kernel. ($VMKG_ENV_PROCESS_ALLOWLIST, comma-separated)")
-
-    @default("env_process_allowlist")
-    def _env_process_allowlist_default(self) -> list[str]:
-        return env_list("VMKG_ENV_PROCESS_ALLOWLIST")
-
-    pool_size = Integer(1, config=True,
-                        help="Kernels per kernelspec restored and warmed ahead of time and handed to "
-                             "POST /api/kernels. 0 disables the pool. ($VMKG_POOL_SIZE)")
-
-    @default("pool_size")
-    def _pool_size_default(self) -> int:
-        return env_int("VMKG_POOL_SIZE", 1) or 0
+    # the warm pool's settings (gateway.pool reads them through its PoolOwner interface)
+    pool_size = env_trait(Integer, "VMKG_POOL_SIZE", 1,
+                          help="Kernels per kernelspec restored and warmed ahead of time and handed "
+                               "to POST /api/kernels. 0 disables the pool.")
 
     pool_sizes = Dict(key_trait=Unicode(), value_trait=Integer(), config=True,
                       help="Per-kernelspec pool sizes overriding pool_size, e.g. "
@@ -127,40 +99,16 @@ class VMMappingKernelManager(ReplayBufferMixin, WarmPoolMixin, AsyncMappingKerne
                                     "history session, empty namespace, execution count 1), so no "
                                     "trace is left. Empty: only kernel_info.")
 
-    max_buffered_messages = Integer(10_000, config=True,
-                                    help="Messages kept per kernel while no websocket is connected, "
-                                         "replayed on reconnect; the oldest go first. "
-                                         "($VMKG_MAX_BUFFERED_MESSAGES)")
-
-    @default("max_buffered_messages")
-    def _max_buffered_messages_default(self) -> int:
-        return env_int("VMKG_MAX_BUFFERED_MESSAGES", 10_000) or 0
-
-    max_buffered_bytes = Integer(256 * 1024 * 1024, config=True,
-                                 help="Bytes kept per kernel while no websocket is connected. "
-                                      "($VMKG_MAX_BUFFERED_BYTES)")
-
-    @default("max_buffered_bytes")
-    def _max_buffered_bytes_default(self) -> int:
-        return env_int("VMKG_MAX_BUFFERED_BYTES", 256 * 1024 * 1024) or 0
-
     # culling: jupyter_server's traits, settable from the environment too
-
-    @default("cull_idle_timeout")
-    def _cull_idle_timeout_default(self) -> int:
-        return env_int("VMKG_CULL_IDLE_TIMEOUT", 0) or 0
-
-    @default("cull_interval")
-    def _cull_interval_default(self) -> int:
-        return env_int("VMKG_CULL_INTERVAL", self.cull_interval_default) or self.cull_interval_default
-
-    @default("cull_connected")
-    def _cull_connected_default(self) -> bool:
-        return env_bool("VMKG_CULL_CONNECTED", False)
-
-    @default("cull_busy")
-    def _cull_busy_default(self) -> bool:
-        return env_bool("VMKG_CULL_BUSY", False)
+    cull_idle_timeout = env_trait(Integer, "VMKG_CULL_IDLE_TIMEOUT", 0,
+                                  help=inherited_help(AsyncMappingKernelManager, "cull_idle_timeout"))
+    cull_interval = env_trait(Integer, "VMKG_CULL_INTERVAL",
+                              AsyncMappingKernelManager.cull_interval_default, zero_is_default=True,
+                              help=inherited_help(AsyncMappingKernelManager, "cull_interval"))
+    cull_connected = env_trait(Bool, "VMKG_CULL_CONNECTED", False,
+                               help=inherited_help(AsyncMappingKernelManager, "cull_connected"))
+    cull_busy = env_trait(Bool, "VMKG_CULL_BUSY", False,
+                          help=inherited_help(AsyncMappingKernelManager, "cull_busy"))
 
     @default("root_dir")
     def _root_dir_default(self) -> str:

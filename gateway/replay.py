@@ -35,10 +35,10 @@ from typing import Any, ClassVar
 
 from jupyter_core.utils import ensure_async
 from prometheus_client import Counter
-from traitlets import Bool, Float, Integer, default
+from traitlets import Bool, Float, Integer
 from traitlets.config import LoggingConfigurable
 
-from .envvars import env_bool, env_float
+from .envvars import env_trait
 
 DELIM = b"<IDS|MSG>"
 RESUME_ARG = "vmkg_resume"
@@ -98,27 +98,19 @@ class ReconnectMixin(LoggingConfigurable):
     """Resume and interrupt-on-disconnect for a ``ZMQChannelsWebsocketConnection``
     (put it first among the bases). Everything here runs on the gateway's event loop."""
 
-    interrupt_on_disconnect = Bool(True, config=True,
-                                   help="Interrupt a busy kernel when its last websocket has been "
-                                        "gone for disconnect_grace seconds, so a client that died "
-                                        "mid-cell does not leave the kernel busy forever (its state "
-                                        "is kept). ($VMKG_INTERRUPT_ON_DISCONNECT)")
-
-    @default("interrupt_on_disconnect")
-    def _interrupt_on_disconnect_default(self) -> bool:
-        return env_bool("VMKG_INTERRUPT_ON_DISCONNECT", True)
+    interrupt_on_disconnect = env_trait(
+        Bool, "VMKG_INTERRUPT_ON_DISCONNECT", True,
+        help="Interrupt a busy kernel when its last websocket has been gone for disconnect_grace "
+             "seconds, so a client that died mid-cell does not leave the kernel busy forever (its "
+             "state is kept).")
 
     # 10 minutes: long enough that a JupyterLab user who closes the laptop during a long
     # cell is not interrupted by a short walk, short enough that a crashed agent's runaway
     # cell does not hold a VM busy for good. Agent platforms may want 30 s.
-    disconnect_grace = Float(600.0, config=True,
-                             help="Seconds a busy kernel may stay without any websocket before it is "
-                                  "interrupted (a client reconnecting within them keeps its cell "
-                                  "running). ($VMKG_DISCONNECT_GRACE)")
-
-    @default("disconnect_grace")
-    def _disconnect_grace_default(self) -> float:
-        return env_float("VMKG_DISCONNECT_GRACE", 600.0)
+    disconnect_grace = env_trait(Float, "VMKG_DISCONNECT_GRACE", 600.0,
+                                 help="Seconds a busy kernel may stay without any websocket before "
+                                      "it is interrupted (a client reconnecting within them keeps "
+                                      "its cell running).")
 
     resume_window = Integer(1000, config=True,
                             help="Messages kept after sending, per session of a client that asked "
@@ -261,7 +253,13 @@ class ReconnectMixin(LoggingConfigurable):
         cls._arm_interrupt(mkm, kernel_id, grace, log)  # again, while it stays busy and alone
 
 
-class ReplayBufferMixin:
+class ReplayBufferMixin(LoggingConfigurable):
+    max_buffered_messages = env_trait(Integer, "VMKG_MAX_BUFFERED_MESSAGES", 10_000,
+                                      help="Messages kept per kernel while no websocket is "
+                                           "connected, replayed on reconnect; the oldest go first.")
+    max_buffered_bytes = env_trait(Integer, "VMKG_MAX_BUFFERED_BYTES", 256 * 1024 * 1024,
+                                   help="Bytes kept per kernel while no websocket is connected.")
+
     def start_buffering(self, kernel_id: str, session_key: str, channels: dict[str, Any]) -> None:
         if not self.buffer_offline_messages:
             for stream in channels.values():
