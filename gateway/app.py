@@ -275,7 +275,7 @@ class ServeApp(Application):
                 self.log.info("template %s: ready (%s)", spec.name, snap.path)
             except Exception as exc:  # noqa: BLE001 - keep serving the other templates
                 self.log.error("template %s: unavailable: %s", spec.name, exc)
-        self.kernel_manager.refill_pool()
+        self.kernel_manager.pool.refill()
 
     async def shutdown(self) -> None:
         """Stop accepting, close websockets, shut every kernel down (pooled ones too)."""
@@ -283,7 +283,7 @@ class ServeApp(Application):
 
         km = self.kernel_manager
         self.log.info("shutting down: %d kernels, %d pooled", len(km.list_kernel_ids()),
-                      sum(km.pooled().values()))
+                      sum(km.pool.pooled().values()))
         self.http_server.stop()
         for conn in list(self.kernel_websocket_connection_class._open_sockets):
             try:

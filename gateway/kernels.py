@@ -10,15 +10,13 @@ gateway needs.
   environment; nothing else of the gateway's environment.
 - **Kernel names.** ``default_kernel_name`` when a request names none; ``force_kernel_name``
   overrides whatever a request names.
-- **Warm pool.** ``pool_size`` kernels per kernelspec are restored ahead of time, warmed
-  (one silent execute, so the TCG translation cache already holds the execute path) and
-  kept outside the kernel map, invisible to the REST API. ``start_kernel`` hands one out
-  when it can: the request's env is applied in the guest (``MicroVMProvisioner.adopt``)
-  and kept for restarts, the kernel enters the map, and a refill starts in the background.
-  Pool kernels only fill spare room: the pool never grows past ``max_kernels``.
-- **Bounded replay buffer.** While no websocket is connected, a kernel's messages for the
-  last session are kept (at most ``max_buffered_messages`` / ``max_buffered_bytes``,
-  oldest dropped first, and the client told how many) and replayed on reconnect.
+- **Warm pool** (``gateway.pool``). ``pool_size`` kernels per kernelspec are restored and
+  warmed ahead of time, outside the kernel map; ``start_kernel`` hands one out when it
+  can (the request's env applied in the guest) and puts it into the map. The pool's
+  settings are traits here; what it needs of this class is ``gateway.pool.PoolOwner``.
+- **Output while no client is connected** (``gateway.replay``): the bounded replay
+  buffer is ``ReplayBufferMixin``, a base of this class.
+- jupyter_server private attributes are touched only through ``gateway.internals``.
 
 Called by the request handlers (``gateway.handlers``) on the tornado loop; the VM work
 itself hops to the runtime loop inside the provisioner.
@@ -29,7 +27,7 @@ from __future__ import annotations
 import asyncio
 import os
 import time
-from collections import Counter, deque
+from collections import Counter
 from collections.abc import Callable
 from typing import Any
 
@@ -41,7 +39,8 @@ from kernelmanager.exceptions import LimitExceeded
 
 from . import metrics
 from .envvars import env_trait, inherited_help
-from .pool import WarmPoolMixin
+from .internals import add_started_kernel
+from .pool import WarmPool
 from .replay import ReplayBufferMixin
 
 DELIM = b"<IDS|MSG>"
@@ -50,7 +49,7 @@ DELIM = b"<IDS|MSG>"
 
 
 
-class VMMappingKernelManager(ReplayBufferMixin, WarmPoolMixin, AsyncMappingKernelManager):
+class VMMappingKernelManager(ReplayBufferMixin, AsyncMappingKernelManager):
     max_kernels = env_trait(Integer, "VMKG_MAX_KERNELS", None, allow_none=True,
                             help="Most kernels clients may hold at once; a start beyond it is "
                                  "refused with 403. Unbounded if unset.")
@@ -123,13 +122,8 @@ class VMMappingKernelManager(ReplayBufferMixin, WarmPoolMixin, AsyncMappingKerne
 
     def __init__(self, **kwargs: Any) -> None:
         super().__init__(**kwargs)
-        self._pool: dict[str, deque[Any]] = {}
-        self._pool_starting: Counter[str] = Counter()
-        self._pool_waiters: dict[str, list[asyncio.Future[Any]]] = {}
-        self._refill_task: asyncio.Task[None] | None = None
         self._reserved: Counter[str] = Counter()  # starts in flight, by username
-        self._last_request = 0.0
-        self._closing = False
+        self.pool = WarmPool(self)
         self.usernames: dict[str, str] = {}
         self.sources: dict[str, str] = {}  # kernel id -> "pool" | "restore"
         self.culled = 0
@@ -147,6 +141,38 @@ class VMMappingKernelManager(ReplayBufferMixin, WarmPoolMixin, AsyncMappingKerne
             list(MicroVMProvisioner.class_traits()["env_allowlist"].default())
         prov.env_allowlist = sorted(set(current) | set(self.env_allowlist) | set(self.env_process_allowlist))
 
+    # -- what the warm pool needs (gateway.pool.PoolOwner) ----------------------------------
+
+    def pool_target(self, kernel_name: str) -> int:
+        if self.force_kernel_name and kernel_name != self.force_kernel_name:
+            return 0
+        return max(0, self.pool_sizes.get(kernel_name, self.pool_size))
+
+    def kernelspec_names(self) -> list[str]:
+        assert self.kernel_spec_manager is not None
+        return list(self.kernel_spec_manager.find_kernel_specs())
+
+    def starts_in_flight(self) -> int:
+        return sum(self._reserved.values())
+
+    async def start_unlisted_kernel(self, kernel_name: str) -> Any:
+        """Start a kernel manager outside the kernel map (for the warm pool)."""
+        kwargs: dict[str, Any] = {}
+        km, _, kid = self.pre_start_kernel(kernel_name, kwargs)
+        try:
+            await km.start_kernel(kernel_id=kid, env=self.kernel_env({}))
+        except BaseException:
+            try:
+                await km.shutdown_kernel(now=True)
+            except Exception as exc:  # noqa: BLE001
+                self.log.warning("kernel %s: did not shut down cleanly: %s", kid, exc)
+            raise
+        self._observe_restore(km)
+        return km
+
+    def _client_kernels(self) -> list[Any]:
+        return [self.get_kernel(kid) for kid in self.list_kernel_ids()]
+
     # -- starting kernels ----------------------------------------------------------------
 
     def kernel_env(self, requested: dict[str, str]) -> dict[str, str]:
@@ -162,8 +188,8 @@ class VMMappingKernelManager(ReplayBufferMixin, WarmPoolMixin, AsyncMappingKerne
 
     def client_kernel_count(self, username: str | None = None) -> int:
         if username is None:
-            return len(self._kernels) + sum(self._reserved.values())
-        held = sum(1 for kid, user in self.usernames.items() if user == username and kid in self._kernels)
+            return len(self) + self.starts_in_flight()
+        held = sum(1 for kid, user in self.usernames.items() if user == username and kid in self)
         return held + self._reserved[username]
 
     def _check_limits(self, username: str) -> None:
@@ -193,16 +219,18 @@ class VMMappingKernelManager(ReplayBufferMixin, WarmPoolMixin, AsyncMappingKerne
         username = kernel_env.get("KERNEL_USERNAME", "")
         self._check_limits(username)
         self._reserved[username] += 1
-        self._last_request = time.monotonic()
+        self.pool.note_request()
         t0 = time.monotonic()
         try:
-            kid = await self._hand_out(kernel_name, kernel_env) if kernel_id is None else None
+            pooled = await self.pool.take(kernel_name, kernel_env) if kernel_id is None else None
             source = "pool"
-            if kid is None:
+            if pooled is not None:
+                kid = await add_started_kernel(self, pooled)
+            else:
                 source = "restore"
                 kid = await super().start_kernel(kernel_name=kernel_name, kernel_id=kernel_id,
                                                  path=path, env=kernel_env, **kwargs)
-                km = self._kernels[kid]
+                km = self.get_kernel(kid)
                 if km.execution_state == "starting":
                     # restored from a snapshot of an idle kernel, identity taken on: it is idle
                     # (jupyter_server would say "starting" until a websocket nudged it)
@@ -214,11 +242,11 @@ class VMMappingKernelManager(ReplayBufferMixin, WarmPoolMixin, AsyncMappingKerne
         self.sources[kid] = source
         metrics.KERNEL_CREATE_SECONDS.labels(source=source).observe(elapsed)
         if source == "restore":
-            self._observe_restore(self._kernels.get(kid))
+            self._observe_restore(self.get_kernel(kid))
         self.log.info("kernel %s: started for %s from %s in %.0f ms (%s)", kid,
                       f"user {username!r}" if username else "a client", source, elapsed * 1000,
                       kernel_name)
-        self.refill_pool()
+        self.pool.refill()
         return kid
 
     @staticmethod
@@ -232,7 +260,7 @@ class VMMappingKernelManager(ReplayBufferMixin, WarmPoolMixin, AsyncMappingKerne
 
         def observe(_: Any) -> None:
             if kernel_id in self:
-                self._observe_restore(self._kernels[kernel_id])
+                self._observe_restore(self.get_kernel(kernel_id))
 
         future.add_done_callback(observe)
         return future
@@ -247,7 +275,7 @@ class VMMappingKernelManager(ReplayBufferMixin, WarmPoolMixin, AsyncMappingKerne
 
     def kernel_model(self, kernel_id: str) -> dict[str, Any]:
         model: dict[str, Any] = super().kernel_model(kernel_id)
-        kernel = self._kernels[kernel_id]
+        kernel = self.get_kernel(kernel_id)
         # GatewayClient parses '%Y-%m-%dT%H:%M:%S.%fZ'; isoformat() drops '.%f' when it is 0
         model["last_activity"] = kernel.last_activity.strftime("%Y-%m-%dT%H:%M:%S.%fZ")
         from .forks import lineage_fields  # lineage: parent_id, forked_at (None unless forked)
@@ -266,32 +294,21 @@ class VMMappingKernelManager(ReplayBufferMixin, WarmPoolMixin, AsyncMappingKerne
 
     async def shutdown_all(self, now: bool = False) -> None:
         """Stop every kernel, pooled ones included (gateway shutdown)."""
-        self._closing = True
-        if self._refill_task is not None and not self._refill_task.done():
-            self._refill_task.cancel()
-            try:
-                await self._refill_task
-            except (asyncio.CancelledError, Exception):  # noqa: BLE001
-                pass
-        for name in list(self._pool_waiters):
-            self._release_waiters(name, None)
-        pooled = self.pooled_managers()
-        self._pool.clear()
-        await asyncio.gather(*(self._discard(km) for km in pooled), super().shutdown_all(now=now))
+        await asyncio.gather(self.pool.close(), super().shutdown_all(now=now))
 
     # -- for metrics ---------------------------------------------------------------------
 
     def states(self) -> Counter[str]:
         counts: Counter[str] = Counter()
-        for km in self._kernels.values():
+        for km in self._client_kernels():
             counts[getattr(km, "execution_state", None) or "unknown"] += 1
-        counts["pooled"] = sum(self.pooled().values())
-        counts["starting"] += sum(self._reserved.values()) + sum(self._pool_starting.values())
+        counts["pooled"] = sum(self.pool.pooled().values())
+        counts["starting"] += self.starts_in_flight() + self.pool.starting()
         return counts
 
     def vm_pids(self) -> list[int]:
         pids = []
-        for km in [*self._kernels.values(), *self.pooled_managers()]:
+        for km in [*self._client_kernels(), *self.pool.pooled_managers()]:
             vk = getattr(getattr(km, "provisioner", None), "vm_kernel", None)
             pid = getattr(getattr(vk, "vm", None), "pid", None)
             if pid:

@@ -1,25 +1,78 @@
 """The warm pool: kernels restored and warmed ahead of time, handed to ``POST /api/kernels``.
 
-(Moved out of ``gateway.kernels``; a base of ``VMMappingKernelManager``.)
+``VMMappingKernelManager.pool_size`` kernels per kernelspec (``pool_sizes`` per name) are
+restored from their template, *warmed* - kernel_info, the ``pool_warmup_code`` cell run
+twice, then ``get_ipython().reset(new_session=True)``, so under TCG the execute, display
+and history paths are already translated when a client comes, and no trace is left - and
+kept outside the kernel map, invisible to the REST API.
+
+Who calls what: the kernel manager owns one :class:`WarmPool`. Its ``start_kernel`` calls
+:meth:`WarmPool.note_request` and :meth:`WarmPool.take` (a live pooled kernel that has
+taken on the request's environment, or None: restore one instead), then puts the kernel
+into its map; after every start and at gateway start :meth:`WarmPool.refill` tops the
+pool up in the background, one restore at a time, after ``pool_refill_delay`` seconds
+without start requests (a burst of clients gets the CPU first). A request that finds the
+pool empty while a refill is restoring its kernelspec waits for that kernel rather than
+restoring a second one. Pool kernels only fill spare room: with ``max_kernels`` set, the
+pool never makes the total of client kernels, starts in flight and pooled kernels exceed
+it. A failed restore is retried with exponential backoff (up to a minute).
+:meth:`WarmPool.close` (gateway shutdown) stops refilling and shuts pooled kernels down.
+
+What the pool needs from its owner is :class:`PoolOwner`; nothing else of the kernel
+manager is touched.
 """
 
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
+import logging
 import time
-from collections import deque
-from typing import Any
+from collections import Counter, deque
+from collections.abc import Iterable
+from typing import Any, Protocol
 
-from jupyter_server._tz import utcnow
-from jupyter_server.prometheus.metrics import KERNEL_CURRENTLY_RUNNING_TOTAL
+from .internals import cache_kernel_info
 
 
-class WarmPoolMixin:
+class PoolOwner(Protocol):
+    """The kernel manager as the warm pool sees it (``gateway.kernels.VMMappingKernelManager``)."""
+
+    log: logging.Logger | logging.LoggerAdapter[Any]
+    max_kernels: int | None
+    pool_refill_delay: float
+    pool_warmup_code: str
+
     def pool_target(self, kernel_name: str) -> int:
-        if self.force_kernel_name and kernel_name != self.force_kernel_name:
-            return 0
-        return max(0, self.pool_sizes.get(kernel_name, self.pool_size))
+        """How many kernels of this kernelspec the pool should hold."""
+
+    def kernelspec_names(self) -> Iterable[str]:
+        """Every kernelspec served."""
+
+    def client_kernel_count(self) -> int:
+        """Kernels clients hold plus starts in flight (what max_kernels bounds)."""
+
+    def starts_in_flight(self) -> int:
+        """Client start requests not finished yet (the pool waits for them)."""
+
+    async def start_unlisted_kernel(self, kernel_name: str) -> Any:
+        """Start a kernel manager outside the kernel map; returns it once it runs."""
+
+
+class WarmPool:
+    """Pooled kernel managers by kernelspec name; see the module docstring."""
+
+    def __init__(self, owner: PoolOwner) -> None:
+        self.owner = owner
+        self._pool: dict[str, deque[Any]] = {}
+        self._pool_starting: Counter[str] = Counter()
+        self._pool_waiters: dict[str, list[asyncio.Future[Any]]] = {}
+        self._refill_task: asyncio.Task[None] | None = None
+        self._last_request = 0.0
+        self._closing = False
+
+    @property
+    def log(self) -> logging.Logger | logging.LoggerAdapter[Any]:
+        return self.owner.log
 
     def pooled(self) -> dict[str, int]:
         return {name: len(q) for name, q in self._pool.items()}
@@ -27,7 +80,15 @@ class WarmPoolMixin:
     def pooled_managers(self) -> list[Any]:
         return [km for q in self._pool.values() for km in q]
 
-    def refill_pool(self) -> None:
+    def starting(self) -> int:
+        """Pool restores in progress."""
+        return sum(self._pool_starting.values())
+
+    def note_request(self) -> None:
+        """A client asked for a kernel: refills wait ``pool_refill_delay`` from now."""
+        self._last_request = time.monotonic()
+
+    def refill(self) -> None:
         """Bring every kernelspec's pool up to its target, one restore at a time, in the
         background. Called at gateway start and after every hand-out."""
         if self._closing or (self._refill_task is not None and not self._refill_task.done()):
@@ -35,19 +96,18 @@ class WarmPoolMixin:
         self._refill_task = asyncio.ensure_future(self._refill())
 
     def _next_to_fill(self) -> str | None:
-        total = len(self._kernels) + sum(self._reserved.values()) + sum(self.pooled().values())
-        if self.max_kernels is not None and total >= self.max_kernels:
+        if not self._room():
             return None
-        for name in self.kernel_spec_manager.find_kernel_specs():
-            if len(self._pool.get(name, ())) < self.pool_target(name):
+        for name in self.owner.kernelspec_names():
+            if len(self._pool.get(name, ())) < self.owner.pool_target(name):
                 return name
         return None
 
     async def _refill(self) -> None:
         failures = 0
         while not self._closing:
-            quiet = self._last_request + self.pool_refill_delay - time.monotonic()
-            if quiet > 0 or sum(self._reserved.values()):
+            quiet = self._last_request + self.owner.pool_refill_delay - time.monotonic()
+            if quiet > 0 or self.owner.starts_in_flight():
                 await asyncio.sleep(max(quiet, 0.05))
                 continue
             name = self._next_to_fill()
@@ -71,8 +131,7 @@ class WarmPoolMixin:
                 return
             if self._release_waiters(name, km):
                 continue  # a request was waiting for exactly this kernel
-            total = len(self._kernels) + sum(self._reserved.values()) + sum(self.pooled().values())
-            if self.max_kernels is not None and total >= self.max_kernels:
+            if not self._room():
                 self.log.info("kernel %s: no room left under max_kernels; not pooled", km.kernel_id)
                 await self._discard(km)
                 continue
@@ -93,11 +152,8 @@ class WarmPoolMixin:
         return False
 
     async def _start_pooled(self, kernel_name: str) -> Any:
-        kwargs: dict[str, Any] = {}
-        km, _, kid = self.pre_start_kernel(kernel_name, kwargs)
+        km = await self.owner.start_unlisted_kernel(kernel_name)
         try:
-            await km.start_kernel(kernel_id=kid, env=self.kernel_env({}))
-            self._observe_restore(km)
             await self._warm(km)
         except BaseException:
             await self._discard(km)
@@ -111,19 +167,16 @@ class WarmPoolMixin:
         kc.start_channels(iopub=False, stdin=False, hb=False, control=False)
         try:
             info = await kc.kernel_info(reply=True, timeout=30)
-            if self.pool_warmup_code:
+            if self.owner.pool_warmup_code:
                 for _ in range(2):
-                    await kc.execute(self.pool_warmup_code, reply=True, timeout=30)
+                    await kc.execute(self.owner.pool_warmup_code, reply=True, timeout=30)
                 reply = await kc.execute("get_ipython().reset(new_session=True)", silent=True,
                                          store_history=False, reply=True, timeout=30)
                 if reply["content"]["status"] != "ok":
                     raise RuntimeError(f"warm-up reset failed: {reply['content'].get('evalue')}")
         finally:
             kc.stop_channels()
-        # the first websocket asks for kernel_info; jupyter_server keeps the answer here
-        cached: concurrent.futures.Future[dict[str, Any]] = concurrent.futures.Future()
-        cached.set_result(info["content"])
-        km._kernel_info_future = cached
+        cache_kernel_info(km, info["content"])  # the first websocket asks for it
 
     async def _discard(self, km: Any) -> None:
         try:
@@ -144,8 +197,10 @@ class WarmPoolMixin:
             return await fut
         return None
 
-    async def _hand_out(self, kernel_name: str, env: dict[str, str]) -> str | None:
-        """Move a pooled kernel into the kernel map for a client; None if none is ready."""
+    async def take(self, kernel_name: str, env: dict[str, str]) -> Any:
+        """A pooled kernel manager, alive and with ``env`` applied in its guest (and kept for
+        restarts), for a client; None if none is ready (the caller restores one). The
+        caller puts it into the kernel map."""
         while True:
             km = await self._take(kernel_name)
             if km is None:
@@ -162,16 +217,24 @@ class WarmPoolMixin:
                 asyncio.ensure_future(self._discard(km))
                 continue
             km.update_env(env=env)  # restarts restore with the same env
-            kid: str = km.kernel_id
-            # what MappingKernelManager.start_kernel does for a kernel it started itself
-            self._kernels[kid] = km
-            self._kernel_connections[kid] = 0
-            km.execution_state = "idle"
-            km.reason = ""
-            km.last_activity = utcnow()
-            await self._finish_kernel_start(kid)
-            KERNEL_CURRENTLY_RUNNING_TOTAL.labels(type=km.kernel_name).inc()
-            if not self._initialized_culler:
-                self.initialize_culler()
-            return kid
+            return km
 
+    async def close(self) -> None:
+        """Stop refilling, release waiting requests, shut every pooled kernel down."""
+        self._closing = True
+        if self._refill_task is not None and not self._refill_task.done():
+            self._refill_task.cancel()
+            try:
+                await self._refill_task
+            except (asyncio.CancelledError, Exception):  # noqa: BLE001
+                pass
+        for name in list(self._pool_waiters):
+            self._release_waiters(name, None)
+        pooled = self.pooled_managers()
+        self._pool.clear()
+        await asyncio.gather(*(self._discard(km) for km in pooled))
+
+    def _room(self) -> bool:
+        """Whether one more VM fits under max_kernels (client kernels, starts, pooled)."""
+        limit = self.owner.max_kernels
+        return limit is None or self.owner.client_kernel_count() + sum(self.pooled().values()) < limit
