@@ -35,7 +35,7 @@ from traitlets.config import Application
 
 from kernelmanager.provisioner import MicroVMProvisioner
 
-from . import cli, logs, metrics
+from . import cli, internals, logs, metrics
 from .auth import TokenIdentityProvider
 from .envvars import env_trait
 from .kernels import VMMappingKernelManager
@@ -285,7 +285,7 @@ class ServeApp(Application):
         self.log.info("shutting down: %d kernels, %d pooled", len(km.list_kernel_ids()),
                       sum(km.pool.pooled().values()))
         self.http_server.stop()
-        for conn in list(self.kernel_websocket_connection_class._open_sockets):
+        for conn in internals.open_connections():
             try:
                 conn.websocket_handler.close(1001, "gateway shutting down")
             except Exception:  # noqa: BLE001

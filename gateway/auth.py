@@ -20,6 +20,8 @@ from typing import Any
 from jupyter_server.auth.identity import IdentityProvider, User
 from tornado import web
 
+from .internals import mark_token_authenticated
+
 TOKEN_USER = User("gateway", display_name="Gateway client")
 KERNEL_USER = User("kernel-id", display_name="Kernel-id websocket client")
 ANONYMOUS = User("anonymous", display_name="Anonymous (auth disabled)")
@@ -45,7 +47,7 @@ class TokenIdentityProvider(IdentityProvider):
         presented = self.presented_token(handler)
         if presented:
             if hmac.compare_digest(presented.encode(), str(self.token).encode()):
-                handler._token_authenticated = True  # type: ignore[attr-defined]
+                mark_token_authenticated(handler)
                 return TOKEN_USER
             return None
         capability = getattr(handler, "kernel_id_credential", None)

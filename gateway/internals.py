@@ -77,6 +77,11 @@ def session_connection(kernel_id: str, session_id: str) -> Any:
     return getattr(handler, "connection", None)
 
 
+def open_session_keys() -> set[str]:
+    """``kernel_id:session_id`` of every websocket session jupyter_server has open."""
+    return set(ZMQChannelsWebsocketConnection._open_sessions)
+
+
 def closed_future(conn: Any) -> asyncio.Future[Any]:
     """Resolves once ``conn`` has finished closing. Why private: ``_close_future``."""
     return asyncio.wrap_future(conn._close_future)

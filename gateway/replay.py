@@ -1,33 +1,49 @@
-"""When a client's websocket goes away: it may come back, or it may not.
+"""Output while no client is connected: kept, replayed, resumed - and a kernel left alone.
 
-jupyter_server already keeps a kernel's messages while no websocket is connected and
-replays them to the next websocket of the same session. Two gaps remain, closed here by
+A kernel's messages do not stop when its client's websocket does. Everything the gateway
+does about that is here, in two mixins over jupyter_server's classes:
+
+:class:`ReplayBufferMixin`, a base of ``gateway.kernels.VMMappingKernelManager``:
+
+- **Bounded buffering.** When a kernel's last websocket closes, jupyter_server calls
+  ``start_buffering``: from then on the kernel's messages for that session are kept, at
+  most ``max_buffered_messages`` / ``max_buffered_bytes`` (oldest dropped first).
+- **Replay, with the drop notice.** The next websocket of the *same* session gets them
+  (``get_buffer``, called by jupyter_server's ``connect``), preceded by an iopub stderr
+  message saying how many were dropped, if any; a websocket of another session discards
+  them (``stop_buffering``). The buffers are ours (``self._replay``), not jupyter_server's.
+
 :class:`ReconnectMixin`, a base of ``gateway.websocket.VMKGWebsocketConnection``:
 
-**Coming back without a gap (resume).** Messages written to a websocket just before its
-connection broke are gone: they sat in socket buffers, or the gateway wrote them before it
-noticed the break. A client that opens its websocket with ``?vmkg_resume=`` asks the
-gateway to keep the last messages it sent to that session (``resume_window``); when it
-reconnects with ``?session_id=<same>&vmkg_resume=<msg_id of the last message it got>``,
-what was sent after that message is written again first, then what was buffered while it
-was away. An unknown or empty id resends the whole window, so a resuming client drops
-messages whose ``msg_id`` it has already seen (the vmkg SDK does). Clients that do not ask
-see no change. A reconnect that finds the old websocket of its session still open (the
-gateway had not noticed the break yet) waits, briefly, until that one is closed, so the
-kernel's replies are not split between the two.
+- **Nothing lost to a close.** Messages that arrive while a websocket is closing are kept
+  (``_undelivered``) and put in front of the replay buffer when it has closed, instead of
+  being written into a dead socket.
+- **Resume without a gap.** Messages written to a websocket just before its connection
+  broke are gone: they sat in socket buffers, or the gateway wrote them before it noticed
+  the break. A client that opens its websocket with ``?vmkg_resume=`` asks the gateway to
+  keep the last messages it sent to that session (``resume_window``); when it reconnects
+  with ``?session_id=<same>&vmkg_resume=<msg_id of the last message it got>``, what was
+  sent after that message is written again first, then what was buffered while it was
+  away. An unknown or empty id resends the whole window, so a resuming client drops
+  messages whose ``msg_id`` it has already seen (the vmkg SDK does). Clients that do not
+  ask see no change. A reconnect that finds the old websocket of its session still open
+  (the gateway had not noticed the break yet) waits, briefly, until that one is closed,
+  so the kernel's replies are not split between the two.
+- **Not coming back: interrupt on disconnect.** A client that dies mid-cell would leave
+  its kernel busy forever (idle culling spares busy kernels). With
+  ``interrupt_on_disconnect`` (default on), when the last websocket of a busy kernel
+  closes and none reconnects within ``disconnect_grace`` seconds, the kernel is
+  interrupted (again every grace period while it stays busy and alone, for cells that
+  swallow one KeyboardInterrupt). Its state is kept; the interrupted cell's error waits
+  in the replay buffer for whoever connects next.
 
-**Not coming back (interrupt on disconnect).** A client that dies mid-cell would leave
-its kernel busy forever (idle culling spares busy kernels). With ``interrupt_on_disconnect``
-(default on), when the last websocket of a busy kernel closes and none reconnects within
-``disconnect_grace`` seconds, the kernel is interrupted (again every grace period while it
-stays busy and alone, for cells that swallow one KeyboardInterrupt). Its state is kept;
-the interrupted cell's error waits in the replay buffer for whoever connects next.
+Everything here runs on the gateway's event loop. Message framing is ``gateway.wire``;
+jupyter_server internals (open sessions, connection counts) come from ``gateway.internals``.
 """
 
 from __future__ import annotations
 
 import asyncio
-import json
 import time
 from collections import deque
 from functools import partial
@@ -38,9 +54,10 @@ from prometheus_client import Counter
 from traitlets import Bool, Float, Integer
 from traitlets.config import LoggingConfigurable
 
+from . import wire
 from .envvars import env_trait
+from .internals import closed_future, connection_count, open_session_keys, session_connection
 
-DELIM = b"<IDS|MSG>"
 RESUME_ARG = "vmkg_resume"
 RINGS_PER_KERNEL = 4
 #: a resumable session's kept messages are dropped after this long without a connection
@@ -63,7 +80,7 @@ class _Ring:
         self.used = time.monotonic()
 
     def add(self, channel: str, msg_list: list[Any]) -> None:
-        msg_id = _msg_id(msg_list)
+        msg_id = wire.msg_id(msg_list)
         if msg_id is None:
             return
         self.used = time.monotonic()
@@ -85,18 +102,9 @@ class _Ring:
         return [(channel, parts) for _, channel, parts in items[start:]]
 
 
-def _msg_id(msg_list: list[Any]) -> str | None:
-    try:
-        i = msg_list.index(DELIM)
-        header = json.loads(bytes(msg_list[i + 2]))
-        return str(header["msg_id"])
-    except (ValueError, IndexError, KeyError, TypeError):
-        return None
-
-
 class ReconnectMixin(LoggingConfigurable):
-    """Resume and interrupt-on-disconnect for a ``ZMQChannelsWebsocketConnection``
-    (put it first among the bases). Everything here runs on the gateway's event loop."""
+    """Undelivered messages, resume and interrupt-on-disconnect for a
+    ``ZMQChannelsWebsocketConnection`` (put it first among the bases)."""
 
     interrupt_on_disconnect = env_trait(
         Bool, "VMKG_INTERRUPT_ON_DISCONNECT", True,
@@ -128,7 +136,11 @@ class ReconnectMixin(LoggingConfigurable):
     session_key: str
     websocket_handler: Any
     multi_kernel_manager: Any
-    _open_sessions: ClassVar[dict[str, Any]]
+    channels: dict[str, Any]
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self._undelivered: list[tuple[str | None, list[Any]]] = []
 
     # -- resume ------------------------------------------------------------------------
 
@@ -142,13 +154,11 @@ class ReconnectMixin(LoggingConfigurable):
     async def prepare(self) -> None:
         stale = None
         if self._resume_arg() is not None:
-            handler = self._open_sessions.get(f"{self.kernel_id}:{self.session.session}")
-            stale = getattr(handler, "connection", None)
+            stale = session_connection(self.kernel_id, self.session.session)
         await super().prepare()  # type: ignore[misc]  # closes a stale websocket of the session
         if stale is not None and stale is not self:
             try:
-                await asyncio.wait_for(asyncio.shield(asyncio.wrap_future(stale._close_future)),
-                                       STALE_CLOSE_WAIT)
+                await asyncio.wait_for(asyncio.shield(closed_future(stale)), STALE_CLOSE_WAIT)
             except asyncio.TimeoutError:
                 self.log.warning("kernel %s: the previous websocket of session %s is still closing",
                                  self.kernel_id, self.session.session)
@@ -158,7 +168,7 @@ class ReconnectMixin(LoggingConfigurable):
         if ring is None and create:
             mkm = self.multi_kernel_manager
             stale = time.monotonic() - RING_TTL
-            live = set(self._open_sessions)
+            live = open_session_keys()
             for key, other in list(self._rings.items()):
                 if other.kernel_id not in mkm or (other.used < stale and key not in live):
                     del self._rings[key]
@@ -189,8 +199,7 @@ class ReconnectMixin(LoggingConfigurable):
         ring = self._ring(create=True)
         lost = ring.after(last) if ring is not None else []
         mkm = self.multi_kernel_manager
-        info = mkm._kernel_buffers.get(self.kernel_id) or {}
-        into_buffer = bool(lost) and info.get("session_key") == self.session_key
+        into_buffer = bool(lost) and mkm.buffered_session(self.kernel_id) == self.session_key
         if into_buffer:
             mkm.prepend_buffered(self.kernel_id, self.session_key, lost)
         if lost:
@@ -204,12 +213,22 @@ class ReconnectMixin(LoggingConfigurable):
     def _resend(self, messages: list[tuple[str, list[Any]]]) -> None:
         for channel, parts in messages:
             if channel in getattr(self, "channels", {}):
-                self.handle_outgoing_message(self.channels[channel], parts)  # type: ignore[attr-defined]
+                self.handle_outgoing_message(self.channels[channel], parts)
+
+    # -- kernel -> client: undelivered, kept for resume ----------------------------------
+
+    def _ws_closed(self) -> bool:
+        conn = self.websocket_handler.ws_connection
+        return conn is None or bool(conn.is_closing())
 
     def handle_outgoing_message(self, stream: Any, outgoing_msg: list[Any]) -> None:
+        channel = stream if isinstance(stream, str) else getattr(stream, "channel", None)
+        if self._ws_closed():
+            if len(self._undelivered) < self.multi_kernel_manager.max_buffered_messages:
+                self._undelivered.append((channel, outgoing_msg))
+            return
         if getattr(self, "_resumable", False):
             ring = self._ring(create=False)
-            channel = stream if isinstance(stream, str) else getattr(stream, "channel", None)
             if ring is not None and channel:
                 ring.add(channel, outgoing_msg)
         super().handle_outgoing_message(stream, outgoing_msg)  # type: ignore[misc]
@@ -217,13 +236,16 @@ class ReconnectMixin(LoggingConfigurable):
     # -- interrupt on disconnect -------------------------------------------------------
 
     def disconnect(self) -> None:
+        undelivered, self._undelivered = self._undelivered, []
         super().disconnect()  # type: ignore[misc]
+        if undelivered:
+            self.multi_kernel_manager.prepend_buffered(self.kernel_id, self.session_key, undelivered)
         if self.interrupt_on_disconnect:
             self._arm_interrupt(self.multi_kernel_manager, self.kernel_id, self.disconnect_grace, self.log)
 
     @classmethod
     def _arm_interrupt(cls, mkm: Any, kernel_id: str, grace: float, log: Any) -> None:
-        if kernel_id not in mkm or mkm._kernel_connections.get(kernel_id, 0) > 0:
+        if kernel_id not in mkm or connection_count(mkm, kernel_id) > 0:
             return
         old = cls._interrupt_timers.pop(kernel_id, None)
         if old is not None:
@@ -235,7 +257,7 @@ class ReconnectMixin(LoggingConfigurable):
     @classmethod
     def _interrupt_if_abandoned(cls, mkm: Any, kernel_id: str, grace: float, log: Any) -> None:
         cls._interrupt_timers.pop(kernel_id, None)
-        if kernel_id not in mkm or mkm._kernel_connections.get(kernel_id, 0) > 0:
+        if kernel_id not in mkm or connection_count(mkm, kernel_id) > 0:
             return
         if getattr(mkm.get_kernel(kernel_id), "execution_state", None) != "busy":
             return
@@ -260,17 +282,26 @@ class ReplayBufferMixin(LoggingConfigurable):
     max_buffered_bytes = env_trait(Integer, "VMKG_MAX_BUFFERED_BYTES", 256 * 1024 * 1024,
                                    help="Bytes kept per kernel while no websocket is connected.")
 
+    # jupyter_server's, for the attributes used here
+    buffer_offline_messages: bool
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        #: kernel id -> {"session_key", "buffer", "channels", "bytes", "dropped"}
+        self._replay: dict[str, dict[str, Any]] = {}
+
     def start_buffering(self, kernel_id: str, session_key: str, channels: dict[str, Any]) -> None:
+        """Called by jupyter_server when the last websocket of ``kernel_id`` closed."""
         if not self.buffer_offline_messages:
             for stream in channels.values():
                 stream.close()
             return
         self.log.info("kernel %s: buffering messages for session %s", kernel_id, session_key)
-        self._check_kernel_id(kernel_id)
+        self._check_kernel_id(kernel_id)  # type: ignore[attr-defined]
         self.stop_buffering(kernel_id)
-        info = self._kernel_buffers[kernel_id]
         buf: deque[tuple[str, list[bytes]]] = deque()
-        info.update(session_key=session_key, buffer=buf, channels=channels, bytes=0, dropped=0)
+        info = self._replay[kernel_id] = dict(session_key=session_key, buffer=buf, channels=channels,
+                                              bytes=0, dropped=0)
         for channel, stream in channels.items():
             stream.on_recv(partial(self._buffer_msg, info, channel))
 
@@ -284,9 +315,14 @@ class ReplayBufferMixin(LoggingConfigurable):
             info["bytes"] -= sum(len(p) for p in old)
             info["dropped"] += 1
 
-    def prepend_buffered(self, kernel_id: str, session_key: str, messages: list[tuple[str, list[Any]]]) -> None:
+    def buffered_session(self, kernel_id: str) -> str | None:
+        """The session whose messages are being buffered for ``kernel_id``, if any."""
+        info = self._replay.get(kernel_id)
+        return info["session_key"] if info else None
+
+    def prepend_buffered(self, kernel_id: str, session_key: str, messages: list[tuple[str | None, list[Any]]]) -> None:
         """Put messages a closing websocket could not deliver in front of the buffer."""
-        info = self._kernel_buffers.get(kernel_id) if kernel_id in self._kernel_buffers else None
+        info = self._replay.get(kernel_id)
         if not info or info.get("session_key") != session_key:
             return
         for channel, parts in reversed(messages):
@@ -294,8 +330,16 @@ class ReplayBufferMixin(LoggingConfigurable):
             info["bytes"] = info.get("bytes", 0) + sum(len(p) for p in parts)
 
     def get_buffer(self, kernel_id: str, session_key: str) -> Any:
-        info = super().get_buffer(kernel_id, session_key)
-        if info and info.get("dropped"):
+        """Called by jupyter_server when a websocket connects: the buffer if it is for this
+        session (which then owns it), else None (and another session's buffer is dropped)."""
+        info = self._replay.get(kernel_id)
+        if info is None:
+            return None
+        if info["session_key"] != session_key:
+            self.stop_buffering(kernel_id)
+            return None
+        del self._replay[kernel_id]
+        if info.get("dropped"):
             notice = self._notice(kernel_id, (
                 f"[vmkg] {info['dropped']} messages of this kernel were dropped while no client "
                 f"was connected (replay buffer limit: {self.max_buffered_messages} messages, "
@@ -304,12 +348,26 @@ class ReplayBufferMixin(LoggingConfigurable):
                 info["buffer"].appendleft(("iopub", notice))
         return info
 
+    def stop_buffering(self, kernel_id: str) -> None:
+        """Drop a kernel's buffer and close its streams (jupyter_server calls this when the
+        kernel shuts down; a new buffer or another session's websocket does too)."""
+        self._check_kernel_id(kernel_id)  # type: ignore[attr-defined]
+        info = self._replay.pop(kernel_id, None)
+        if info is None:
+            return
+        for stream in info["channels"].values():
+            if not stream.socket.closed:
+                stream.on_recv(None)
+                stream.close()
+        if info["buffer"]:
+            self.log.info("kernel %s: discarding %d buffered messages of session %s", kernel_id,
+                          len(info["buffer"]), info["session_key"])
+
     def _notice(self, kernel_id: str, text: str) -> list[bytes] | None:
         """A signed iopub stderr message, as if from the kernel (for the replay buffer)."""
-        km = self._kernels.get(kernel_id)
-        if km is None:
+        if kernel_id not in self:  # type: ignore[operator]
             return None
-        session = km.session
+        session = self.get_kernel(kernel_id).session  # type: ignore[attr-defined]
         msg = session.msg("stream", content={"name": "stderr", "text": text})
         parts: list[bytes] = session.serialize(msg)
         return parts

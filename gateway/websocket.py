@@ -10,17 +10,15 @@ protocol, and replays what its kernel manager buffered while the client was away
   flushed; messages wait in ZMQ meanwhile. Stream messages larger than
   ``split_stream_size`` are split into several (same parent, consecutive text), so a 20 MB
   print reaches clients whose frame limit is 10 MiB (tornado's, used by GatewayClient).
-- **Nothing lost to a close.** Messages that arrive while the websocket is closing are
-  put in front of the replay buffer instead of being written into a dead socket.
 - **Bad frames get a clear answer.** A frame that is not a Jupyter message (bad JSON,
   bad v1 offsets, no header) or names an unknown channel closes that websocket with code
   1007 and a reason; the kernel and every other connection are untouched. Oversized
   frames are closed by tornado with 1009 (``websocket_max_message_size``).
 - **Latency.** TCP_NODELAY on every channels socket: small replies go out at once
   instead of waiting out Nagle's algorithm against the peer's delayed ACK.
-- **Clients that go away** (``gateway.replay``): a client that asks can resume a broken
-  connection without losing what was in flight; a busy kernel whose clients all left is
-  interrupted after a grace period (``interrupt_on_disconnect``).
+- **Output while no client is connected** (``gateway.replay``, ``ReconnectMixin``, a
+  base of this class): nothing lost to a close, resume with ``?vmkg_resume=``, a busy
+  kernel whose clients all left interrupted after a grace period.
 - **Restart.** :meth:`VMKGWebsocketConnection.announce` sends ``status: restarting`` to
   every open websocket of a kernel (the REST restart handler calls it).
 """
@@ -37,10 +35,10 @@ from tornado import web
 from tornado.websocket import WebSocketClosedError
 from traitlets import Bool, Integer
 
-from . import errors, metrics
+from . import errors, internals, metrics, wire
 from .handlers import unauthorized_message
 from .replay import ReconnectMixin
-from .wire import DELIM, V1, BadFrame, parse_legacy, parse_v1
+from .wire import V1, BadFrame, parse_legacy, parse_v1
 
 CLOSE_BAD_FRAME = 1007
 #: the channels a client may send on (iopub only carries messages from the kernel)
@@ -64,7 +62,6 @@ class VMKGWebsocketConnection(ReconnectMixin, ZMQChannelsWebsocketConnection):
         self._queued = 0
         self._paused = False
         self._closed = False
-        self._undelivered: list[tuple[str, list[Any]]] = []
 
     # -- client -> kernel ------------------------------------------------------------------
 
@@ -109,16 +106,8 @@ class VMKGWebsocketConnection(ReconnectMixin, ZMQChannelsWebsocketConnection):
 
     # -- kernel -> client ------------------------------------------------------------------
 
-    def _ws_closed(self) -> bool:
-        conn = self.websocket_handler.ws_connection
-        return conn is None or conn.is_closing()
-
     def handle_outgoing_message(self, stream: Any, outgoing_msg: list[Any]) -> None:
         channel = stream if isinstance(stream, str) else getattr(stream, "channel", None)
-        if self._ws_closed():
-            if len(self._undelivered) < self.multi_kernel_manager.max_buffered_messages:
-                self._undelivered.append((channel, outgoing_msg))
-            return
         for parts in self._split(channel, outgoing_msg):
             super().handle_outgoing_message(stream, parts)
 
@@ -126,26 +115,21 @@ class VMKGWebsocketConnection(ReconnectMixin, ZMQChannelsWebsocketConnection):
         size = self.split_stream_size
         if channel != "iopub" or size <= 0:
             return [msg_list]
-        try:
-            i = msg_list.index(DELIM)
-        except ValueError:
+        frames = wire.split(msg_list)
+        if frames is None or len(frames.content) <= size:
             return [msg_list]
-        if len(msg_list) < i + 6 or len(msg_list[i + 5]) <= size:
-            return [msg_list]
-        header = self.session.unpack(msg_list[i + 2])
+        header = self.session.unpack(frames.header)
         if header.get("msg_type") != "stream":
             return [msg_list]
-        content = self.session.unpack(msg_list[i + 5])
+        content = self.session.unpack(frames.content)
         text = content.get("text")
         if not isinstance(text, str) or len(text) <= size:
             return [msg_list]
-        out = []
-        for n, start in enumerate(range(0, len(text), size)):
-            body = [self.session.pack({**header, "msg_id": f"{header.get('msg_id')}-{n}"}),
-                    msg_list[i + 3], msg_list[i + 4],
-                    self.session.pack({**content, "text": text[start:start + size]})]
-            out.append([*msg_list[:i], DELIM, self.session.sign(body), *body])
-        return out
+        return [wire.join(frames._replace(
+                    header=self.session.pack({**header, "msg_id": f"{header.get('msg_id')}-{n}"}),
+                    content=self.session.pack({**content, "text": text[start:start + size]})),
+                    self.session)
+                for n, start in enumerate(range(0, len(text), size))]
 
     @property
     def write_message(self) -> Any:
@@ -229,29 +213,26 @@ class VMKGWebsocketConnection(ReconnectMixin, ZMQChannelsWebsocketConnection):
 
     # -- lifecycle -----------------------------------------------------------------------
 
-    def disconnect(self) -> None:
+    def disconnect(self) -> None:  # type: ignore[override]  # sync in jupyter_server too
         self._closed = True
-        undelivered, self._undelivered = self._undelivered, []
         super().disconnect()
-        if undelivered:
-            self.multi_kernel_manager.prepend_buffered(self.kernel_id, self.session_key, undelivered)
 
     @classmethod
     def close_for_kernel(cls, kernel_id: str) -> None:
         """Close every websocket of a kernel that is gone (deleted, culled, died): clients
         learn it at once instead of talking to nothing."""
-        for conn in list(ZMQChannelsWebsocketConnection._open_sockets):
-            if conn.kernel_id == kernel_id and conn.websocket_handler is not None:
+        for conn in internals.connections_of(kernel_id):
+            if conn.websocket_handler is not None:
                 conn.websocket_handler.close(1001, f"kernel {kernel_id} was shut down")
 
     @classmethod
     def announce(cls, kernel_id: str, state: str) -> int:
         """Send ``status: <state>`` to every open websocket of ``kernel_id``."""
         n = 0
-        for conn in list(ZMQChannelsWebsocketConnection._open_sockets):
-            if conn.kernel_id == kernel_id and conn.websocket_handler is not None and conn.channels:
+        for conn in internals.connections_of(kernel_id):
+            if conn.websocket_handler is not None and conn.channels:
                 try:
-                    conn._send_status_message(state)
+                    internals.send_status(conn, state)
                     n += 1
                 except (WebSocketClosedError, OSError):
                     pass

@@ -1,16 +1,20 @@
 """Limits and kernel names of ``vmkg serve``: max_kernels and max_kernels_per_user answered
 with 403 and a clear message (also under concurrent requests), the pool staying within
-max_kernels, one kernelspec per template, forced kernel names."""
+max_kernels, one kernelspec per template, forced kernel names, the replay buffer's bound
+(output beyond it dropped, and the client told)."""
 
 from __future__ import annotations
 
+import asyncio
 import json
+import re
+import uuid
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import pytest
-from gateway_helpers import Gateway
+from gateway_helpers import Channels, Gateway
 
 pytestmark = pytest.mark.vm
 KERNEL = "python3-microvm"
@@ -23,7 +27,7 @@ def gw(template: Any, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gate
     templates = work / "templates.json"
     templates.write_text(json.dumps({"data": {"display_name": "Data (microVM)", "memory_mb": 2048}}))
     g = Gateway(work, "--max-kernels=3", "--max-kernels-per-user=1", "--pool-size=1",
-                f"--force-kernel-name={KERNEL}",
+                f"--force-kernel-name={KERNEL}", "--VMMappingKernelManager.max_buffered_messages=20",
                 env={"VMKG_TEMPLATES": str(templates)})
     try:
         yield g
@@ -89,3 +93,40 @@ def test_concurrent_requests_cannot_overshoot(gw: Gateway) -> None:
                                                    json={"env": {"KERNEL_USERNAME": "eve"}}), range(3)))
     assert sorted(r.status_code for r in results) == [201, 403, 403]
     clear(gw)
+
+
+async def test_output_beyond_the_replay_buffer_is_dropped_with_a_notice(gw: Gateway) -> None:
+    clear(gw)
+    kid = gw.start_kernel()["id"]
+    try:
+        session = uuid.uuid4().hex
+        ch = await Channels.open(gw, kid, session=session)
+        msg_id = await ch.send("execute_request", {
+            "code": "import time\ntime.sleep(1)\nfor i in range(100):\n    print(i, flush=True)\n"
+                    "    time.sleep(0.01)", "silent": False})
+        await ch.close()  # gone before the output starts
+        await asyncio.sleep(10)
+        ch = await Channels.open(gw, kid, session=session)
+        notices: list[str] = []
+        lines: list[str] = []
+        reply = idle = False
+        while not (reply and idle):
+            m = await ch.recv(60)
+            if m.msg_type == "stream" and m.content["text"].startswith("[vmkg]"):
+                notices.append(m.content["text"])
+            elif m.parent.get("msg_id") != msg_id:
+                continue
+            elif m.msg_type == "stream":
+                lines += m.content["text"].splitlines()
+            elif m.msg_type == "status" and m.content["execution_state"] == "idle":
+                idle = True
+            elif m.channel == "shell":
+                reply = m.content["status"] == "ok"
+        await ch.close()
+        assert len(notices) == 1, notices
+        found = re.match(r"\[vmkg\] (\d+) messages of this kernel were dropped while no client "
+                         r"was connected \(replay buffer limit: 20 messages", notices[0])
+        assert found, notices[0]
+        assert lines and lines[-1] == "99" and len(lines) < 100  # the newest were kept
+    finally:
+        gw.delete_kernel(kid)
