@@ -11,10 +11,18 @@ reads).
     NoSuchKernel           404  unknown kernelspec name
     KernelBusy, VMDied     409  the kernel cannot do that in its current state
     ConfigError            400  a request asked for something that cannot work
-    TemplateError, ImageError, VMStartError, ChannelError, AgentError
-                           503  the VM could not be restored/reached now (retry may work)
+    AgentError             by its ``kind``: forbidden 403, not_found 404, invalid 400,
+                           no_space 507; any other kind 503
+    TemplateError (TemplateIncompatible too), ImageError, VMStartError, VMError,
+    ChannelError, ForkError
+                           503  a template could not be baked, a VM restored, reached or
+                                snapshotted for a fork now (the parent kernel is unaffected;
+                                a retry may work)
     TimeoutError           504  a kernel did not answer in time
-    any other VMKGError    500
+    any other VMKGError    500, with its message
+
+The runtime translates QMP and OS errors into its own exceptions, so a fork or a bake
+that fails reaches the client as one of the above, with the reason in ``message``.
 """
 
 from __future__ import annotations
@@ -32,11 +40,13 @@ from kernelmanager.exceptions import (
     AgentError,
     ChannelError,
     ConfigError,
+    ForkError,
     ImageError,
     KernelBusy,
     LimitExceeded,
     TemplateError,
     VMDied,
+    VMError,
     VMKGError,
     VMStartError,
 )
@@ -50,15 +60,23 @@ _STATUS: list[tuple[type[BaseException], int]] = [
     (TemplateError, 503),
     (ImageError, 503),
     (VMStartError, 503),
+    (VMError, 503),
     (ChannelError, 503),
+    (ForkError, 503),
     (AgentError, 503),
     (TimeoutError, 504),
     (VMKGError, 500),
 ]
 
 
+#: the guest agent's refusal kinds (guest/files.py) and what they mean over HTTP
+AGENT_KIND_STATUS = {"forbidden": 403, "not_found": 404, "invalid": 400, "no_space": 507}
+
+
 def status_for(exc: BaseException) -> int | None:
     """The HTTP status for a domain error, or None if it is not one we translate."""
+    if isinstance(exc, AgentError) and exc.kind in AGENT_KIND_STATUS:
+        return AGENT_KIND_STATUS[exc.kind]
     for cls, status in _STATUS:
         if isinstance(exc, cls):
             return status
