@@ -24,7 +24,7 @@ import secrets
 import signal
 import socket
 import sys
-from typing import Any
+from typing import Any, cast
 
 from jupyter_events import EventLogger
 from jupyter_server.auth.authorizer import AllowAllAuthorizer
@@ -161,7 +161,7 @@ class ServeApp(Application):
     # -- start -------------------------------------------------------------------------------
 
     def start(self) -> None:
-        level = self.log_level
+        level = cast(int | str, self.log_level)
         logs.configure(level, self.json_logs)
         self.log = logging.getLogger("vmkg.gateway")
         if self.parent is not None:
@@ -319,6 +319,7 @@ class VMKGApp(Application):
         if self.subapp is None:
             self.print_help()
             self.exit(2)
+        assert self.subapp is not None
         self.subapp.start()
 
 

@@ -38,6 +38,7 @@ class _Group(_Sub):
         if self.subapp is None:
             self.print_help()
             self.exit(2)
+        assert self.subapp is not None
         self.subapp.start()
 
 

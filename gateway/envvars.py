@@ -29,14 +29,13 @@ fails at start with the variable's name in the message.
 
 from __future__ import annotations
 
-import functools
 import os
 from collections.abc import Callable
 from typing import Any, TypeVar
 
 from traitlets import Bool, Float, HasTraits, Integer, List, TraitError, TraitType, Unicode
 
-T = TypeVar("T", bound=TraitType)  # type: ignore[type-arg]
+T = TypeVar("T", bound=TraitType)
 
 
 def _parser(kind: type) -> Callable[[str], Any]:
@@ -53,27 +52,34 @@ def _parser(kind: type) -> Callable[[str], Any]:
     raise TypeError(f"env_trait: no parser for {kind.__name__} traits")
 
 
-@functools.cache
+_ENV_KINDS: dict[type, type] = {}
+
+
 def _env_kind(kind: type[T]) -> type[T]:
     """``kind`` with a default read from the environment. Same ``__name__`` as ``kind``, so
-    ``--help-all`` shows ``--X.port=<Int>`` as before."""
+    ``--help-all`` shows ``--X.port=<Int>`` as before. One subclass per kind."""
+    if kind in _ENV_KINDS:
+        return _ENV_KINDS[kind]
     parse = _parser(kind)
 
     def default(self: Any, obj: Any = None) -> Any:
         fallback = kind.default(self, obj)
-        text = os.environ.get(self.env_var)
+        var = self.metadata["env_var"]
+        text = os.environ.get(var)
         if text is None or (text == "" and not issubclass(kind, Unicode)):
             return fallback
         try:
             value = parse(text)
         except ValueError as exc:
-            raise TraitError(f"${self.env_var}={text!r}: not a valid {kind.__name__}") from exc
-        if self.zero_is_default and value == 0:
+            raise TraitError(f"${var}={text!r}: not a valid {kind.__name__}") from exc
+        if self.metadata["zero_is_default"] and value == 0:
             return fallback
         return value
 
-    return type(kind.__name__, (kind,), {"default": default, "__module__": __name__,
-                                          "__qualname__": kind.__qualname__, "__doc__": kind.__doc__})
+    sub = type(kind.__name__, (kind,), {"default": default, "__module__": __name__,
+                                        "__qualname__": kind.__qualname__, "__doc__": kind.__doc__})
+    _ENV_KINDS[kind] = sub
+    return sub
 
 
 def env_trait(kind: type[T], env_var: str, default_value: Any, *, help: str,
@@ -85,9 +91,7 @@ def env_trait(kind: type[T], env_var: str, default_value: Any, *, help: str,
     """
     note = f"(${env_var}, comma-separated)" if issubclass(kind, List) else f"(${env_var})"
     trait = _env_kind(kind)(default_value=default_value, config=True, help=f"{help} {note}", **kwargs)
-    trait.env_var = env_var  # type: ignore[attr-defined]
-    trait.zero_is_default = zero_is_default  # type: ignore[attr-defined]
-    return trait
+    return trait.tag(env_var=env_var, zero_is_default=zero_is_default)
 
 
 def inherited_help(cls: type[HasTraits], name: str) -> str:

@@ -34,7 +34,7 @@ def lineage(mkm: Any) -> dict[str, dict[str, Any]]:
     """kernel id -> {"parent_id", "forked_at"} for every kernel made by a fork."""
     if not hasattr(mkm, "_vmkg_lineage"):
         mkm._vmkg_lineage = {}
-    return mkm._vmkg_lineage  # type: ignore[no-any-return]
+    return mkm._vmkg_lineage
 
 
 def lineage_fields(mkm: Any, kernel_id: str) -> dict[str, Any]:

@@ -140,7 +140,7 @@ class MainKernelHandler(GatewayHandlerMixin, km_handlers.MainKernelHandler):
         if kernel_id is not None and (not isinstance(kernel_id, str) or not UUID.fullmatch(kernel_id)):
             raise web.HTTPError(400, "'kernel_id' must be a UUID")
         path = model.get("path")
-        km = self.kernel_manager
+        km: Any = self.kernel_manager
         with errors.translated():
             kid = await km.start_kernel(kernel_name=name or None, kernel_id=kernel_id, env=env,
                                         path=path if isinstance(path, str) else None)
@@ -164,7 +164,7 @@ class KernelHandler(GatewayHandlerMixin, km_handlers.KernelHandler):
 class KernelActionHandler(GatewayHandlerMixin, km_handlers.KernelActionHandler):
     @web.authenticated
     async def post(self, kernel_id: str, action: str) -> None:
-        km = self.kernel_manager
+        km: Any = self.kernel_manager
         km._check_kernel_id(kernel_id)
         if action == "interrupt":
             with errors.translated():
@@ -196,11 +196,12 @@ class KernelSpecHandler(GatewayHandlerMixin, ks_handlers.KernelSpecHandler):
 
 class KernelSpecResourceHandler(GatewayHandlerMixin, ks_resources.KernelSpecResourceHandler):
     @web.authenticated
-    async def get(self, kernel_name: str, path: str, include_body: bool = True) -> Any:
+    async def get(self, kernel_name: str, path: str, include_body: bool = True) -> Any:  # type: ignore[override]
         if not path or ".." in path.split("/") or "\\" in path or path.startswith("/"):
             raise web.HTTPError(400, "Invalid kernelspec resource path %r: use a file name such as "
                                      "'logo-64x64.png'", path)
-        return await super().get(kernel_name, path, include_body=include_body)
+        result = super().get(kernel_name, path, include_body=include_body)
+        return await result if inspect.isawaitable(result) else result
 
     def compute_etag(self) -> str | None:
         return None if self.get_status() >= 400 else super().compute_etag()

@@ -29,7 +29,7 @@ import os
 import time
 from collections import Counter
 from collections.abc import Callable
-from typing import Any
+from typing import Any, cast
 
 from jupyter_core.paths import jupyter_runtime_dir
 from jupyter_server.services.kernels.kernelmanager import AsyncMappingKernelManager
@@ -138,7 +138,7 @@ class VMMappingKernelManager(ReplayBufferMixin, AsyncMappingKernelManager):
 
         prov = self.config.MicroVMProvisioner
         current = list(prov.env_allowlist) if "env_allowlist" in prov else \
-            list(MicroVMProvisioner.class_traits()["env_allowlist"].default())
+            list(MicroVMProvisioner.class_traits()["env_allowlist"].default() or [])
         prov.env_allowlist = sorted(set(current) | set(self.env_allowlist) | set(self.env_process_allowlist))
 
     # -- what the warm pool needs (gateway.pool.PoolOwner) ----------------------------------
@@ -146,11 +146,15 @@ class VMMappingKernelManager(ReplayBufferMixin, AsyncMappingKernelManager):
     def pool_target(self, kernel_name: str) -> int:
         if self.force_kernel_name and kernel_name != self.force_kernel_name:
             return 0
-        return max(0, self.pool_sizes.get(kernel_name, self.pool_size))
+        return max(0, int(self.pool_sizes.get(kernel_name, self.pool_size) or 0))
 
     def kernelspec_names(self) -> list[str]:
-        assert self.kernel_spec_manager is not None
-        return list(self.kernel_spec_manager.find_kernel_specs())
+        return list(self._specs().find_kernel_specs())
+
+    def _specs(self) -> Any:
+        specs = self.kernel_spec_manager
+        assert specs is not None, "the app gives every kernel manager a kernelspec manager"
+        return specs
 
     def starts_in_flight(self) -> int:
         return sum(self._reserved.values())
@@ -158,6 +162,7 @@ class VMMappingKernelManager(ReplayBufferMixin, AsyncMappingKernelManager):
     async def start_unlisted_kernel(self, kernel_name: str) -> Any:
         """Start a kernel manager outside the kernel map (for the warm pool)."""
         kwargs: dict[str, Any] = {}
+        km: Any
         km, _, kid = self.pre_start_kernel(kernel_name, kwargs)
         try:
             await km.start_kernel(kernel_id=kid, env=self.kernel_env({}))
@@ -203,9 +208,9 @@ class VMMappingKernelManager(ReplayBufferMixin, AsyncMappingKernelManager):
                 f"max_kernels_per_user reached: user {username!r} may hold at most "
                 f"{self.max_kernels_per_user} kernels; shut one down first")
 
-    async def start_kernel(self, *, kernel_name: str | None = None, kernel_id: str | None = None,
-                           path: str | None = None, env: dict[str, str] | None = None,
-                           **kwargs: Any) -> str:
+    async def start_kernel(  # type: ignore[override]  # async, as in jupyter_server
+            self, *, kernel_name: str | None = None, kernel_id: str | None = None,
+            path: str | None = None, env: dict[str, str] | None = None, **kwargs: Any) -> str:
         """Start (or take from the pool) a kernel for a client; returns its id.
 
         ``env`` is what the request brought; it is filtered by :meth:`kernel_env`.
@@ -214,7 +219,7 @@ class VMMappingKernelManager(ReplayBufferMixin, AsyncMappingKernelManager):
         if kernel_id is not None and kernel_id in self:
             return kernel_id
         kernel_name = self.resolve_kernel_name(kernel_name)
-        self.kernel_spec_manager.get_kernel_spec(kernel_name)  # NoSuchKernel before anything else
+        self._specs().get_kernel_spec(kernel_name)  # NoSuchKernel before anything else
         kernel_env = self.kernel_env(env or {})
         username = kernel_env.get("KERNEL_USERNAME", "")
         self._check_limits(username)
@@ -229,8 +234,8 @@ class VMMappingKernelManager(ReplayBufferMixin, AsyncMappingKernelManager):
             else:
                 source = "restore"
                 kid = await super().start_kernel(kernel_name=kernel_name, kernel_id=kernel_id,
-                                                 path=path, env=kernel_env, **kwargs)
-                km = self.get_kernel(kid)
+                                                 path=cast(Any, path), env=kernel_env, **kwargs)
+                km: Any = self.get_kernel(kid)
                 if km.execution_state == "starting":
                     # restored from a snapshot of an idle kernel, identity taken on: it is idle
                     # (jupyter_server would say "starting" until a websocket nudged it)
@@ -255,7 +260,7 @@ class VMMappingKernelManager(ReplayBufferMixin, AsyncMappingKernelManager):
         if vk is not None and "start" in vk.timings:
             metrics.VM_RESTORE_SECONDS.observe(vk.timings["start"])
 
-    async def restart_kernel(self, kernel_id: str, now: bool = False) -> Any:
+    async def restart_kernel(self, kernel_id: str, now: bool = False) -> Any:  # type: ignore[override]  # async, as in jupyter_server
         future = await super().restart_kernel(kernel_id, now=now)
 
         def observe(_: Any) -> None:
@@ -275,7 +280,7 @@ class VMMappingKernelManager(ReplayBufferMixin, AsyncMappingKernelManager):
 
     def kernel_model(self, kernel_id: str) -> dict[str, Any]:
         model: dict[str, Any] = super().kernel_model(kernel_id)
-        kernel = self.get_kernel(kernel_id)
+        kernel: Any = self.get_kernel(kernel_id)
         # GatewayClient parses '%Y-%m-%dT%H:%M:%S.%fZ'; isoformat() drops '.%f' when it is 0
         model["last_activity"] = kernel.last_activity.strftime("%Y-%m-%dT%H:%M:%S.%fZ")
         from .forks import lineage_fields  # lineage: parent_id, forked_at (None unless forked)
@@ -292,7 +297,7 @@ class VMMappingKernelManager(ReplayBufferMixin, AsyncMappingKernelManager):
             self.culled += 1
             metrics.KERNELS_CULLED.inc()
 
-    async def shutdown_all(self, now: bool = False) -> None:
+    async def shutdown_all(self, now: bool = False) -> None:  # type: ignore[override]  # async, as in jupyter_server
         """Stop every kernel, pooled ones included (gateway shutdown)."""
         await asyncio.gather(self.pool.close(), super().shutdown_all(now=now))
 

@@ -29,6 +29,7 @@ import asyncio
 from functools import partial
 from typing import Any
 
+from jupyter_core.utils import ensure_async
 from jupyter_server.services.kernels.connection.channels import ZMQChannelsWebsocketConnection
 from jupyter_server.services.kernels.websocket import KernelWebsocketHandler
 from tornado import web
@@ -70,6 +71,7 @@ class VMKGWebsocketConnection(ReconnectMixin, ZMQChannelsWebsocketConnection):
             self.log.debug("kernel %s: message on a closed websocket ignored", self.kernel_id)
             return
         msg_list: list[bytes] = []
+        channel: str | None
         try:
             if self.subprotocol == V1:
                 channel, header, msg_list = parse_v1(incoming_msg)
@@ -249,10 +251,10 @@ class KernelChannelsHandler(KernelWebsocketHandler):
         if not self.settings.get("vmkg_kernel_id_ws_auth"):
             return False
         kernel_id = self.path_kwargs.get("kernel_id")
-        return bool(kernel_id) and kernel_id in self.kernel_manager
+        return isinstance(kernel_id, str) and kernel_id in self.kernel_manager
 
     async def prepare(self, *args: Any, **kwargs: Any) -> None:
-        user = await self.identity_provider.get_user(self)
+        user = await ensure_async(self.identity_provider.get_user(self))
         if user is None:
             raise web.HTTPError(401, "%s", unauthorized_message(self))
         await super().prepare(*args, **kwargs)

@@ -54,8 +54,8 @@ def split(msg_list: Sequence[Any]) -> Frames | None:
         return None
     if len(msg_list) < i + 6:
         return None
-    return Frames(list(msg_list[:i]), *(bytes(p) for p in msg_list[i + 1:i + 6]),
-                  list(msg_list[i + 6:]))
+    sig, hdr, parent, metadata, content = (bytes(p) for p in msg_list[i + 1:i + 6])
+    return Frames(list(msg_list[:i]), sig, hdr, parent, metadata, content, list(msg_list[i + 6:]))
 
 
 def join(frames: Frames, session: Any) -> list[Any]:
