@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import json
 import re
+import time
 import uuid
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -105,7 +106,11 @@ async def test_output_beyond_the_replay_buffer_is_dropped_with_a_notice(gw: Gate
             "code": "import time\ntime.sleep(1)\nfor i in range(100):\n    print(i, flush=True)\n"
                     "    time.sleep(0.01)", "silent": False})
         await ch.close()  # gone before the output starts
-        await asyncio.sleep(10)
+        for state in ("busy", "idle"):  # the cell ran to its end with no client connected
+            deadline = time.monotonic() + 180
+            while gw.request("GET", f"/api/kernels/{kid}").json()["execution_state"] != state:
+                assert time.monotonic() < deadline, f"kernel never {state}"
+                await asyncio.sleep(0.2)
         ch = await Channels.open(gw, kid, session=session)
         notices: list[str] = []
         lines: list[str] = []
