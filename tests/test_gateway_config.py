@@ -45,5 +45,4 @@ def test_config_file_environment_generated_token_and_json_logs(template: Any, tm
         assert records and all({"time", "level", "logger", "message"} <= set(r) for r in records)
         assert any(r.get("kernel_id") == kid and "started for" in r["message"] for r in records)
     finally:
-        assert gw.stop() == 0
-        gw.assert_clean()
+        gw.stop_clean()
