@@ -4,7 +4,9 @@
   (tests/unit/, the protocol, the image builder's logic, lint and import contracts). No VM,
   no image build, no template bake: every fixture that needs one is session-scoped and
   lazy, so only a test that asks for it triggers it, and a test that asks for it without
-  the ``vm`` marker is refused at collection (``pytest_collection_modifyitems``).
+  the ``vm`` marker is refused at collection (``pytest_collection_modifyitems``). Any
+  warning in a fast-lane test is an error (``filterwarnings("error")`` added to each);
+  the VM tests are not held to that yet: the whole suite has not been run that way.
 - The whole suite, ``pytest`` (``./vmkg-dev test``): the ``vm`` tests run real QEMU
   microVMs. The guest image and the template are built/baked once (cached outside the
   repo by recipe hash); kernelspecs are installed into a private JUPYTER_PATH on first use.
@@ -43,11 +45,14 @@ VM_FIXTURES = {"template", "image", "jupyter_path", "gw"}
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     """Refuse a test that would start VMs (or build/bake) without the ``vm`` marker: it
-    would silently make the fast lane slow."""
+    would silently make the fast lane slow. In the fast lane a warning is an error."""
     wrong = [item.nodeid for item in items
              if VM_FIXTURES & set(getattr(item, "fixturenames", ())) and not item.get_closest_marker("vm")]
     if wrong:
         raise pytest.UsageError("tests using VM fixtures must carry the vm marker: " + ", ".join(wrong))
+    for item in items:
+        if not item.get_closest_marker("vm"):
+            item.add_marker(pytest.mark.filterwarnings("error"), append=False)
 
 
 @pytest.fixture(scope="session")

@@ -71,16 +71,15 @@ def base(tmp_path: Path) -> Path:
 @pytest.fixture
 def child(base: Path) -> Iterator[tuple[int, int]]:
     """(pid, mapping address) of a process that mapped ``base`` privately and wrote to it."""
-    proc = subprocess.Popen([sys.executable, "-c", CHILD, str(base), str(MAP_FROM),
-                             ",".join(map(str, WRITTEN)), ",".join(map(str, READ))],
-                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
-    try:
-        assert proc.stdout is not None
-        addr = int(proc.stdout.readline().split()[0], 16)
-        yield proc.pid, addr
-    finally:
-        proc.kill()
-        proc.wait()
+    with subprocess.Popen([sys.executable, "-c", CHILD, str(base), str(MAP_FROM),
+                           ",".join(map(str, WRITTEN)), ",".join(map(str, READ))],
+                          stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True) as proc:
+        try:
+            assert proc.stdout is not None
+            addr = int(proc.stdout.readline().split()[0], 16)
+            yield proc.pid, addr
+        finally:
+            proc.kill()
 
 
 def runs_of(pages: list[int]) -> list[tuple[int, int]]:

@@ -69,15 +69,14 @@ def test_process_start_time_and_liveness(sleeper: subprocess.Popen[bytes]) -> No
 
 def test_a_command_name_with_parentheses_and_spaces_does_not_confuse_the_parser() -> None:
     code = "import sys; open('/proc/self/comm', 'w').write(') x (y) 1 2'); print('ok', flush=True); sys.stdin.read()"
-    proc = subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE)
-    try:
-        before = process_start_time(proc.pid)  # may still be python's own name
-        assert proc.stdout is not None and proc.stdout.readline() == b"ok\n"
-        assert Path(f"/proc/{proc.pid}/comm").read_text().strip() == ") x (y) 1 2"
-        assert process_start_time(proc.pid) == before
-    finally:
-        proc.kill()
-        proc.wait()
+    with subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE) as proc:
+        try:
+            before = process_start_time(proc.pid)  # may still be python's own name
+            assert proc.stdout is not None and proc.stdout.readline() == b"ok\n"
+            assert Path(f"/proc/{proc.pid}/comm").read_text().strip() == ") x (y) 1 2"
+            assert process_start_time(proc.pid) == before
+        finally:
+            proc.kill()
 
 
 def test_only_directories_of_dead_owners_are_reaped(tmp_path: Path, sleeper: subprocess.Popen[bytes]) -> None:

@@ -21,8 +21,9 @@ import zmq
 import zmq.asyncio
 from jupyter_client.session import Session
 
+from kernelmanager import relay as relay_module
 from kernelmanager.channel import AgentChannel
-from kernelmanager.relay import DELIM, REPLAY_WINDOW, KernelRelay
+from kernelmanager.relay import DELIM, KernelRelay
 
 KEY = b"0123456789abcdef-test-key"
 
@@ -103,15 +104,19 @@ def test_verify_accepts_once_and_refuses_forgeries_and_replays() -> None:
     assert r._verify(r.sign(other), other)  # the forgeries did not spoil the real one
 
 
-def test_replay_memory_is_bounded() -> None:
+def test_replay_memory_is_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
+    assert relay_module.REPLAY_WINDOW >= 1 << 16  # the real window: 64Ki signatures
+    window = 100  # made small here, so the test need not sign 64Ki messages
+    monkeypatch.setattr(relay_module, "REPLAY_WINDOW", window)
     r = KernelRelay(zmq.asyncio.Context.instance(), name="unit", key=KEY)
     first = [b'{"msg_id": "0"}', b"{}", b"{}", b"{}"]
     assert r._verify(r.sign(first), first)
-    for i in range(1, REPLAY_WINDOW + 1):
+    for i in range(1, window + 1):
         p = [f'{{"msg_id": "{i}"}}'.encode(), b"{}", b"{}", b"{}"]
         assert r._verify(r.sign(p), p)
-    assert len(r._seen) == REPLAY_WINDOW  # the oldest signature was forgotten
-    assert r._verify(r.sign(first), first)
+    assert not r._verify(r.sign(p), p)  # the newest is remembered
+    assert len(r._seen) == window  # the oldest signature was forgotten ...
+    assert r._verify(r.sign(first), first)  # ... so it passes again
 
 
 def test_without_a_key_nothing_is_signed_or_checked() -> None:
