@@ -1,6 +1,22 @@
-"""Shared fixtures: the guest image and template are built/baked once (cached outside the
-repo by recipe hash), kernelspecs are installed into a private JUPYTER_PATH, and the
-session ends by checking that no QEMU process or VM directory was left behind.
+"""Shared fixtures, and the two lanes of the suite.
+
+- The fast lane, ``pytest -m "not vm"`` (``./vmkg-dev test-fast``): pure-logic tests
+  (tests/unit/, the protocol, the image builder's logic, lint and import contracts). No VM,
+  no image build, no template bake: every fixture that needs one is session-scoped and
+  lazy, so only a test that asks for it triggers it, and a test that asks for it without
+  the ``vm`` marker is refused at collection (``pytest_collection_modifyitems``). Any
+  warning in a fast-lane test is an error (``filterwarnings("error")`` added to each);
+  the VM tests are not held to that yet: the whole suite has not been run that way.
+- The whole suite, ``pytest`` (``./vmkg-dev test``): the ``vm`` tests run real QEMU
+  microVMs. The guest image and the template are built/baked once (cached outside the
+  repo by recipe hash); kernelspecs are installed into a private JUPYTER_PATH on first use.
+
+``gw`` is the one gateway fixture: a real ``vmkg serve`` per test module, configured by
+the module's ``gateway_options`` fixture (command line arguments, environment), stopped
+with SIGTERM at the module's end, which must exit 0 and leave nothing behind.
+
+Whatever the lane, the session ends by checking that no QEMU process of this session and
+no VM directory was left behind.
 """
 
 from __future__ import annotations
@@ -8,13 +24,14 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import subprocess
 import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
+from gateway_helpers import Gateway, qemu_pids, serving
 
 os.environ.setdefault("VMKG_ACCEL", "auto")
 # VMs of this session live in a state directory of their own, so a gateway or another
@@ -22,23 +39,23 @@ os.environ.setdefault("VMKG_ACCEL", "auto")
 STATE_DIR = Path(tempfile.mkdtemp(prefix="vmkg-test-state-"))
 os.environ["VMKG_STATE_DIR"] = str(STATE_DIR)
 
+#: fixtures that build the guest image, bake a template or start VMs: only for ``vm`` tests
+VM_FIXTURES = {"template", "image", "jupyter_path", "gw"}
 
-def qemu_pids() -> set[int]:
-    """QEMU processes of this session's VMs (their arguments name our state directory)."""
-    out = subprocess.run(["pgrep", "-f", f"qemu-system.*{STATE_DIR}"], capture_output=True, text=True).stdout
-    return {int(p) for p in out.split()}
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Refuse a test that would start VMs (or build/bake) without the ``vm`` marker: it
+    would silently make the fast lane slow. In the fast lane a warning is an error."""
+    wrong = [item.nodeid for item in items
+             if VM_FIXTURES & set(getattr(item, "fixturenames", ())) and not item.get_closest_marker("vm")]
+    if wrong:
+        raise pytest.UsageError("tests using VM fixtures must carry the vm marker: " + ", ".join(wrong))
+    for item in items:
+        if not item.get_closest_marker("vm"):
+            item.add_marker(pytest.mark.filterwarnings("error"), append=False)
 
 
 @pytest.fixture(scope="session")
-def template():  # type: ignore[no-untyped-def]
-    """The baked python3 template (built on first use: minutes; cached: milliseconds)."""
-    from kernelmanager.runtime import Runtime
-    from kernelmanager.templates import ensure_template, get_spec
-
-    return Runtime.instance().run_sync(ensure_template(get_spec("python3")), timeout=3600)
-
-
-@pytest.fixture(scope="session", autouse=True)
 def jupyter_path(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     """Kernelspecs for every template, visible only to this test session."""
     from kernelmanager.kernelspec import kernelspec_json, kernelspec_name
@@ -58,21 +75,46 @@ def jupyter_path(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
         os.environ["JUPYTER_PATH"] = old
 
 
+@pytest.fixture(scope="session")
+def template(jupyter_path: Path) -> Any:
+    """The baked python3 template (built on first use: minutes; cached: milliseconds), with
+    the kernelspecs installed."""
+    from kernelmanager.runtime import Runtime
+    from kernelmanager.templates import ensure_template, get_spec
+
+    return Runtime.instance().run_sync(ensure_template(get_spec("python3")), timeout=3600)
+
+
+@pytest.fixture(scope="module")
+def gateway_options() -> tuple[list[str], dict[str, str]]:
+    """(command line arguments, environment) of the module's ``gw``; modules override it."""
+    return ["--pool-size=0"], {}
+
+
+@pytest.fixture(scope="module")
+def gw(template: Any, gateway_options: tuple[list[str], dict[str, str]],
+       tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureRequest) -> Iterator[Gateway]:
+    """One live ``vmkg serve`` for the test module (see ``gateway_options``)."""
+    args, env = gateway_options
+    with serving(tmp_path_factory.mktemp(f"gw-{request.module.__name__}"), *args, env=env) as g:
+        yield g
+
+
 @pytest.fixture(scope="session", autouse=True)
 def no_leaks() -> Iterator[None]:
     """After the session: no QEMU we started is running, no VM directory remains."""
     from kernelmanager import paths
 
-    before = qemu_pids()
+    before = qemu_pids(STATE_DIR)
     yield
     from kernelmanager.runtime import Runtime
 
     if Runtime._instance is not None:
         Runtime._instance.shutdown()
     deadline = time.monotonic() + 10
-    while qemu_pids() - before and time.monotonic() < deadline:
+    while qemu_pids(STATE_DIR) - before and time.monotonic() < deadline:
         time.sleep(0.2)
-    leftover = qemu_pids() - before
+    leftover = qemu_pids(STATE_DIR) - before
     vms = list(paths.vms_dir().iterdir()) if paths.vms_dir().exists() else []
     assert not leftover, f"QEMU processes left behind: {leftover}"
     assert not vms, f"VM directories left behind: {vms}"

@@ -4,8 +4,9 @@
 under the test session's (so conftest's leak check covers it too), reads the port it
 printed, and on ``stop()`` sends SIGTERM and checks the exit was clean and no QEMU or VM
 directory of it is left. Its log is kept in the pytest temp dir (the evidence when a test
-fails). ``Channels`` is a websocket client (``websockets``) speaking either the v1
-subprotocol or the legacy JSON protocol.
+fails). ``serving()`` wraps a Gateway whose exit must be clean; conftest's ``gw`` fixture
+serves one per test module through it. ``Channels`` is a websocket client (``websockets``)
+speaking either the v1 subprotocol or the legacy JSON protocol.
 """
 
 from __future__ import annotations
@@ -20,6 +21,8 @@ import subprocess
 import sys
 import time
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -34,9 +37,11 @@ from jupyter_server.services.kernels.connection.base import (
 
 V1 = "v1.kernel.websocket.jupyter.org"
 TOKEN = "test-token-" + uuid.uuid4().hex[:8]
+REPO = Path(__file__).resolve().parents[1]
 
 
 def qemu_pids(state_dir: Path) -> set[int]:
+    """QEMU processes whose arguments name ``state_dir`` (the VMs of one gateway or session)."""
     out = subprocess.run(["pgrep", "-f", f"qemu-system.*{state_dir}"], capture_output=True, text=True).stdout
     return {int(p) for p in out.split()}
 
@@ -108,6 +113,16 @@ class Gateway:
         model: dict[str, Any] = r.json()
         return model
 
+    def kernel_ids(self) -> set[str]:
+        """The ids GET /api/kernels lists."""
+        return {k["id"] for k in self.request("GET", "/api/kernels").json()}
+
+    def client_env(self) -> dict[str, str]:
+        """The environment of a client process (``vmkg run``/``fork``, the SDK) aimed at this
+        gateway: VMKG_URL, VMKG_TOKEN, and the repository importable from any directory."""
+        return {**os.environ, "VMKG_URL": self.url, "VMKG_TOKEN": self.token,
+                "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
+
     def delete_kernel(self, kernel_id: str) -> None:
         r = self.request("DELETE", f"/api/kernels/{kernel_id}")
         assert r.status_code in (204, 404), r.text
@@ -152,6 +167,12 @@ class Gateway:
         self._log.close()
         return self.proc.returncode
 
+    def stop_clean(self) -> None:
+        """SIGTERM, which must exit 0 and leave no QEMU nor VM directory behind."""
+        code = self.stop()
+        assert code == 0, self.log()[-3000:]
+        self.assert_clean()
+
     def assert_clean(self, timeout: float = 15) -> None:
         """No QEMU process nor VM directory of this gateway remains."""
         deadline = time.monotonic() + timeout
@@ -161,6 +182,16 @@ class Gateway:
         vms = self.state_dir / "vms"
         left = list(vms.iterdir()) if vms.exists() else []
         assert not left, f"VM directories left behind: {left}"
+
+
+@contextmanager
+def serving(workdir: Path, *args: str, **kwargs: Any) -> Iterator[Gateway]:
+    """A ``Gateway`` (same arguments) stopped cleanly on exit (``stop_clean``)."""
+    g = Gateway(workdir, *args, **kwargs)
+    try:
+        yield g
+    finally:
+        g.stop_clean()
 
 
 # -- websocket client -------------------------------------------------------------------------

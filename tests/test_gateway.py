@@ -34,18 +34,13 @@ ORIGIN = "https://lab.example.org"
 
 
 @pytest.fixture(scope="module")
-def gw(template: Any, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
-    g = Gateway(tmp_path_factory.mktemp("gw"), "--pool-size=1", env={
+def gateway_options() -> tuple[list[str], dict[str, str]]:
+    return ["--pool-size=1"], {
         "VMKG_ALLOW_ORIGIN": ORIGIN, "VMKG_ALLOW_METHODS": "GET,POST,DELETE,OPTIONS",
         "VMKG_ALLOW_HEADERS": "Authorization,Content-Type", "VMKG_MAX_AGE": "600",
         "VMKG_ENV_ALLOWLIST": "MY_ALLOWED", "VMKG_ENV_PROCESS_ALLOWLIST": "VMKG_TEST_PROC_VAR",
         "VMKG_TEST_PROC_VAR": "from-the-gateway", "VMKG_TEST_NOT_ALLOWED": "secret",
-        "VMKG_MAX_MESSAGE_SIZE": str(1024 * 1024)})
-    try:
-        yield g
-    finally:
-        assert g.stop() == 0, g.log()[-3000:]
-        g.assert_clean()
+        "VMKG_MAX_MESSAGE_SIZE": str(1024 * 1024)}
 
 
 @pytest.fixture

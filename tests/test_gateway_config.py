@@ -1,5 +1,7 @@
 """How ``vmkg serve`` is configured: --help-all, a config file, VMKG_* variables, a
-generated token when none is set, JSON logs naming the kernel."""
+generated token when none is set, JSON logs naming the kernel.
+
+``--help-all`` needs no VM (fast lane); the rest runs a real gateway (``vm``)."""
 
 from __future__ import annotations
 
@@ -11,8 +13,6 @@ from typing import Any
 
 import pytest
 from gateway_helpers import Gateway
-
-pytestmark = pytest.mark.vm
 
 
 def test_help_all_lists_every_setting() -> None:
@@ -27,6 +27,7 @@ def test_help_all_lists_every_setting() -> None:
         assert option in p.stdout, option
 
 
+@pytest.mark.vm
 def test_config_file_environment_generated_token_and_json_logs(template: Any, tmp_path: Path) -> None:
     config = tmp_path / "vmkg_config.py"
     config.write_text("c.ServeApp.list_kernels = False\nc.VMMappingKernelManager.pool_size = 0\n")
@@ -45,5 +46,4 @@ def test_config_file_environment_generated_token_and_json_logs(template: Any, tm
         assert records and all({"time", "level", "logger", "message"} <= set(r) for r in records)
         assert any(r.get("kernel_id") == kid and "started for" in r["message"] for r in records)
     finally:
-        assert gw.stop() == 0
-        gw.assert_clean()
+        gw.stop_clean()

@@ -4,11 +4,9 @@ files API they share state through, against a live ``vmkg serve`` with real VMs.
 from __future__ import annotations
 
 import asyncio
-import os
 import re
 import subprocess
 import sys
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -19,14 +17,8 @@ STAMP = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{6}Z$")
 
 
 @pytest.fixture(scope="module")
-def gw(template: Any, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
-    g = Gateway(tmp_path_factory.mktemp("gwf"), "--pool-size=0", "--max-fork-count=6",
-                env={"VMKG_MAX_KERNELS": "5"})
-    try:
-        yield g
-    finally:
-        assert g.stop() == 0, g.log()[-3000:]
-        g.assert_clean()
+def gateway_options() -> tuple[list[str], dict[str, str]]:
+    return ["--pool-size=0", "--max-fork-count=6"], {"VMKG_MAX_KERNELS": "5"}
 
 
 async def value(gw: Gateway, kernel_id: str, code: str, expr: str = "None") -> Any:
@@ -137,7 +129,7 @@ def test_file_paths_are_confined(gw: Gateway) -> None:
 def test_vmkg_fork_command_line(gw: Gateway) -> None:
     parent = gw.start_kernel()["id"]
     try:
-        env = {**os.environ, "VMKG_URL": gw.url, "VMKG_TOKEN": gw.token}
+        env = gw.client_env()
         out = subprocess.run([sys.executable, "-m", "gateway.app", "fork", parent, "-n", "2"],
                              capture_output=True, text=True, env=env, timeout=180)
         assert out.returncode == 0, out.stderr

@@ -39,8 +39,7 @@ async def test_idle_kernels_are_culled_but_not_connected_or_busy_ones(template: 
         await ch.close()
         assert "Culling 'idle' kernel" in gw.log()
     finally:
-        assert gw.stop() == 0
-        gw.assert_clean()
+        gw.stop_clean()
 
 
 async def test_cull_connected_and_cull_busy(template: Any, tmp_path: Path) -> None:
@@ -58,8 +57,7 @@ async def test_cull_connected_and_cull_busy(template: Any, tmp_path: Path) -> No
                 while True:
                     await asyncio.wait_for(c.ws.recv(), 20)
     finally:
-        assert gw.stop() == 0
-        gw.assert_clean()
+        gw.stop_clean()
 
 
 async def test_sigterm_shuts_every_vm_down(template: Any, tmp_path: Path) -> None:
@@ -108,5 +106,4 @@ def test_after_sigkill_the_next_start_reaps_the_orphans(template: Any, tmp_path:
         assert not conn_file.exists()
         assert second.request("GET", "/api/kernels").json() == []
     finally:
-        assert second.stop() == 0
-        second.assert_clean()
+        second.stop_clean()

@@ -10,9 +10,7 @@ import json
 import re
 import time
 import uuid
-from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any
 
 import pytest
 from gateway_helpers import Channels, Gateway
@@ -22,19 +20,13 @@ KERNEL = "python3-microvm"
 
 
 @pytest.fixture(scope="module")
-def gw(template: Any, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
-    work = tmp_path_factory.mktemp("gwl")
+def gateway_options(tmp_path_factory: pytest.TempPathFactory) -> tuple[list[str], dict[str, str]]:
     # a second template, listed but never started here (so never baked by these tests)
-    templates = work / "templates.json"
+    templates = tmp_path_factory.mktemp("gwl") / "templates.json"
     templates.write_text(json.dumps({"data": {"display_name": "Data (microVM)", "memory_mb": 2048}}))
-    g = Gateway(work, "--max-kernels=3", "--max-kernels-per-user=1", "--pool-size=1",
-                f"--force-kernel-name={KERNEL}", "--VMMappingKernelManager.max_buffered_messages=20",
-                env={"VMKG_TEMPLATES": str(templates)})
-    try:
-        yield g
-    finally:
-        assert g.stop() == 0, g.log()[-3000:]
-        g.assert_clean()
+    return (["--max-kernels=3", "--max-kernels-per-user=1", "--pool-size=1", f"--force-kernel-name={KERNEL}",
+             "--VMMappingKernelManager.max_buffered_messages=20"],
+            {"VMKG_TEMPLATES": str(templates)})
 
 
 def running(gw: Gateway) -> list[str]:
@@ -42,7 +34,7 @@ def running(gw: Gateway) -> list[str]:
 
 
 def clear(gw: Gateway) -> None:
-    for kid in running(gw):
+    for kid in gw.kernel_ids():
         gw.delete_kernel(kid)
 
 
@@ -87,7 +79,7 @@ def test_concurrent_requests_cannot_overshoot(gw: Gateway) -> None:
                                                    json={"env": {"KERNEL_USERNAME": f"u{i}"}}), range(6)))
     codes = sorted(r.status_code for r in results)
     assert codes == [201, 201, 201, 403, 403, 403], [r.text for r in results]
-    assert len(running(gw)) == 3
+    assert len(gw.kernel_ids()) == 3
     with ThreadPoolExecutor(3) as ex:  # the same user, concurrently: only one gets a kernel
         clear(gw)
         results = list(ex.map(lambda i: gw.request("POST", "/api/kernels",

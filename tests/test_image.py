@@ -394,6 +394,7 @@ def test_concurrent_build_waits_for_the_lock_then_finds_the_image(tmp_path: Path
     finally:
         proc.kill()
         proc.wait()
+        proc.stdout.close()  # type: ignore[union-attr]
     assert found.id == image_id and found.packages == ("numpy==1",)
     assert waited > 1.0
     assert "waiting for another build" in out.getvalue()

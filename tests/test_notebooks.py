@@ -5,9 +5,7 @@ the gateway through the SDK, the way its readers will."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import nbformat
 import pytest
@@ -16,16 +14,6 @@ from nbclient import NotebookClient
 
 pytestmark = pytest.mark.vm
 NOTEBOOKS = Path(__file__).resolve().parent.parent / "notebooks"
-
-
-@pytest.fixture(scope="module")
-def gw(template: Any, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
-    g = Gateway(tmp_path_factory.mktemp("gwnb"), "--pool-size=0")
-    try:
-        yield g
-    finally:
-        assert g.stop() == 0, g.log()[-3000:]
-        g.assert_clean()
 
 
 def test_forked_exploration_notebook_runs_green(gw: Gateway, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -20,9 +20,7 @@ import subprocess
 import sys
 import textwrap
 import time
-from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 from gateway_helpers import Gateway as LiveGateway
@@ -36,27 +34,18 @@ MAX_FILE = 8 << 20
 
 
 @pytest.fixture(scope="module")
-def live(template: Any, tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveGateway]:
-    g = LiveGateway(tmp_path_factory.mktemp("gw-sdk"), "--pool-size=1",
-                    env={"VMKG_DISCONNECT_GRACE": str(GRACE), "VMKG_MAX_FILE_SIZE": str(MAX_FILE)})
-    try:
-        yield g
-    finally:
-        assert g.stop() == 0, g.log()[-3000:]
-        g.assert_clean()
+def gateway_options() -> tuple[list[str], dict[str, str]]:
+    return ["--pool-size=1"], {"VMKG_DISCONNECT_GRACE": str(GRACE), "VMKG_MAX_FILE_SIZE": str(MAX_FILE)}
+
+
+@pytest.fixture(scope="module")
+def live(gw: LiveGateway) -> LiveGateway:
+    """conftest's ``gw`` under this module's name for it."""
+    return gw
 
 
 def client(live: LiveGateway, url: str | None = None) -> sdk.Gateway:
     return sdk.Gateway(url or live.url, live.token)
-
-
-def cli_env(live: LiveGateway) -> dict[str, str]:
-    return {**os.environ, "VMKG_URL": live.url, "VMKG_TOKEN": live.token,
-            "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
-
-
-def kernel_ids(live: LiveGateway) -> set[str]:
-    return {k["id"] for k in live.request("GET", "/api/kernels").json()}
 
 
 # -- outputs ----------------------------------------------------------------------------------
@@ -230,7 +219,7 @@ async def test_a_client_killed_mid_cell_does_not_leave_the_kernel_busy(live: Liv
         await kernel.run_code("x = 'kept'")
         await kernel.close()  # nobody else connected: the killed client is the last one
         child = await asyncio.create_subprocess_exec(sys.executable, "-c", KILLED_CLIENT, kernel.id,
-                                                     cwd=REPO, env=cli_env(live))
+                                                     cwd=REPO, env=live.client_env())
         try:
             deadline = time.monotonic() + 60
             while (await kernel.info())["execution_state"] != "busy":
@@ -434,8 +423,8 @@ async def test_fork_into_branches_that_continue_from_the_parent(live: LiveGatewa
         rolls = await asyncio.gather(*(b.run_code("random.random()") for b in branches))
         assert len({r.text for r in rolls}) == 3  # reseeded
         ids = {b.id for b in branches}
-        assert ids <= kernel_ids(live)
-    assert not (ids | {kernel.id}) & kernel_ids(live)  # closing the Gateway shut them all down
+        assert ids <= live.kernel_ids()
+    assert not (ids | {kernel.id}) & live.kernel_ids()  # closing the Gateway shut them all down
 
 
 # -- the sync wrapper, vmkg run, the README ----------------------------------------------------
@@ -444,7 +433,7 @@ async def test_fork_into_branches_that_continue_from_the_parent(live: LiveGatewa
 def test_sync_wrapper_delegates_to_the_async_core(live: LiveGateway) -> None:
     from gateway import sdk_sync
 
-    before = kernel_ids(live)
+    before = live.kernel_ids()
     with sdk_sync.Gateway(live.url, live.token) as gw:
         with gw.start_kernel("python3", env={"K": "v"}) as kernel:
             assert isinstance(kernel.aio, sdk.Kernel)
@@ -462,17 +451,17 @@ def test_sync_wrapper_delegates_to_the_async_core(live: LiveGateway) -> None:
             with pytest.raises(sdk.SDKError, match="callbacks"):
                 kernel.run_code("print(1)", on_stdout=reenter)
             kid = kernel.id
-        assert kid not in kernel_ids(live)
-    assert kernel_ids(live) == before
+        assert kid not in live.kernel_ids()
+    assert live.kernel_ids() == before
 
 
 def vmkg_run(live: LiveGateway, *args: str, stdin: str | None = None) -> subprocess.CompletedProcess[str]:
     return subprocess.run([sys.executable, "-m", "gateway.app", "run", *args], input=stdin,
-                          capture_output=True, text=True, env=cli_env(live), cwd=REPO, timeout=180)
+                          capture_output=True, text=True, env=live.client_env(), cwd=REPO, timeout=180)
 
 
 def test_vmkg_run_prints_outputs_and_its_exit_status_says_whether_the_cell_raised(live: LiveGateway) -> None:
-    before = kernel_ids(live)
+    before = live.kernel_ids()
     ok = vmkg_run(live, "--env=GREETING=out", "import os, sys; print(os.environ['GREETING']); "
                   "print('err', file=sys.stderr); 6 * 7")
     assert ok.returncode == 0, ok.stderr
@@ -488,14 +477,14 @@ def test_vmkg_run_prints_outputs_and_its_exit_status_says_whether_the_cell_raise
     assert timed_out.returncode == 124 and "timeout" in timed_out.stderr
     bad = vmkg_run(live, "--token=wrong", "1")
     assert bad.returncode == 2 and "401" in bad.stderr
-    assert kernel_ids(live) == before  # fresh kernels are shut down afterwards
+    assert live.kernel_ids() == before  # fresh kernels are shut down afterwards
     # an existing kernel: its state is there, and it stays
     kept = vmkg_run(live, "--keep", "y = 'from before'")
     kid = re.search(r"kernel (\S+) left running", kept.stderr).group(1)  # type: ignore[union-attr]
     try:
         again = vmkg_run(live, "--kernel", kid, "print(y)")
         assert again.returncode == 0 and again.stdout == "from before\n", again.stderr
-        assert kid in kernel_ids(live)
+        assert kid in live.kernel_ids()
     finally:
         live.delete_kernel(kid)
 
@@ -511,12 +500,12 @@ def readme_example() -> str:
 def test_the_readme_agent_example_runs(live: LiveGateway, tmp_path: Path) -> None:
     code = readme_example()
     assert len(code.strip().splitlines()) <= 12
-    before = kernel_ids(live)
+    before = live.kernel_ids()
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path,
-                         env=cli_env(live), timeout=300)
+                         env=live.client_env(), timeout=300)
     assert out.returncode == 0, out.stderr
     assert (tmp_path / "chart.png").read_bytes().startswith(b"\x89PNG")
     assert "mean" in out.stdout and "None" in out.stdout  # the describe() table, no error
     branch_lines = [line for line in out.stdout.splitlines() if " -> " in line]
     assert len(branch_lines) == 3 and all("Error" not in line for line in branch_lines), out.stdout
-    assert kernel_ids(live) == before  # the kernel and its three branches are gone
+    assert live.kernel_ids() == before  # the kernel and its three branches are gone
