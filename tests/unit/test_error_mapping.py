@@ -47,8 +47,8 @@ CASES = [
     (AgentError("no space left", kind="disk_full"), 503, "Service Unavailable"),
     (TimeoutError("kernel k did not answer"), 504, "Gateway Timeout"),
     (asyncio.TimeoutError("kernel k did not answer"), 504, "Gateway Timeout"),
-    (ForkError("snapshot failed"), 500, "Internal Server Error"),
-    (VMError("the VM could not"), 500, "Internal Server Error"),
+    (ForkError("snapshot failed"), 503, "Service Unavailable"),
+    (VMError("the VM could not"), 503, "Service Unavailable"),
     (VMKGError("something of ours"), 500, "Internal Server Error"),
 ]
 
