@@ -29,14 +29,14 @@ from jupyter_events import EventLogger
 from jupyter_server.auth.authorizer import AllowAllAuthorizer
 from jupyter_server.log import log_request
 from tornado import httpserver, netutil, web
-from traitlets import Bool, Integer, Type, Unicode, default
+from traitlets import Bool, Float, Integer, Type, Unicode, default
 from traitlets.config import Application
 
 from kernelmanager.provisioner import MicroVMProvisioner
 
 from . import cli, handlers, logs, metrics
 from .auth import TokenIdentityProvider
-from .envvars import env_bool, env_int, env_str
+from .envvars import env_bool, env_float, env_int, env_str
 from .kernels import VMMappingKernelManager
 from .kernelspecs import TemplateKernelSpecManager
 from .websocket import KernelChannelsHandler, VMKGWebsocketConnection
@@ -69,6 +69,8 @@ class ServeApp(Application):
         "allow-origin": "ServeApp.allow_origin",
         "certfile": "ServeApp.certfile",
         "keyfile": "ServeApp.keyfile",
+        "ws-ping-interval": "ServeApp.ws_ping_interval",
+        "ws-ping-timeout": "ServeApp.ws_ping_timeout",
     }
     flags = {
         "cull-connected": ({"VMMappingKernelManager": {"cull_connected": True}},
@@ -193,6 +195,16 @@ class ServeApp(Application):
     def _ws_ping_interval_default(self) -> int:
         return env_int("VMKG_WS_PING_INTERVAL", 30) or 0
 
+    ws_ping_timeout = Float(config=True,
+                            help="Seconds without a pong after which a websocket is closed as dead "
+                                 "(checked when each ping is sent). Default: three ws_ping_interval, "
+                                 "as jupyter_server's; one interval would close live clients whenever "
+                                 "a busy event loop delays the ping timer. ($VMKG_WS_PING_TIMEOUT)")
+
+    @default("ws_ping_timeout")
+    def _ws_ping_timeout_default(self) -> float:
+        return env_float("VMKG_WS_PING_TIMEOUT", 0.0) or 3.0 * self.ws_ping_interval
+
     max_message_size = Integer(64 * 1024 * 1024, config=True,
                                help="Largest websocket message accepted from a client, in bytes; a "
                                     "larger one closes that websocket with code 1009. "
@@ -304,7 +316,7 @@ class ServeApp(Application):
             allow_remote_access=True,
             disable_check_xsrf=True,
             ws_ping_interval=self.ws_ping_interval * 1000,
-            ws_ping_timeout=self.ws_ping_interval * 1000,
+            ws_ping_timeout=self.ws_ping_timeout * 1000,
             websocket_max_message_size=self.max_message_size,
             log_function=log_request,
             cookie_secret=secrets.token_bytes(32),
@@ -346,6 +358,7 @@ class ServeApp(Application):
                 self.exit(1)
         self.identity_provider = self.identity_provider_class(parent=self, log=self.log, token=token)
         metrics.register(lambda: self.kernel_manager)
+        lag_monitor = metrics.start_loop_lag_monitor()
         app = web.Application(self.routes(), **self.web_settings())
         ssl_options = None
         if self.certfile:
@@ -376,6 +389,7 @@ class ServeApp(Application):
             await stop.wait()
         finally:
             prepare.cancel()
+            lag_monitor.cancel()
             await self.shutdown()
 
     async def _prepare_templates(self, runtime: Any) -> None:
@@ -404,6 +418,7 @@ class ServeApp(Application):
         self.http_server.stop()
         for conn in list(self.kernel_websocket_connection_class._open_sockets):
             try:
+                metrics.ws_closed("shutdown")
                 conn.websocket_handler.close(1001, "gateway shutting down")
             except Exception:  # noqa: BLE001
                 pass
