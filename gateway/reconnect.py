@@ -199,6 +199,9 @@ class ReconnectMixin(LoggingConfigurable):
         info = mkm._kernel_buffers.get(self.kernel_id) or {}
         into_buffer = bool(lost) and info.get("session_key") == self.session_key
         if into_buffer:
+            # what a closed connection never wrote is in the buffer already (not twice)
+            queued = {_msg_id(parts) for _, parts in info.get("buffer") or ()}
+            lost = [(channel, parts) for channel, parts in lost if _msg_id(parts) not in queued]
             mkm.prepend_buffered(self.kernel_id, self.session_key, lost)
         if lost:
             self.log.info("kernel %s: resuming session %s: resending %d messages", self.kernel_id,

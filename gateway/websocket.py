@@ -6,8 +6,19 @@ protocol, and replays what its kernel manager buffered while the client was away
 
 - **Nothing dropped.** The iopub rate limit (which drops output) is off by default.
   Instead, *backpressure*: when more than ``write_high_water`` bytes wait for a slow
-  client, the connection stops reading the kernel's ZMQ sockets until half of that is
-  flushed; messages wait in ZMQ meanwhile. Stream messages larger than
+  client, the connection holds that client's further messages (in order, counted in
+  bytes) until half of it is flushed. Each websocket has its own ZMQ sockets on the
+  kernel's relay, whose publisher never blocks, so holding one client's messages never
+  stalls the kernel or delays its other clients. (Holding, not pausing the ZMQ sockets:
+  a paused subscriber's backlog would sit in ZMQ, unmeasured, and be dropped silently
+  at its high-water mark.)
+- **Slow clients are cut off, not served forever.** A client for which more than
+  ``max_client_buffer`` bytes wait is closed with code 4008 (``CLOSE_SLOW_CLIENT``) and
+  a reason saying so (counted in ``vmkg_websocket_closed_total{reason="slow_client"}``).
+  What it had not received is kept: the held messages go to the session's replay buffer
+  and, for a client that asked for resume, the resume window stays, so reconnecting
+  with the same ``session_id`` (and ``vmkg_resume=``) continues where it stopped.
+  Stream messages larger than
   ``split_stream_size`` are split into several (same parent, consecutive text), so a 20 MB
   print reaches clients whose frame limit is 10 MiB (tornado's, used by GatewayClient).
 - **Nothing lost to a close.** Messages that arrive while the websocket is closing are
@@ -29,23 +40,27 @@ from __future__ import annotations
 
 import asyncio
 import json
+from collections import deque
 from functools import partial
 from typing import Any
 
 from jupyter_server.services.kernels.connection.base import deserialize_binary_message
 from jupyter_server.services.kernels.connection.channels import ZMQChannelsWebsocketConnection
 from jupyter_server.services.kernels.websocket import KernelWebsocketHandler
-from tornado import web
+from tornado import ioloop, web
 from tornado.websocket import WebSocketClosedError
-from traitlets import Bool, Integer
+from traitlets import Bool, Integer, default
 
 from . import errors, metrics
+from .envvars import env_int
 from .handlers import unauthorized_message
 from .reconnect import ReconnectMixin
 
 V1 = "v1.kernel.websocket.jupyter.org"
 DELIM = b"<IDS|MSG>"
 CLOSE_BAD_FRAME = 1007
+#: an application close code (4000-4999): more than max_client_buffer bytes waited for the client
+CLOSE_SLOW_CLIENT = 4008
 #: the channels a client may send on (iopub only carries messages from the kernel)
 CHANNELS = ("shell", "control", "stdin")
 
@@ -113,7 +128,18 @@ class VMKGWebsocketConnection(ReconnectMixin, ZMQChannelsWebsocketConnection):
                            "dropped; write_high_water applies backpressure instead.")
     write_high_water = Integer(4 * 1024 * 1024, config=True,
                                help="Bytes queued toward one websocket client before the gateway "
-                                    "stops reading that kernel's messages for it (they wait in ZMQ).")
+                                    "holds further messages for it (in the gateway, in order) "
+                                    "until half of that is flushed.")
+    max_client_buffer = Integer(64 * 1024 * 1024, config=True,
+                                help="Bytes waiting for one websocket client (written but not yet "
+                                     "flushed, plus held) above which that client is disconnected "
+                                     "with close code 4008; what it missed stays in its session's "
+                                     "replay buffer and resume window. The kernel and its other "
+                                     "clients never wait for a slow one. ($VMKG_MAX_CLIENT_BUFFER)")
+
+    @default("max_client_buffer")
+    def _max_client_buffer_default(self) -> int:
+        return env_int("VMKG_MAX_CLIENT_BUFFER", 64 * 1024 * 1024) or 64 * 1024 * 1024
     split_stream_size = Integer(1024 * 1024, config=True,
                                 help="Stream (stdout/stderr) messages with more text than this are "
                                      "sent as several consecutive ones. 0: never split.")
@@ -124,6 +150,8 @@ class VMKGWebsocketConnection(ReconnectMixin, ZMQChannelsWebsocketConnection):
         self._paused = False
         self._closed = False
         self._undelivered: list[tuple[str, list[Any]]] = []
+        self._held: deque[tuple[Any, list[Any]]] = deque()  # (stream, msg) while paused
+        self._held_bytes = 0
 
     # -- client -> kernel ------------------------------------------------------------------
 
@@ -163,6 +191,7 @@ class VMKGWebsocketConnection(ReconnectMixin, ZMQChannelsWebsocketConnection):
         """Close this websocket because of a frame we cannot route (other clients unaffected)."""
         self.log.warning("kernel %s: closing a websocket after a bad frame: %s", self.kernel_id, why)
         metrics.WS_REJECTED.inc()
+        metrics.ws_closed("bad_frame")
         reason = f"bad frame: {why}".encode()[:120].decode("utf-8", "ignore")
         self.websocket_handler.close(CLOSE_BAD_FRAME, reason)
 
@@ -178,6 +207,12 @@ class VMKGWebsocketConnection(ReconnectMixin, ZMQChannelsWebsocketConnection):
             if len(self._undelivered) < self.multi_kernel_manager.max_buffered_messages:
                 self._undelivered.append((channel, outgoing_msg))
             return
+        if self._paused or self._held:
+            self._hold(stream, outgoing_msg)
+            return
+        self._send(stream, channel, outgoing_msg)
+
+    def _send(self, stream: Any, channel: str | None, outgoing_msg: list[Any]) -> None:
         for parts in self._split(channel, outgoing_msg):
             super().handle_outgoing_message(stream, parts)
 
@@ -233,18 +268,44 @@ class VMKGWebsocketConnection(ReconnectMixin, ZMQChannelsWebsocketConnection):
     def _pause(self) -> None:
         self._paused = True
         metrics.WS_PAUSES.inc()
-        self.log.debug("kernel %s: client is slow (%d bytes queued); pausing", self.kernel_id, self._queued)
-        for stream in self.channels.values():
-            if not stream.closed():
-                stream.stop_on_recv()
+        self.log.debug("kernel %s: client is slow (%d bytes queued); holding its messages",
+                       self.kernel_id, self._queued)
+
+    def _hold(self, stream: Any, msg_list: list[Any]) -> None:
+        self._held.append((stream, msg_list))
+        self._held_bytes += sum(len(p) for p in msg_list)
+        waiting = self._queued + self._held_bytes
+        if waiting > self.max_client_buffer:
+            self.drop_slow_client(waiting)
+
+    def drop_slow_client(self, waiting: int) -> None:
+        """Close a client that cannot keep up (its messages stay for its session)."""
+        mib = 1024 * 1024
+        self.log.warning("kernel %s: closing the websocket of session %s: %.1f MiB wait for it "
+                         "(max_client_buffer %.1f MiB); what it missed is kept for its session",
+                         self.kernel_id, getattr(self.session, "session", "?"), waiting / mib,
+                         self.max_client_buffer / mib)
+        metrics.ws_closed("slow_client")
+        self._paused = False  # nothing more is written to this websocket
+        self._undelivered.extend((getattr(s, "channel", s), m) for s, m in self._held)
+        self._held.clear()
+        self._held_bytes = 0
+        self.websocket_handler.close(CLOSE_SLOW_CLIENT,
+                                     f"slow client: more than {self.max_client_buffer} bytes waited; "
+                                     "reconnect with the same session_id to continue")
 
     def _resume(self) -> None:
         self._paused = False
-        if self._closed:
-            return
-        for stream in self.channels.values():
-            if not stream.closed():
-                stream.on_recv_stream(self.handle_outgoing_message)
+        while self._held and not self._paused and not self._closed:
+            if self._ws_closed():
+                self._undelivered.extend((getattr(s, "channel", s), m) for s, m in self._held)
+                self._held.clear()
+                break
+            stream, msg_list = self._held.popleft()
+            self._held_bytes -= sum(len(p) for p in msg_list)
+            self._send(stream, getattr(stream, "channel", stream), msg_list)
+        if not self._held:
+            self._held_bytes = 0
 
     # -- connecting ----------------------------------------------------------------------
 
@@ -290,6 +351,8 @@ class VMKGWebsocketConnection(ReconnectMixin, ZMQChannelsWebsocketConnection):
 
     def disconnect(self) -> None:
         self._closed = True
+        self._undelivered.extend((getattr(s, "channel", s), m) for s, m in self._held)
+        self._held.clear()
         undelivered, self._undelivered = self._undelivered, []
         super().disconnect()
         if undelivered:
@@ -301,6 +364,7 @@ class VMKGWebsocketConnection(ReconnectMixin, ZMQChannelsWebsocketConnection):
         learn it at once instead of talking to nothing."""
         for conn in list(ZMQChannelsWebsocketConnection._open_sockets):
             if conn.kernel_id == kernel_id and conn.websocket_handler is not None:
+                metrics.ws_closed("kernel_gone")
                 conn.websocket_handler.close(1001, f"kernel {kernel_id} was shut down")
 
     @classmethod
@@ -343,3 +407,20 @@ class KernelChannelsHandler(KernelWebsocketHandler):
     def open(self, kernel_id: str) -> Any:
         self.set_nodelay(True)
         return super().open(kernel_id)
+
+    def send_ping(self) -> None:
+        """jupyter_server's keepalive (ws_ping_interval, ws_ping_timeout), with its
+        timeout close counted (``vmkg_websocket_closed_total{reason="ping_timeout"}``)."""
+        conn = self.ws_connection
+        if conn is not None and not conn.client_terminated and self.ping_interval > 0:
+            now = ioloop.IOLoop.current().time()
+            since_last_pong = 1e3 * (now - self.last_pong)
+            since_last_ping = 1e3 * (now - self.last_ping)
+            if since_last_ping < 2 * self.ping_interval and since_last_pong > self.ping_timeout:
+                self.log.warning("kernel %s: closing a websocket whose peer answered no ping for "
+                                 "%d ms (ws_ping_timeout %d ms)", self.kernel_id,
+                                 since_last_pong, self.ping_timeout)
+                metrics.ws_closed("ping_timeout")
+                self.close(1001, "ping timeout")
+                return
+        super().send_ping()
