@@ -152,6 +152,7 @@ class VMKGWebsocketConnection(ReconnectMixin, ZMQChannelsWebsocketConnection):
         self._undelivered: list[tuple[str, list[Any]]] = []
         self._held: deque[tuple[Any, list[Any]]] = deque()  # (stream, msg) while paused
         self._held_bytes = 0
+        self._slow_dropped = False
 
     # -- client -> kernel ------------------------------------------------------------------
 
@@ -286,6 +287,7 @@ class VMKGWebsocketConnection(ReconnectMixin, ZMQChannelsWebsocketConnection):
                          self.kernel_id, getattr(self.session, "session", "?"), waiting / mib,
                          self.max_client_buffer / mib)
         metrics.ws_closed("slow_client")
+        self._slow_dropped = True
         self._paused = False  # nothing more is written to this websocket
         self._undelivered.extend((getattr(s, "channel", s), m) for s, m in self._held)
         self._held.clear()
@@ -354,7 +356,18 @@ class VMKGWebsocketConnection(ReconnectMixin, ZMQChannelsWebsocketConnection):
         self._undelivered.extend((getattr(s, "channel", s), m) for s, m in self._held)
         self._held.clear()
         undelivered, self._undelivered = self._undelivered, []
-        super().disconnect()
+        mkm = self.multi_kernel_manager
+        if (self._slow_dropped and self.channels and self.kernel_id in mkm
+                and mkm._kernel_connections.get(self.kernel_id, 0) > 1
+                and self.kernel_id not in mkm._kernel_buffers):
+            # jupyter_server buffers only for a kernel's last websocket; a client cut off for
+            # being slow while others stay gets its session's messages kept all the same
+            # (until another session connects with nothing to replay, as jupyter_server does)
+            channels, self.channels = self.channels, {}
+            super().disconnect()
+            mkm.start_buffering(self.kernel_id, self.session_key, channels)
+        else:
+            super().disconnect()
         if undelivered:
             self.multi_kernel_manager.prepend_buffered(self.kernel_id, self.session_key, undelivered)
 
@@ -407,6 +420,15 @@ class KernelChannelsHandler(KernelWebsocketHandler):
     def open(self, kernel_id: str) -> Any:
         self.set_nodelay(True)
         return super().open(kernel_id)
+
+    def get_websocket_protocol(self) -> Any:
+        # jupyter_server's ping_interval/ping_timeout (milliseconds) shadow tornado's
+        # (seconds), so tornado's own pinger would run too, with a 30 s interval read as
+        # 30,000 s, and warn that the timeout exceeds it: one pinger, jupyter_server's
+        protocol = super().get_websocket_protocol()
+        if protocol is not None:
+            protocol.params.ping_interval = protocol.params.ping_timeout = None
+        return protocol
 
     def send_ping(self) -> None:
         """jupyter_server's keepalive (ws_ping_interval, ws_ping_timeout), with its

@@ -318,8 +318,24 @@ async def test_a_stopped_client_process_is_closed(gw: Gateway, kernel: str) -> N
         proc.wait()
 
 
+@pytest.fixture(scope="module")
+def gw_slow(template: Any, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
+    """Default pings (a reader that stalls for seconds is not a dead peer), a 2 MiB
+    slow-client bound."""
+    g = Gateway(tmp_path_factory.mktemp("gw-slow"), "--pool-size=0",
+                f"--VMKGWebsocketConnection.write_high_water={HIGH_WATER}",
+                env={"VMKG_MAX_CLIENT_BUFFER": str(CLIENT_BUFFER)})
+    try:
+        yield g
+    finally:
+        assert g.stop() == 0, g.log()[-3000:]
+        g.assert_clean()
+
+
 @pytest.mark.vm
-async def test_a_slow_reader_is_cut_off_without_stalling_its_neighbour(gw: Gateway, kernel: str) -> None:
+async def test_a_slow_reader_is_cut_off_without_stalling_its_neighbour(gw_slow: Gateway) -> None:
+    gw = gw_slow
+    kernel = gw.start_kernel()["id"]
     closes = gw.metric("vmkg_websocket_closed_total", reason="slow_client")
     neighbour = await Channels.open(gw, kernel, v1=False)
     n, width = 120_000, 90  # ~11 MB
@@ -347,5 +363,7 @@ async def test_a_slow_reader_is_cut_off_without_stalling_its_neighbour(gw: Gatew
     r = await neighbour.execute("print('still here')")
     assert r.stdout == "still here\n"
     await neighbour.close()
+    gw.delete_kernel(kernel)
+    assert "cannot be longer than the websocket_ping_interval" not in gw.log()
     print(f"neighbour got {n} lines in {neighbour_time:.1f} s; slow reader cut after "
           f"{out.cut_after:.1f} s, close code {out.close_code}")
