@@ -243,7 +243,7 @@ def report(r: dict[str, list[dict[str, Any]]]) -> None:
           f"{sum(x['bad_cells'] for x in r['kg']):>22d}")
     print(f"{'websocket closes seen by clients':34s} {sum(x['client_closes'] for x in r['vmkg']):>22d} "
           f"{sum(x['client_closes'] for x in r['kg']):>22d}")
-    gw = {}
+    gw: dict[str, float] = {}
     for x in r["vmkg"]:
         for k, v in x["gateway_closes"].items():
             gw[k] = gw.get(k, 0) + v

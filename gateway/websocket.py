@@ -426,8 +426,9 @@ class KernelChannelsHandler(KernelWebsocketHandler):
         # (seconds), so tornado's own pinger would run too, with a 30 s interval read as
         # 30,000 s, and warn that the timeout exceeds it: one pinger, jupyter_server's
         protocol = super().get_websocket_protocol()
-        if protocol is not None:
-            protocol.params.ping_interval = protocol.params.ping_timeout = None
+        params = getattr(protocol, "params", None)
+        if params is not None:
+            params.ping_interval = params.ping_timeout = None
         return protocol
 
     def send_ping(self) -> None:

@@ -112,7 +112,8 @@ async def open_slow_reader(gw: Gateway, kernel_id: str, session: str, resume: st
     await asyncio.get_running_loop().sock_connect(sock, (host, int(port)))
     ws = await websockets.connect(
         f"{gw.ws_url}/api/kernels/{kernel_id}/channels?session_id={session}&vmkg_resume={resume}",
-        sock=sock, subprotocols=[V1], additional_headers=gw.headers(), max_size=None,
+        sock=sock, subprotocols=[V1],  # type: ignore[list-item]
+        additional_headers=gw.headers(), max_size=None,
         max_queue=1, open_timeout=60)
     return Channels(ws, session)
 
