@@ -30,7 +30,7 @@ from jupyter_events import EventLogger
 from jupyter_server.auth.authorizer import AllowAllAuthorizer
 from jupyter_server.log import log_request
 from tornado import httpserver, netutil, web
-from traitlets import Bool, Integer, Type, Unicode, default
+from traitlets import Bool, Float, Integer, Type, Unicode, default
 from traitlets.config import Application
 
 from kernelmanager.provisioner import MicroVMProvisioner
@@ -71,6 +71,8 @@ class ServeApp(Application):
         "allow-origin": "ServeApp.allow_origin",
         "certfile": "ServeApp.certfile",
         "keyfile": "ServeApp.keyfile",
+        "ws-ping-interval": "ServeApp.ws_ping_interval",
+        "ws-ping-timeout": "ServeApp.ws_ping_timeout",
     }
     flags = {
         "cull-connected": ({"VMMappingKernelManager": {"cull_connected": True}},
@@ -117,6 +119,12 @@ class ServeApp(Application):
                              help="Allow GET /api/kernels (JupyterLab's GatewayClient polls it).")
     ws_ping_interval = env_trait(Integer, "VMKG_WS_PING_INTERVAL", 30,
                                  help="Seconds between websocket pings; 0 disables them.")
+    ws_ping_timeout = env_trait(Float, "VMKG_WS_PING_TIMEOUT", 0.0,
+                                help="Seconds without a pong after which a websocket is closed as "
+                                     "dead (checked when each ping is sent). 0: three "
+                                     "ws_ping_interval, as jupyter_server's default; one interval "
+                                     "would close live clients whenever a busy event loop delays "
+                                     "the ping timer.")
     max_message_size = env_trait(Integer, "VMKG_MAX_MESSAGE_SIZE", 64 * 1024 * 1024,
                                  zero_is_default=True,
                                  help="Largest websocket message accepted from a client, in bytes; "
@@ -195,7 +203,7 @@ class ServeApp(Application):
             allow_remote_access=True,
             disable_check_xsrf=True,
             ws_ping_interval=self.ws_ping_interval * 1000,
-            ws_ping_timeout=self.ws_ping_interval * 1000,
+            ws_ping_timeout=(self.ws_ping_timeout or 3.0 * self.ws_ping_interval) * 1000,
             websocket_max_message_size=self.max_message_size,
             log_function=log_request,
             cookie_secret=secrets.token_bytes(32),
@@ -229,6 +237,7 @@ class ServeApp(Application):
                 self.exit(1)
         self.identity_provider = self.identity_provider_class(parent=self, log=self.log, token=token)
         metrics.register(lambda: self.kernel_manager)
+        lag_monitor = metrics.start_loop_lag_monitor()
         app = web.Application(routes(self.base_url), **self.web_settings())
         ssl_options = None
         if self.certfile:
@@ -259,6 +268,7 @@ class ServeApp(Application):
             await stop.wait()
         finally:
             prepare.cancel()
+            lag_monitor.cancel()
             await self.shutdown()
 
     async def _prepare_templates(self, runtime: Any) -> None:
@@ -287,6 +297,7 @@ class ServeApp(Application):
         self.http_server.stop()
         for conn in internals.open_connections():
             try:
+                metrics.ws_closed("shutdown")
                 conn.websocket_handler.close(1001, "gateway shutting down")
             except Exception:  # noqa: BLE001
                 pass

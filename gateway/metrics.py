@@ -11,14 +11,27 @@ collector's.
     vmkg_vms                             QEMU processes of this gateway
     vmkg_vm_memory_bytes{kind}           their memory: rss, pss, private (not shared with the
                                          template or other VMs)
+    vmkg_websocket_closed_total{reason}  websockets the gateway itself closed: ping_timeout (no
+                                         pong: a dead peer), slow_client (more than
+                                         max_client_buffer waiting for it), bad_frame,
+                                         kernel_gone (deleted, culled, died), shutdown.
+                                         Closes a client starts are not counted.
+    vmkg_event_loop_lag_seconds          how late the gateway's event loop runs a timer (measured
+                                         every LAG_PERIOD s); a histogram, and
+    vmkg_event_loop_lag_max_seconds      the worst lag of the last LAG_WINDOW s (a gauge)
+
+The event loop's lag is the first thing to look at when clients see latency or websockets
+time out: everything (websockets, ZMQ, REST) shares that one loop.
 """
 
 from __future__ import annotations
 
+import asyncio
+from collections import deque
 from collections.abc import Callable, Iterator
 from typing import Any
 
-from prometheus_client import REGISTRY, Counter, Histogram
+from prometheus_client import REGISTRY, Counter, Gauge, Histogram
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
@@ -33,6 +46,45 @@ KERNELS_CULLED = Counter("vmkg_kernels_culled", "Kernels shut down by the idle c
 WS_PAUSES = Counter("vmkg_websocket_backpressure_pauses",
                     "Times a slow websocket client made the gateway stop reading a kernel's messages")
 WS_REJECTED = Counter("vmkg_websocket_frames_rejected", "Websocket frames refused as malformed")
+#: the reasons vmkg_websocket_closed_total is broken down by (all exported from the start, at 0)
+CLOSE_REASONS = ("ping_timeout", "slow_client", "bad_frame", "kernel_gone", "shutdown")
+WS_CLOSED = Counter("vmkg_websocket_closed", "Websockets closed by the gateway itself, by reason",
+                    ["reason"])
+for _reason in CLOSE_REASONS:
+    WS_CLOSED.labels(_reason)
+LOOP_LAG = Histogram("vmkg_event_loop_lag_seconds",
+                     "How late the gateway's event loop ran a periodic timer",
+                     buckets=(0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0))
+LOOP_LAG_MAX = Gauge("vmkg_event_loop_lag_max_seconds",
+                     "The worst event loop lag seen over the last LAG_WINDOW seconds")
+LAG_PERIOD = 0.25
+LAG_WINDOW = 10.0
+
+
+def ws_closed(reason: str) -> None:
+    """Count a websocket the gateway closes (``reason``: one of CLOSE_REASONS)."""
+    WS_CLOSED.labels(reason).inc()
+
+
+async def measure_loop_lag(period: float = LAG_PERIOD, window: float = LAG_WINDOW) -> None:
+    """Forever: sleep ``period`` and record how much later than asked the loop woke us."""
+    loop = asyncio.get_running_loop()
+    recent: deque[tuple[float, float]] = deque()  # (when, lag)
+    while True:
+        start = loop.time()
+        await asyncio.sleep(period)
+        now = loop.time()
+        lag = max(0.0, now - start - period)
+        LOOP_LAG.observe(lag)
+        recent.append((now, lag))
+        while recent and recent[0][0] < now - window:
+            recent.popleft()
+        LOOP_LAG_MAX.set(max(v for _, v in recent))
+
+
+def start_loop_lag_monitor() -> asyncio.Task[None]:
+    """Start :func:`measure_loop_lag` on the running loop (cancel the task to stop it)."""
+    return asyncio.ensure_future(measure_loop_lag())
 
 
 def vm_memory(pid: int) -> dict[str, int]:

@@ -325,6 +325,10 @@ class ReplayBufferMixin(LoggingConfigurable):
         info = self._replay.get(kernel_id)
         if not info or info.get("session_key") != session_key:
             return
+        # what a closed connection never wrote may be in the buffer already: not twice
+        queued = {wire.msg_id(parts) for _, parts in info["buffer"]}
+        queued.discard(None)
+        messages = [(c, parts) for c, parts in messages if wire.msg_id(parts) not in queued]
         for channel, parts in reversed(messages):
             info["buffer"].appendleft((channel, parts))
             info["bytes"] = info.get("bytes", 0) + sum(len(p) for p in parts)

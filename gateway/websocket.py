@@ -6,8 +6,19 @@ protocol, and replays what its kernel manager buffered while the client was away
 
 - **Nothing dropped.** The iopub rate limit (which drops output) is off by default.
   Instead, *backpressure*: when more than ``write_high_water`` bytes wait for a slow
-  client, the connection stops reading the kernel's ZMQ sockets until half of that is
-  flushed; messages wait in ZMQ meanwhile. Stream messages larger than
+  client, the connection holds that client's further messages (in order, counted in
+  bytes) until half of it is flushed. Each websocket has its own ZMQ sockets on the
+  kernel's relay, whose publisher never blocks, so holding one client's messages never
+  stalls the kernel or delays its other clients. (Holding, not pausing the ZMQ sockets:
+  a paused subscriber's backlog would sit in ZMQ, unmeasured, and be dropped silently
+  at its high-water mark.)
+- **Slow clients are cut off, not served forever.** A client for which more than
+  ``max_client_buffer`` bytes wait is closed with code 4008 (``CLOSE_SLOW_CLIENT``) and
+  a reason saying so (counted in ``vmkg_websocket_closed_total{reason="slow_client"}``).
+  What it had not received is kept: the held messages go to the session's replay buffer
+  and, for a client that asked for resume, the resume window stays, so reconnecting
+  with the same ``session_id`` (and ``vmkg_resume=``) continues where it stopped.
+  Stream messages larger than
   ``split_stream_size`` are split into several (same parent, consecutive text), so a 20 MB
   print reaches clients whose frame limit is 10 MiB (tornado's, used by GatewayClient).
 - **Bad frames get a clear answer.** A frame that is not a Jupyter message (bad JSON,
@@ -26,22 +37,26 @@ protocol, and replays what its kernel manager buffered while the client was away
 from __future__ import annotations
 
 import asyncio
+from collections import deque
 from functools import partial
 from typing import Any
 
 from jupyter_core.utils import ensure_async
 from jupyter_server.services.kernels.connection.channels import ZMQChannelsWebsocketConnection
 from jupyter_server.services.kernels.websocket import KernelWebsocketHandler
-from tornado import web
+from tornado import ioloop, web
 from tornado.websocket import WebSocketClosedError
 from traitlets import Bool, Integer
 
 from . import errors, internals, metrics, wire
+from .envvars import env_trait
 from .handlers import unauthorized_message
 from .replay import ReconnectMixin
 from .wire import V1, BadFrame, parse_legacy, parse_v1
 
 CLOSE_BAD_FRAME = 1007
+#: an application close code (4000-4999): more than max_client_buffer bytes waited for the client
+CLOSE_SLOW_CLIENT = 4008
 #: the channels a client may send on (iopub only carries messages from the kernel)
 CHANNELS = ("shell", "control", "stdin")
 
@@ -53,7 +68,15 @@ class VMKGWebsocketConnection(ReconnectMixin, ZMQChannelsWebsocketConnection):
                            "dropped; write_high_water applies backpressure instead.")
     write_high_water = Integer(4 * 1024 * 1024, config=True,
                                help="Bytes queued toward one websocket client before the gateway "
-                                    "stops reading that kernel's messages for it (they wait in ZMQ).")
+                                    "holds further messages for it (in the gateway, in order) "
+                                    "until half of that is flushed.")
+    max_client_buffer = env_trait(Integer, "VMKG_MAX_CLIENT_BUFFER", 64 * 1024 * 1024,
+                                  zero_is_default=True,
+                                  help="Bytes waiting for one websocket client (written but not yet "
+                                       "flushed, plus held) above which that client is disconnected "
+                                       "with close code 4008; what it missed stays in its session's "
+                                       "replay buffer and resume window. The kernel and its other "
+                                       "clients never wait for a slow one.")
     split_stream_size = Integer(1024 * 1024, config=True,
                                 help="Stream (stdout/stderr) messages with more text than this are "
                                      "sent as several consecutive ones. 0: never split.")
@@ -63,6 +86,9 @@ class VMKGWebsocketConnection(ReconnectMixin, ZMQChannelsWebsocketConnection):
         self._queued = 0
         self._paused = False
         self._closed = False
+        self._held: deque[tuple[Any, list[Any]]] = deque()  # (stream, msg) while paused
+        self._held_bytes = 0
+        self._slow_dropped = False
 
     # -- client -> kernel ------------------------------------------------------------------
 
@@ -103,6 +129,7 @@ class VMKGWebsocketConnection(ReconnectMixin, ZMQChannelsWebsocketConnection):
         """Close this websocket because of a frame we cannot route (other clients unaffected)."""
         self.log.warning("kernel %s: closing a websocket after a bad frame: %s", self.kernel_id, why)
         metrics.WS_REJECTED.inc()
+        metrics.ws_closed("bad_frame")
         reason = f"bad frame: {why}".encode()[:120].decode("utf-8", "ignore")
         self.websocket_handler.close(CLOSE_BAD_FRAME, reason)
 
@@ -110,6 +137,12 @@ class VMKGWebsocketConnection(ReconnectMixin, ZMQChannelsWebsocketConnection):
 
     def handle_outgoing_message(self, stream: Any, outgoing_msg: list[Any]) -> None:
         channel = stream if isinstance(stream, str) else getattr(stream, "channel", None)
+        if self._paused or self._held:
+            self._hold(stream, outgoing_msg)
+            return
+        self._send(stream, channel, outgoing_msg)
+
+    def _send(self, stream: Any, channel: str | None, outgoing_msg: list[Any]) -> None:
         for parts in self._split(channel, outgoing_msg):
             super().handle_outgoing_message(stream, parts)
 
@@ -160,18 +193,48 @@ class VMKGWebsocketConnection(ReconnectMixin, ZMQChannelsWebsocketConnection):
     def _pause(self) -> None:
         self._paused = True
         metrics.WS_PAUSES.inc()
-        self.log.debug("kernel %s: client is slow (%d bytes queued); pausing", self.kernel_id, self._queued)
-        for stream in self.channels.values():
-            if not stream.closed():
-                stream.stop_on_recv()
+        self.log.debug("kernel %s: client is slow (%d bytes queued); holding its messages",
+                       self.kernel_id, self._queued)
+
+    def _hold(self, stream: Any, msg_list: list[Any]) -> None:
+        self._held.append((stream, msg_list))
+        self._held_bytes += sum(len(p) for p in msg_list)
+        waiting = self._queued + self._held_bytes
+        if waiting > self.max_client_buffer:
+            self.drop_slow_client(waiting)
+
+    def _release_held(self) -> None:
+        """Hand what is held to the undelivered list (kept for the session)."""
+        self._undelivered.extend((getattr(s, "channel", s), m) for s, m in self._held)
+        self._held.clear()
+        self._held_bytes = 0
+
+    def drop_slow_client(self, waiting: int) -> None:
+        """Close a client that cannot keep up (its messages stay for its session)."""
+        mib = 1024 * 1024
+        self.log.warning("kernel %s: closing the websocket of session %s: %.1f MiB wait for it "
+                         "(max_client_buffer %.1f MiB); what it missed is kept for its session",
+                         self.kernel_id, getattr(self.session, "session", "?"), waiting / mib,
+                         self.max_client_buffer / mib)
+        metrics.ws_closed("slow_client")
+        self._slow_dropped = True
+        self._paused = False  # nothing more is written to this websocket
+        self._release_held()
+        self.websocket_handler.close(CLOSE_SLOW_CLIENT,
+                                     f"slow client: more than {self.max_client_buffer} bytes waited; "
+                                     "reconnect with the same session_id to continue")
 
     def _resume(self) -> None:
         self._paused = False
-        if self._closed:
-            return
-        for stream in self.channels.values():
-            if not stream.closed():
-                stream.on_recv_stream(self.handle_outgoing_message)
+        while self._held and not self._paused and not self._closed:
+            if self._ws_closed():
+                self._release_held()
+                break
+            stream, msg_list = self._held.popleft()
+            self._held_bytes -= sum(len(p) for p in msg_list)
+            self._send(stream, getattr(stream, "channel", stream), msg_list)
+        if not self._held:
+            self._held_bytes = 0
 
     # -- connecting ----------------------------------------------------------------------
 
@@ -217,7 +280,22 @@ class VMKGWebsocketConnection(ReconnectMixin, ZMQChannelsWebsocketConnection):
 
     def disconnect(self) -> None:  # type: ignore[override]  # sync in jupyter_server too
         self._closed = True
-        super().disconnect()
+        self._release_held()
+        mkm = self.multi_kernel_manager
+        if (self._slow_dropped and self.channels and self.kernel_id in mkm
+                and internals.connection_count(mkm, self.kernel_id) > 1
+                and mkm.buffered_session(self.kernel_id) is None):
+            # jupyter_server buffers only for a kernel's last websocket; a client cut off for
+            # being slow while others stay gets its session's messages kept all the same
+            # (until another session connects with nothing to replay, as jupyter_server does)
+            channels, self.channels = self.channels, {}
+            undelivered, self._undelivered = self._undelivered, []
+            super().disconnect()
+            mkm.start_buffering(self.kernel_id, self.session_key, channels)
+            if undelivered:
+                mkm.prepend_buffered(self.kernel_id, self.session_key, undelivered)
+        else:
+            super().disconnect()
 
     @classmethod
     def close_for_kernel(cls, kernel_id: str) -> None:
@@ -225,6 +303,7 @@ class VMKGWebsocketConnection(ReconnectMixin, ZMQChannelsWebsocketConnection):
         learn it at once instead of talking to nothing."""
         for conn in internals.connections_of(kernel_id):
             if conn.websocket_handler is not None:
+                metrics.ws_closed("kernel_gone")
                 conn.websocket_handler.close(1001, f"kernel {kernel_id} was shut down")
 
     @classmethod
@@ -267,3 +346,30 @@ class KernelChannelsHandler(KernelWebsocketHandler):
     def open(self, kernel_id: str) -> Any:
         self.set_nodelay(True)
         return super().open(kernel_id)
+
+    def get_websocket_protocol(self) -> Any:
+        # jupyter_server's ping_interval/ping_timeout (milliseconds) shadow tornado's
+        # (seconds), so tornado's own pinger would run too, with a 30 s interval read as
+        # 30,000 s, and warn that the timeout exceeds it: one pinger, jupyter_server's
+        protocol = super().get_websocket_protocol()
+        params = getattr(protocol, "params", None)
+        if params is not None:
+            params.ping_interval = params.ping_timeout = None
+        return protocol
+
+    def send_ping(self) -> None:
+        """jupyter_server's keepalive (ws_ping_interval, ws_ping_timeout), with its
+        timeout close counted (``vmkg_websocket_closed_total{reason="ping_timeout"}``)."""
+        conn = self.ws_connection
+        if conn is not None and not conn.client_terminated and self.ping_interval > 0:
+            now = ioloop.IOLoop.current().time()
+            since_last_pong = 1e3 * (now - self.last_pong)
+            since_last_ping = 1e3 * (now - self.last_ping)
+            if since_last_ping < 2 * self.ping_interval and since_last_pong > self.ping_timeout:
+                self.log.warning("kernel %s: closing a websocket whose peer answered no ping for "
+                                 "%d ms (ws_ping_timeout %d ms)", self.kernel_id,
+                                 since_last_pong, self.ping_timeout)
+                metrics.ws_closed("ping_timeout")
+                self.close(1001, "ping timeout")
+                return
+        super().send_ping()
