@@ -304,7 +304,9 @@ class ServeApp(Application):
             allow_remote_access=True,
             disable_check_xsrf=True,
             ws_ping_interval=self.ws_ping_interval * 1000,
-            ws_ping_timeout=self.ws_ping_interval * 1000,
+            # jupyter_server's default (3 pings): a timeout equal to the interval closed every
+            # websocket at its first ping, before any pong could have come back
+            ws_ping_timeout=3 * self.ws_ping_interval * 1000,
             websocket_max_message_size=self.max_message_size,
             log_function=log_request,
             cookie_secret=secrets.token_bytes(32),
@@ -338,6 +340,7 @@ class ServeApp(Application):
                                                         kernel_spec_manager=self.kernel_spec_manager)
         km = self.kernel_manager
         km.removal_hooks.append(self.kernel_websocket_connection_class.close_for_kernel)
+        km.status_hooks.append(self.kernel_websocket_connection_class.announce)
         names = sorted(self.kernel_spec_manager.find_kernel_specs())
         for name in filter(None, {km.default_kernel_name, km.force_kernel_name}):
             if name not in names:

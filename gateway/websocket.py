@@ -21,8 +21,9 @@ protocol, and replays what its kernel manager buffered while the client was away
 - **Clients that go away** (``gateway.reconnect``): a client that asks can resume a broken
   connection without losing what was in flight; a busy kernel whose clients all left is
   interrupted after a grace period (``interrupt_on_disconnect``).
-- **Restart.** :meth:`VMKGWebsocketConnection.announce` sends ``status: restarting`` to
-  every open websocket of a kernel (the REST restart handler calls it).
+- **Statuses the kernel does not publish.** :meth:`VMKGWebsocketConnection.announce`
+  sends ``status: <state>`` to every open websocket of a kernel; the kernel manager calls
+  it (``status_hooks``) after restarts and deaths (see ``gateway.kernels``).
 """
 
 from __future__ import annotations
