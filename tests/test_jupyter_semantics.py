@@ -272,9 +272,11 @@ async def crash(srv: Server, how: str = "exit") -> dict[str, Any]:
                 cell = await send_execute(ch, CRASH)
             else:  # the VM itself dies, mid-cell
                 cell = await send_execute(ch, "import time; time.sleep(60)")
-                await record(ch, seen("busy", "execute_request"), settle=0.5)
+                before, _ = await record(ch, seen("busy", "execute_request"), settle=0.5)
                 kill_qemu(srv, kid)
             msgs, closed = await record(ch, seen("starting"), settle=3)
+            if how != "exit":
+                msgs = before + msgs
             told = time.monotonic() - t0
             await asyncio.sleep(0.5)
             final = watch.current()
@@ -465,3 +467,28 @@ async def test_websocket_outlives_its_pings(servers: dict[str, Server]) -> None:
         await ch.close()
     finally:
         delete_kernel(gw, kid)
+
+
+# -- the SDK reads these statuses as Jupyter means them -------------------------------------------
+
+
+async def test_sdk_cell_in_a_dying_kernel_fails_and_the_kernel_lives_on(servers: dict[str, Server]) -> None:
+    from gateway import sdk
+
+    gw = servers["vmkg"]
+    async with sdk.Gateway(gw.url, gw.token) as client:
+        kernel = await client.start_kernel("python3")
+        await kernel.run_code("x = 1")
+        with pytest.raises(sdk.SDKError, match="died while the cell ran") as died:
+            await kernel.run_code(CRASH, timeout=120)
+        assert not isinstance(died.value, sdk.KernelGone)
+        assert (await kernel.run_code("'x' in dir()")).text == "False"
+        assert (await kernel.info())["execution_state"] == "idle"
+        # a restart someone else asks for while a cell runs: the cell fails, the kernel works
+        run = asyncio.ensure_future(kernel.run_code("import time; time.sleep(60)", timeout=120))
+        while (await kernel.info())["execution_state"] != "busy":
+            await asyncio.sleep(0.1)
+        await asyncio.to_thread(gw.request, "POST", f"/api/kernels/{kernel.id}/restart")
+        with pytest.raises(sdk.SDKError, match="was restarted while the cell ran"):
+            await asyncio.wait_for(run, 60)
+        assert (await kernel.run_code("6 * 7")).text == "42"
