@@ -229,6 +229,7 @@ class ServeApp(Application):
                                                         kernel_spec_manager=self.kernel_spec_manager)
         km = self.kernel_manager
         km.removal_hooks.append(self.kernel_websocket_connection_class.close_for_kernel)
+        km.status_hooks.append(self.kernel_websocket_connection_class.announce)
         names = sorted(self.kernel_spec_manager.find_kernel_specs())
         for name in filter(None, {km.default_kernel_name, km.force_kernel_name}):
             if name not in names:

@@ -172,8 +172,9 @@ class KernelActionHandler(GatewayHandlerMixin, km_handlers.KernelActionHandler):
             self.set_status(204)
             self.finish()
             return
-        # restart: open websockets hear "restarting"; answer once kernel_info is answered
-        self.settings["kernel_websocket_connection_class"].announce(kernel_id, "restarting")
+        # restart: open websockets hear what a local kernel's would ("starting", never
+        # "restarting", which JupyterLab reads as a crash; see gateway.kernels); answer once
+        # the new kernel answered kernel_info
         with errors.translated():
             try:
                 ready = await km.restart_kernel(kernel_id)

@@ -17,6 +17,16 @@ gateway needs.
 - **Output while no client is connected** (``gateway.replay``): the bounded replay
   buffer is ``ReplayBufferMixin``, a base of this class.
 - jupyter_server private attributes are touched only through ``gateway.internals``.
+- **Restart and death, as Jupyter shows them.** A restored kernel's ipykernel started long
+  before its snapshot, so after a restart it publishes no ``status: starting`` the way a
+  freshly launched local ipykernel does, and the REST model would keep whatever state the
+  old kernel left (``busy`` forever after a crash mid-cell). ``VMServerKernelManager`` tells
+  the mapping manager when any restart is done, which then speaks for the kernel on open
+  websockets (``status_hooks``), matching jupyter_server's local kernels: a user's restart
+  shows ``starting`` (then the ``busy``/``idle`` of jupyter_server's own kernel_info), never
+  ``restarting``; a death revived by the auto-restarter shows jupyter_server's
+  ``restarting`` then ``starting`` and ``idle`` (nobody asks kernel_info there, and a restored
+  kernel is idle); a death past the restart budget shows ``dead`` before the websockets close.
 
 Called by the request handlers (``gateway.handlers``) on the tornado loop; the VM work
 itself hops to the runtime loop inside the provisioner.
@@ -32,7 +42,10 @@ from collections.abc import Callable
 from typing import Any, cast
 
 from jupyter_core.paths import jupyter_runtime_dir
-from jupyter_server.services.kernels.kernelmanager import AsyncMappingKernelManager
+from jupyter_server.services.kernels.kernelmanager import (
+    AsyncMappingKernelManager,
+    ServerKernelManager,
+)
 from traitlets import Bool, Dict, Float, Integer, List, Unicode, default
 
 from kernelmanager.exceptions import LimitExceeded
@@ -46,7 +59,16 @@ from .replay import ReplayBufferMixin
 DELIM = b"<IDS|MSG>"
 
 
+class VMServerKernelManager(ServerKernelManager):
+    """One kernel's manager: jupyter_server's, telling its mapping manager when a restart is
+    done. Both restart paths come through here: the mapping manager's (a user's restart)
+    and the auto-restarter's (after the kernel died)."""
 
+    async def restart_kernel(self, *args: Any, **kwargs: Any) -> None:  # type: ignore[override]
+        await super().restart_kernel(*args, **kwargs)
+        parent = self.parent
+        if isinstance(parent, VMMappingKernelManager):
+            parent.kernel_restarted(self.kernel_id)
 
 
 class VMMappingKernelManager(ReplayBufferMixin, AsyncMappingKernelManager):
@@ -109,6 +131,10 @@ class VMMappingKernelManager(ReplayBufferMixin, AsyncMappingKernelManager):
     cull_busy = env_trait(Bool, "VMKG_CULL_BUSY", False,
                           help=inherited_help(AsyncMappingKernelManager, "cull_busy"))
 
+    @default("kernel_manager_class")
+    def _kernel_manager_class_default(self) -> str:
+        return "gateway.kernels.VMServerKernelManager"
+
     @default("root_dir")
     def _root_dir_default(self) -> str:
         return os.getcwd()
@@ -129,6 +155,10 @@ class VMMappingKernelManager(ReplayBufferMixin, AsyncMappingKernelManager):
         self.culled = 0
         #: called with the id of every kernel leaving the map (shut down, culled, died)
         self.removal_hooks: list[Callable[[str], None]] = []
+        #: called with (kernel id, execution_state) to tell the kernel's open websockets a
+        #: status the kernel itself does not publish (see "Restart and death" above)
+        self.status_hooks: list[Callable[[str, str], None]] = []
+        self._user_restarts: set[str] = set()
         self._share_allowlist_with_provisioner()
 
     def _share_allowlist_with_provisioner(self) -> None:
@@ -261,7 +291,13 @@ class VMMappingKernelManager(ReplayBufferMixin, AsyncMappingKernelManager):
             metrics.VM_RESTORE_SECONDS.observe(vk.timings["start"])
 
     async def restart_kernel(self, kernel_id: str, now: bool = False) -> Any:  # type: ignore[override]  # async, as in jupyter_server
-        future = await super().restart_kernel(kernel_id, now=now)
+        """A user's restart (REST). Resolves, like jupyter_server's, to a future of the new
+        kernel's kernel_info reply."""
+        self._user_restarts.add(kernel_id)
+        try:
+            future = await super().restart_kernel(kernel_id, now=now)
+        finally:
+            self._user_restarts.discard(kernel_id)
 
         def observe(_: Any) -> None:
             if kernel_id in self:
@@ -269,6 +305,38 @@ class VMMappingKernelManager(ReplayBufferMixin, AsyncMappingKernelManager):
 
         future.add_done_callback(observe)
         return future
+
+    def _announce(self, kernel_id: str, state: str) -> None:
+        for hook in self.status_hooks:
+            hook(kernel_id, state)
+
+    def kernel_restarted(self, kernel_id: str) -> None:
+        """Called by ``VMServerKernelManager`` once a restart of ``kernel_id`` is done (the new
+        VM is up), before anything is asked of the new kernel."""
+        km = self._kernels.get(kernel_id)
+        if km is None:
+            return
+        self._announce(kernel_id, "starting")  # what a local ipykernel publishes when it starts
+        if kernel_id in self._user_restarts:
+            # jupyter_server's restart_kernel asks kernel_info next: its busy/idle take the
+            # model from starting to idle, as for a local kernel
+            km.execution_state = "starting"
+            self.log.info("kernel %s: restarted on request", kernel_id)
+        else:
+            # the auto-restarter revived a kernel that died: nobody asks kernel_info, and the
+            # restored kernel is idle (otherwise the model would say "busy" from the cell
+            # that was running when it died, and clients would wait for an idle that never comes)
+            km.execution_state = "idle"
+            self._announce(kernel_id, "idle")
+            self.log.warning("kernel %s: died and was restarted (its state is gone)", kernel_id)
+
+    def _handle_kernel_died(self, kernel_id: str) -> None:
+        """The restart budget is spent: clients hear ``dead`` before their websockets close."""
+        km = self._kernels.get(kernel_id)
+        if km is not None:
+            km.execution_state = "dead"
+        self._announce(kernel_id, "dead")
+        super()._handle_kernel_died(kernel_id)
 
     def remove_kernel(self, kernel_id: str) -> Any:
         self.usernames.pop(kernel_id, None)

@@ -70,6 +70,8 @@ class KernelChannel:
         self.pending: dict[str, asyncio.Queue[Any]] = {}
         self.last_msg_id = ""
         self.seen: OrderedDict[str, None] = OrderedDict()
+        #: a "restarting" came (the kernel died): its "starting" ends that, not a new restart
+        self.reviving = False
         self.closing = False
         self.reconnects = 0
 
@@ -212,12 +214,26 @@ class KernelChannel:
         parent = json.loads(parts[1]) if len(parts) > 1 else {}
         msg = Message(channel, header, parent or {}, json.loads(parts[3]) if len(parts) > 3 else {},
                    [bytes(b) for b in parts[4:]])
-        if msg.msg_type == "status" and msg.content.get("execution_state") in ("restarting", "dead"):
-            state = msg.content["execution_state"]
-            why: SDKError = (KernelGone(self.kernel.id, f"kernel {self.kernel.id} died") if state == "dead"
-                             else SDKError(f"kernel {self.kernel.id} was restarted while the cell ran"))
-            for queue in self.pending.values():
-                queue.put_nowait(why)
+        if msg.msg_type == "status" and not msg.parent.get("msg_id"):
+            # Statuses of the kernel itself, as Jupyter sends them: "restarting" = it died and
+            # is being restarted (the cells in flight are lost; the kernel lives on, empty);
+            # "starting" = a new kernel process (a restart someone asked for): the same for
+            # cells in flight; "dead" = died past its restart budget, gone
+            state = msg.content.get("execution_state")
+            kid = self.kernel.id
+            if state == "starting" and self.reviving:
+                self.reviving = False  # the kernel that died is back: cells sent since then run
+                return
+            self.reviving = state == "restarting"
+            why: SDKError | None = {
+                "dead": KernelGone(kid, f"kernel {kid} died and could not be restarted"),
+                "restarting": SDKError(f"kernel {kid} died while the cell ran; it is being "
+                                       "restarted with its state gone"),
+                "starting": SDKError(f"kernel {kid} was restarted while the cell ran; its state is gone"),
+            }.get(str(state))
+            if why is not None:
+                for queue in self.pending.values():
+                    queue.put_nowait(why)
             return
         waiting = self.pending.get(str(msg.parent.get("msg_id", "")))
         if waiting is not None:

@@ -30,8 +30,9 @@ protocol, and replays what its kernel manager buffered while the client was away
 - **Output while no client is connected** (``gateway.replay``, ``ReconnectMixin``, a
   base of this class): nothing lost to a close, resume with ``?vmkg_resume=``, a busy
   kernel whose clients all left interrupted after a grace period.
-- **Restart.** :meth:`VMKGWebsocketConnection.announce` sends ``status: restarting`` to
-  every open websocket of a kernel (the REST restart handler calls it).
+- **Statuses the kernel does not publish.** :meth:`VMKGWebsocketConnection.announce`
+  sends ``status: <state>`` to every open websocket of a kernel; the kernel manager calls
+  it (``status_hooks``) after restarts and deaths (see ``gateway.kernels``).
 """
 
 from __future__ import annotations

@@ -1,0 +1,494 @@
+"""What a Jupyter client sees on restart, crash, interrupt, shutdown, culling and reconnect:
+``vmkg serve`` compared, step for step, with jupyter_server's own local kernels.
+
+The reference is Jupyter Kernel Gateway 3.0.1 (its kernel manager is jupyter_server's
+``AsyncMappingKernelManager``) running a local ipykernel; the same steps run against both
+servers through the same websocket client, and the iopub ``status`` sequences and the REST
+model's ``execution_state`` are compared. Where this gateway deliberately differs (a
+restored kernel is idle at once; a websocket of a kernel that is gone is closed rather
+than left talking to nothing) the test says so next to the assertion.
+
+Why it matters: JupyterLab reads ``status: restarting`` as "the kernel appears to have
+died" and ends the cells in flight; a model stuck on ``busy`` leaves a notebook waiting.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+import signal
+import socket
+import subprocess
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import requests
+import websockets
+from gateway_helpers import Channels, Gateway, Msg
+
+pytestmark = pytest.mark.vm
+
+CRASH = "import os; os._exit(1)"
+SPIN = "while True: pass"
+
+
+class KernelGatewayRef:
+    """Jupyter Kernel Gateway 3.0.1 with a local ipykernel: the reference. Offers what
+    ``Channels.open`` and the tests use of ``Gateway``."""
+
+    kernel_name = "python3"
+
+    def __init__(self, workdir: Path, *args: str) -> None:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        self.token = "ref-token"
+        self.log_path = workdir / f"kg-{port}.log"
+        self._log = open(self.log_path, "w")
+        # JUPYTER_PATH emptied: the venv's own python3 kernelspec (a local ipykernel)
+        self.proc = subprocess.Popen(
+            ["jupyter", "kernelgateway", "--KernelGatewayApp.ip=127.0.0.1",
+             f"--KernelGatewayApp.port={port}", f"--KernelGatewayApp.auth_token={self.token}",
+             "--KernelGatewayApp.port_retries=0", "--JupyterWebsocketPersonality.list_kernels=True",
+             *args],
+            stdout=self._log, stderr=subprocess.STDOUT, cwd=workdir, env={**os.environ, "JUPYTER_PATH": ""})
+        self.url = f"http://127.0.0.1:{port}"
+        self.ws_url = self.url.replace("http://", "ws://")
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                if requests.get(self.url + "/api", headers=self.headers(), timeout=2).ok:
+                    break
+            except requests.ConnectionError:
+                pass
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"Kernel Gateway did not start:\n{self.log()}")
+            time.sleep(0.2)
+
+    def log(self) -> str:
+        self._log.flush()
+        return self.log_path.read_text()
+
+    def headers(self, token: str | None = None) -> dict[str, str]:
+        return {"Authorization": f"token {self.token if token is None else token}"}
+
+    def request(self, method: str, path: str, **kwargs: Any) -> requests.Response:
+        return requests.request(method, self.url + path, headers=self.headers(), timeout=120, **kwargs)
+
+    def start_kernel(self) -> dict[str, Any]:
+        r = self.request("POST", "/api/kernels", json={"name": self.kernel_name})
+        assert r.status_code == 201, r.text
+        model: dict[str, Any] = r.json()
+        return model
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        try:
+            self.proc.wait(30)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+        self._log.close()
+
+
+Server = Any  # Gateway | KernelGatewayRef
+
+
+def start_vmkg(workdir: Path, *args: str, **env: str) -> Gateway:
+    # pings every second: a websocket must survive several of them
+    return Gateway(workdir, "--pool-size=0", *args, env={"VMKG_WS_PING_INTERVAL": "1", **env})
+
+
+@pytest.fixture(scope="module")
+def servers(template: Any, tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Server]]:
+    ref = KernelGatewayRef(tmp_path_factory.mktemp("kg"))
+    try:
+        gw = start_vmkg(tmp_path_factory.mktemp("gw"))
+    except BaseException:
+        ref.stop()
+        raise
+    try:
+        yield {"jupyter": ref, "vmkg": gw}
+    finally:
+        ref.stop()
+        assert gw.stop() == 0, gw.log()[-3000:]
+        gw.assert_clean()
+
+
+def kernel_name(srv: Server) -> str:
+    return "python3" if isinstance(srv, KernelGatewayRef) else "python3-microvm"
+
+
+def new_kernel(srv: Server) -> str:
+    r = srv.request("POST", "/api/kernels", json={"name": kernel_name(srv)})
+    assert r.status_code == 201, r.text
+    return str(r.json()["id"])
+
+
+def delete_kernel(srv: Server, kid: str) -> None:
+    srv.request("DELETE", f"/api/kernels/{kid}")
+
+
+# -- recording -----------------------------------------------------------------------------------
+
+
+def statuses(msgs: list[Msg]) -> list[tuple[str, str | None]]:
+    """(execution_state, parent msg_type) of every iopub status, in order."""
+    return [(m.content["execution_state"], m.parent.get("msg_type")) for m in msgs
+            if m.channel == "iopub" and m.msg_type == "status"]
+
+
+async def record(ch: Channels, until: Callable[[list[Msg]], bool], *, timeout: float = 90,
+                 settle: float = 1.5) -> tuple[list[Msg], int | None]:
+    """Messages until ``until(messages)`` holds, then ``settle`` s more (to catch anything
+    extra); returns them and the close code if the websocket closed."""
+    msgs: list[Msg] = []
+    deadline = time.monotonic() + timeout
+    done_at: float | None = None
+    while True:
+        now = time.monotonic()
+        if done_at is None and until(msgs):
+            done_at = now + settle
+        end = done_at if done_at is not None else deadline
+        if now >= end:
+            break
+        try:
+            msgs.append(await ch.recv(timeout=end - now))
+        except (asyncio.TimeoutError, TimeoutError):
+            break
+        except websockets.ConnectionClosed as exc:
+            return msgs, exc.rcvd.code if exc.rcvd else 1006
+    if done_at is None:
+        raise AssertionError(f"timed out; statuses so far: {statuses(msgs)}")
+    return msgs, None
+
+
+class ModelWatch:
+    """Polls ``GET /api/kernels/{id}`` in a thread; ``states`` holds each change of
+    execution_state (an int when the answer was not 200)."""
+
+    def __init__(self, srv: Server, kid: str) -> None:
+        self.srv, self.kid = srv, kid
+        self.states: list[Any] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            r = self.srv.request("GET", f"/api/kernels/{self.kid}")
+            state = r.json()["execution_state"] if r.status_code == 200 else r.status_code
+            if not self.states or self.states[-1] != state:
+                self.states.append(state)
+            self._stop.wait(0.1)
+
+    def __enter__(self) -> ModelWatch:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(30)
+
+    def current(self) -> Any:
+        r = self.srv.request("GET", f"/api/kernels/{self.kid}")
+        return r.json()["execution_state"] if r.status_code == 200 else r.status_code
+
+
+def seen(state: str, parent: str | None = None) -> Callable[[list[Msg]], bool]:
+    return lambda msgs: any(s == state and (parent is None or p == parent) for s, p in statuses(msgs))
+
+
+async def send_execute(ch: Channels, code: str) -> str:
+    return await ch.send("execute_request", {"code": code, "silent": False, "store_history": True,
+                                             "user_expressions": {}, "allow_stdin": False,
+                                             "stop_on_error": True})
+
+
+# -- restart -------------------------------------------------------------------------------------
+
+
+async def user_restart(srv: Server) -> dict[str, Any]:
+    kid = new_kernel(srv)
+    try:
+        ch = await Channels.open(srv, kid)
+        assert (await ch.execute("a = 1")).reply["status"] == "ok"
+        with ModelWatch(srv, kid) as watch:
+            rest = asyncio.ensure_future(asyncio.to_thread(srv.request, "POST", f"/api/kernels/{kid}/restart"))
+            msgs, closed = await record(ch, lambda m: rest.done() and seen("idle", "kernel_info_request")(m))
+            r = await rest
+        after = await ch.execute("a")
+        await ch.close()
+        return {"statuses": statuses(msgs), "closed": closed, "rest": (r.status_code, r.json()["execution_state"]),
+                "model": watch.states, "after": after.reply.get("ename")}
+    finally:
+        delete_kernel(srv, kid)
+
+
+async def test_user_restart_looks_like_jupyters(servers: dict[str, Server]) -> None:
+    ref = await user_restart(servers["jupyter"])
+    got = await user_restart(servers["vmkg"])
+    print("jupyter:", ref, "\nvmkg:   ", got)
+    # jupyter_server: the old kernel's shutdown, the new one's "starting", then the busy/idle
+    # of the kernel_info request that jupyter_server's restart sends; never "restarting"
+    expected = [("busy", "shutdown_request"), ("idle", "shutdown_request"), ("starting", None),
+                ("busy", "kernel_info_request"), ("idle", "kernel_info_request")]
+    assert ref["statuses"] == expected
+    # Known gap, not the gateway's: the guest agent reports the old kernel's exit as soon as
+    # it reaps it, which can overtake that kernel's last iopub messages (its shutdown_reply
+    # and final idle), and the VM is then stopped. Everything from the new kernel on is exact.
+    lost_tail = [s for s in expected if s != ("idle", "shutdown_request")]
+    assert got["statuses"] in (expected, lost_tail)
+    assert got["closed"] is None and ref["closed"] is None
+    assert got["rest"] == ref["rest"] == (200, "idle")
+    # the model never says busy or restarting: idle, starting (if a poll caught it), idle
+    for model in (got["model"], ref["model"]):
+        assert model in (["idle"], ["idle", "starting", "idle"]), model
+    assert got["after"] == ref["after"] == "NameError"
+
+
+# -- a kernel that dies --------------------------------------------------------------------------
+
+
+def kill_qemu(srv: Gateway, kid: str) -> None:
+    """SIGKILL the QEMU behind ``kid`` (its pid from the gateway's restore log line)."""
+    pids = re.findall(rf"kernel {kid}: restored in \d+ ms \(vm \w+, pid (\d+)\)", srv.log())
+    assert pids, f"no restore logged for {kid}"
+    os.kill(int(pids[-1]), signal.SIGKILL)
+
+
+async def crash(srv: Server, how: str = "exit") -> dict[str, Any]:
+    kid = new_kernel(srv)
+    try:
+        ch = await Channels.open(srv, kid)
+        assert (await ch.execute("a = 1")).reply["status"] == "ok"
+        with ModelWatch(srv, kid) as watch:
+            t0 = time.monotonic()
+            if how == "exit":
+                cell = await send_execute(ch, CRASH)
+            else:  # the VM itself dies, mid-cell
+                cell = await send_execute(ch, "import time; time.sleep(60)")
+                before, _ = await record(ch, seen("busy", "execute_request"), settle=0.5)
+                kill_qemu(srv, kid)
+            msgs, closed = await record(ch, seen("starting"), settle=3)
+            if how != "exit":
+                msgs = before + msgs
+            told = time.monotonic() - t0
+            await asyncio.sleep(0.5)
+            final = watch.current()
+        replies = [m for m in msgs if m.channel == "shell" and m.parent.get("msg_id") == cell]
+        after = await ch.execute("a")
+        await ch.close()
+        return {"statuses": statuses(msgs), "closed": closed, "model": watch.states, "final": final,
+                "replies": replies, "after": after.reply.get("ename"), "told_s": round(told, 1)}
+    finally:
+        delete_kernel(srv, kid)
+
+
+async def test_kernel_death_looks_like_jupyters(servers: dict[str, Server]) -> None:
+    ref = await crash(servers["jupyter"])
+    got = await crash(servers["vmkg"])
+    print("jupyter:", ref, "\nvmkg:   ", got)
+    # jupyter_server's auto-restarter: "restarting", then the new kernel's "starting"; the
+    # cell that died gets no reply (JupyterLab ends it on "restarting")
+    assert ref["statuses"] == [("busy", "execute_request"), ("restarting", None), ("starting", None)]
+    # a restored kernel is idle at once (a local one says so at the first request) and
+    # says so: no client waits for an idle that only a request of its own would bring
+    assert got["statuses"] == [*ref["statuses"], ("idle", None)]
+    assert got["closed"] is None and ref["closed"] is None
+    assert got["replies"] == ref["replies"] == []
+    # the model leaves "busy": jupyter_server's says "starting" until a request comes
+    assert ref["model"][-1] == "starting" and got["final"] == "idle", (ref["model"], got["model"])
+    assert got["model"][-2:] == ["busy", "idle"]
+    assert got["after"] == ref["after"] == "NameError"
+
+
+async def test_vm_killed_looks_like_a_kernel_death(servers: dict[str, Server]) -> None:
+    got = await crash(servers["vmkg"], how="sigkill")
+    print("vmkg:", got)
+    assert got["statuses"] == [("busy", "execute_request"), ("restarting", None), ("starting", None),
+                               ("idle", None)]
+    assert got["closed"] is None and got["replies"] == []
+    assert got["final"] == "idle" and got["after"] == "NameError"
+
+
+async def died_for_good(srv: Server) -> dict[str, Any]:
+    kid = new_kernel(srv)
+    ch = await Channels.open(srv, kid)
+    await send_execute(ch, CRASH)
+    msgs, closed = await record(ch, seen("dead"), settle=3)
+    await asyncio.sleep(0.5)
+    code = srv.request("GET", f"/api/kernels/{kid}").status_code
+    listed = [k["id"] for k in srv.request("GET", "/api/kernels").json()]
+    sts = statuses(msgs)  # from the cell on (the connection's own kernel_info nudges before)
+    return {"statuses": sts[sts.index(("busy", "execute_request")):], "closed": closed, "get": code,
+            "listed": kid in listed}
+
+
+async def test_restart_budget_spent_says_dead(template: Any, tmp_path: Path) -> None:
+    budget = "--KernelRestarter.restart_limit=0"
+    ref = KernelGatewayRef(tmp_path, budget)
+    try:
+        r = await died_for_good(ref)
+    finally:
+        ref.stop()
+    gw = start_vmkg(tmp_path, budget)
+    try:
+        g = await died_for_good(gw)
+    finally:
+        assert gw.stop() == 0, gw.log()[-3000:]
+        gw.assert_clean()
+    print("jupyter:", r, "\nvmkg:   ", g)
+    assert r["statuses"] == g["statuses"] == [("busy", "execute_request"), ("dead", None)]
+    assert r["get"] == g["get"] == 404 and not r["listed"] and not g["listed"]
+    # jupyter_server leaves the websocket open to nothing; here it is closed (1001)
+    assert g["closed"] == 1001
+
+
+# -- interrupt, shutdown, culling ---------------------------------------------------------------
+
+
+async def interrupt(srv: Server) -> dict[str, Any]:
+    kid = new_kernel(srv)
+    try:
+        ch = await Channels.open(srv, kid)
+        assert (await ch.execute("a = 1")).reply["status"] == "ok"
+        cell = await send_execute(ch, SPIN)
+        first, _ = await record(ch, seen("busy", "execute_request"), settle=1.0)
+        r = await asyncio.to_thread(srv.request, "POST", f"/api/kernels/{kid}/interrupt")
+        msgs, closed = await record(ch, seen("idle", "execute_request"))
+        msgs = first + msgs
+        reply = [m.content for m in msgs if m.channel == "shell" and m.parent.get("msg_id") == cell]
+        errors = [m.content["ename"] for m in msgs if m.msg_type == "error"]
+        kept = await ch.value("a")
+        await ch.close()
+        return {"status": r.status_code, "statuses": statuses(msgs), "closed": closed,
+                "reply": [c["status"] for c in reply], "errors": errors, "kept": kept}
+    finally:
+        delete_kernel(srv, kid)
+
+
+async def test_interrupt_looks_like_jupyters(servers: dict[str, Server]) -> None:
+    ref = await interrupt(servers["jupyter"])
+    got = await interrupt(servers["vmkg"])
+    print("jupyter:", ref, "\nvmkg:   ", got)
+    assert ref == got == {"status": 204, "statuses": [("busy", "execute_request"), ("idle", "execute_request")],
+                          "closed": None, "reply": ["error"], "errors": ["KeyboardInterrupt"], "kept": 1}
+
+
+async def shut_down(srv: Server) -> dict[str, Any]:
+    kid = new_kernel(srv)
+    ch = await Channels.open(srv, kid)
+    assert (await ch.execute("1")).reply["status"] == "ok"
+    r = await asyncio.to_thread(srv.request, "DELETE", f"/api/kernels/{kid}")
+    msgs, closed = await record(ch, seen("busy", "shutdown_request"), settle=3)
+    return {"status": r.status_code, "statuses": statuses(msgs), "closed": closed,
+            "get": srv.request("GET", f"/api/kernels/{kid}").status_code}
+
+
+async def test_shutdown_tells_connected_clients(servers: dict[str, Server]) -> None:
+    ref = await shut_down(servers["jupyter"])
+    got = await shut_down(servers["vmkg"])
+    print("jupyter:", ref, "\nvmkg:   ", got)
+    assert ref["status"] == got["status"] == 204 and ref["get"] == got["get"] == 404
+    assert ref["statuses"][:1] == got["statuses"][:1] == [("busy", "shutdown_request")]
+    assert "restarting" not in {s for s, _ in got["statuses"]}
+    # jupyter_server leaves the websocket open to a kernel that is gone (a notebook learns it
+    # only when it next reconnects); here it is closed at once with 1001
+    assert got["closed"] == 1001
+
+
+async def test_culled_kernel_tells_connected_clients(template: Any, tmp_path: Path) -> None:
+    gw = start_vmkg(tmp_path, "--cull-idle-timeout=3", "--cull-interval=1", "--cull-connected")
+    try:
+        kid = new_kernel(gw)
+        ch = await Channels.open(gw, kid)
+        assert (await ch.execute("1")).reply["status"] == "ok"
+        t0 = time.monotonic()
+        try:
+            while True:
+                await ch.recv(timeout=30)
+        except websockets.ConnectionClosed as exc:
+            closed = exc.rcvd.code if exc.rcvd else 1006
+            reason = exc.rcvd.reason if exc.rcvd else ""
+        waited = time.monotonic() - t0
+        assert gw.request("GET", f"/api/kernels/{kid}").status_code == 404
+    finally:
+        assert gw.stop() == 0, gw.log()[-3000:]
+        gw.assert_clean()
+    assert closed == 1001 and kid in reason, (closed, reason)
+    assert waited < 20
+
+
+# -- reconnect, keep-alive ----------------------------------------------------------------------
+
+
+async def drop_and_resume(srv: Server) -> str:
+    kid = new_kernel(srv)
+    try:
+        ch = await Channels.open(srv, kid)
+        cell = await send_execute(ch, "import time\nfor i in range(8):\n    print(i, flush=True)\n    time.sleep(0.4)")
+        out = []
+        while True:
+            m = await ch.recv()
+            if m.msg_type == "stream" and m.parent.get("msg_id") == cell:
+                out.append(m.content["text"])
+                break
+        ch.ws.transport.abort()  # the network goes away: no close handshake
+        await asyncio.sleep(2)
+        again = await Channels.open(srv, kid, session=ch.session)
+        res = await again.collect(cell, timeout=60)
+        out.append(res.stdout)
+        await again.close()
+        return "".join(out)
+    finally:
+        delete_kernel(srv, kid)
+
+
+async def test_reconnect_after_a_network_drop_keeps_output(servers: dict[str, Server]) -> None:
+    expected = "".join(f"{i}\n" for i in range(8))
+    assert await drop_and_resume(servers["jupyter"]) == expected
+    assert await drop_and_resume(servers["vmkg"]) == expected
+
+
+async def test_websocket_outlives_its_pings(servers: dict[str, Server]) -> None:
+    """The gateway pings every second here; an idle notebook must stay connected."""
+    gw = servers["vmkg"]
+    kid = new_kernel(gw)
+    try:
+        ch = await Channels.open(gw, kid)
+        await asyncio.sleep(5)
+        assert (await ch.execute("print(41 + 1)")).stdout == "42\n"
+        assert "ping timeout" not in gw.log()
+        await ch.close()
+    finally:
+        delete_kernel(gw, kid)
+
+
+# -- the SDK reads these statuses as Jupyter means them -------------------------------------------
+
+
+async def test_sdk_cell_in_a_dying_kernel_fails_and_the_kernel_lives_on(servers: dict[str, Server]) -> None:
+    from gateway import sdk
+
+    gw = servers["vmkg"]
+    async with sdk.Gateway(gw.url, gw.token) as client:
+        kernel = await client.start_kernel("python3")
+        await kernel.run_code("x = 1")
+        with pytest.raises(sdk.SDKError, match="died while the cell ran") as died:
+            await kernel.run_code(CRASH, timeout=120)
+        assert not isinstance(died.value, sdk.KernelGone)
+        assert (await kernel.run_code("'x' in dir()")).text == "False"
+        assert (await kernel.info())["execution_state"] == "idle"
+        # a restart someone else asks for while a cell runs: the cell fails, the kernel works
+        run = asyncio.ensure_future(kernel.run_code("import time; time.sleep(60)", timeout=120))
+        while (await kernel.info())["execution_state"] != "busy":
+            await asyncio.sleep(0.1)
+        await asyncio.to_thread(gw.request, "POST", f"/api/kernels/{kernel.id}/restart")
+        with pytest.raises(sdk.SDKError, match="was restarted while the cell ran"):
+            await asyncio.wait_for(run, 60)
+        assert (await kernel.run_code("6 * 7")).text == "42"
