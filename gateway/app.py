@@ -30,7 +30,7 @@ from jupyter_events import EventLogger
 from jupyter_server.auth.authorizer import AllowAllAuthorizer
 from jupyter_server.log import log_request
 from tornado import httpserver, netutil, web
-from traitlets import Bool, Float, Integer, Type, Unicode, default
+from traitlets import Bool, Float, Integer, TraitError, Type, Unicode, default
 from traitlets.config import Application
 
 from kernelmanager.provisioner import MicroVMProvisioner
@@ -119,12 +119,21 @@ class ServeApp(Application):
                              help="Allow GET /api/kernels (JupyterLab's GatewayClient polls it).")
     ws_ping_interval = env_trait(Integer, "VMKG_WS_PING_INTERVAL", 30,
                                  help="Seconds between websocket pings; 0 disables them.")
-    ws_ping_timeout = env_trait(Float, "VMKG_WS_PING_TIMEOUT", 0.0,
-                                help="Seconds without a pong after which a websocket is closed as "
-                                     "dead (checked when each ping is sent). 0: three "
-                                     "ws_ping_interval, as jupyter_server's default; one interval "
-                                     "would close live clients whenever a busy event loop delays "
-                                     "the ping timer.")
+    # not env_trait: its default is derived from ws_ping_interval
+    ws_ping_timeout = Float(config=True,
+                            help="Seconds without a pong after which a websocket is closed as dead "
+                                 "(checked when each ping is sent). Default: three ws_ping_interval, "
+                                 "as jupyter_server's; one interval would close live clients whenever "
+                                 "a busy event loop delays the ping timer. ($VMKG_WS_PING_TIMEOUT)")
+
+    @default("ws_ping_timeout")
+    def _ws_ping_timeout_default(self) -> float:
+        text = os.environ.get("VMKG_WS_PING_TIMEOUT", "")
+        try:
+            return float(text) if text else 3.0 * self.ws_ping_interval
+        except ValueError:
+            raise TraitError(f"$VMKG_WS_PING_TIMEOUT: {text!r} is not a number of seconds") from None
+
     max_message_size = env_trait(Integer, "VMKG_MAX_MESSAGE_SIZE", 64 * 1024 * 1024,
                                  zero_is_default=True,
                                  help="Largest websocket message accepted from a client, in bytes; "
@@ -203,7 +212,7 @@ class ServeApp(Application):
             allow_remote_access=True,
             disable_check_xsrf=True,
             ws_ping_interval=self.ws_ping_interval * 1000,
-            ws_ping_timeout=(self.ws_ping_timeout or 3.0 * self.ws_ping_interval) * 1000,
+            ws_ping_timeout=self.ws_ping_timeout * 1000,
             websocket_max_message_size=self.max_message_size,
             log_function=log_request,
             cookie_secret=secrets.token_bytes(32),
