@@ -21,6 +21,7 @@ no VM directory was left behind.
 
 from __future__ import annotations
 
+import atexit
 import json
 import os
 import shutil
@@ -38,6 +39,8 @@ os.environ.setdefault("VMKG_ACCEL", "auto")
 # session on the same machine neither disturbs nor is disturbed by the leak checks
 STATE_DIR = Path(tempfile.mkdtemp(prefix="vmkg-test-state-"))
 os.environ["VMKG_STATE_DIR"] = str(STATE_DIR)
+# removed by no_leaks after its checks; this covers runs without a session (--collect-only)
+atexit.register(shutil.rmtree, STATE_DIR, ignore_errors=True)
 
 #: fixtures that build the guest image, bake a template or start VMs: only for ``vm`` tests
 VM_FIXTURES = {"template", "image", "jupyter_path", "gw"}

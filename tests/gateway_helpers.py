@@ -34,6 +34,7 @@ from jupyter_server.services.kernels.connection.base import (
     deserialize_msg_from_ws_v1,
     serialize_msg_to_ws_v1,
 )
+from websockets.typing import Subprotocol
 
 V1 = "v1.kernel.websocket.jupyter.org"
 TOKEN = "test-token-" + uuid.uuid4().hex[:8]
@@ -239,7 +240,7 @@ class Channels:
         headers = gw.headers(token) if auth else {}
         ws = await websockets.connect(
             f"{gw.ws_url}/api/kernels/{kernel_id}/channels?session_id={session}",
-            subprotocols=[V1] if v1 else None, additional_headers=headers, max_size=None,
+            subprotocols=[Subprotocol(V1)] if v1 else None, additional_headers=headers, max_size=None,
             open_timeout=60, **kwargs)
         return cls(ws, session)
 

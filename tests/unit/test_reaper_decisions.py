@@ -136,8 +136,10 @@ def test_the_qemu_of_a_dead_owner_is_killed_and_its_files_removed(tmp_path: Path
 def test_a_recycled_qemu_pid_is_never_killed(tmp_path: Path, sleeper: subprocess.Popen[bytes]) -> None:
     vms = tmp_path / "vms"
     pid, start = dead_pid()
+    qemu_start = process_start_time(sleeper.pid)
+    assert qemu_start is not None
     vm_dir(vms, "orphan", owner_pid=pid, owner_start=start, qemu_pid=sleeper.pid,
-           qemu_start=process_start_time(sleeper.pid) - 1)  # the pid now belongs to another process
+           qemu_start=qemu_start - 1)  # the pid now belongs to another process
     assert reap_orphans(vms) == ["orphan"]
     time.sleep(0.1)
     assert sleeper.poll() is None, "an unrelated process with a recycled pid was killed"
