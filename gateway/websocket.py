@@ -11,16 +11,20 @@ protocol, and replays what its kernel manager buffered while the client was away
   kernel's relay, whose publisher never blocks, so holding one client's messages never
   stalls the kernel or delays its other clients. (Holding, not pausing the ZMQ sockets:
   a paused subscriber's backlog would sit in ZMQ, unmeasured, and be dropped silently
-  at its high-water mark.)
+  at its high-water mark.) Stream messages larger than ``split_stream_size`` are split
+  into several (same parent, consecutive text), so a 20 MB print reaches clients whose
+  frame limit is 10 MiB (tornado's, used by GatewayClient).
 - **Slow clients are cut off, not served forever.** A client for which more than
   ``max_client_buffer`` bytes wait is closed with code 4008 (``CLOSE_SLOW_CLIENT``) and
   a reason saying so (counted in ``vmkg_websocket_closed_total{reason="slow_client"}``).
-  What it had not received is kept: the held messages go to the session's replay buffer
-  and, for a client that asked for resume, the resume window stays, so reconnecting
-  with the same ``session_id`` (and ``vmkg_resume=``) continues where it stopped.
-  Stream messages larger than
-  ``split_stream_size`` are split into several (same parent, consecutive text), so a 20 MB
-  print reaches clients whose frame limit is 10 MiB (tornado's, used by GatewayClient).
+  What it had not received is kept: the held messages go to its session's replay buffer
+  (started for it even while other websockets of the kernel stay open), and the resume
+  window of a client that asked for one (``vmkg_resume=``) stays, so reconnecting with
+  the same ``session_id`` continues where it stopped. A client that reads nothing at all
+  sees the 4008 close frame only if it reads within tornado's 5 s close handshake;
+  after that the connection is aborted (1006 on its side).
+- **Keepalive.** jupyter_server's pinger (``ws_ping_interval``/``ws_ping_timeout`` of
+  ``gateway.app``), whose timeout closes are counted; tornado's own pinger is turned off.
 - **Bad frames get a clear answer.** A frame that is not a Jupyter message (bad JSON,
   bad v1 offsets, no header) or names an unknown channel closes that websocket with code
   1007 and a reason; the kernel and every other connection are untouched. Oversized
