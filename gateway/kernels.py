@@ -43,11 +43,6 @@ from .internals import add_started_kernel
 from .pool import WarmPool
 from .replay import ReplayBufferMixin
 
-DELIM = b"<IDS|MSG>"
-
-
-
-
 
 class VMMappingKernelManager(ReplayBufferMixin, AsyncMappingKernelManager):
     max_kernels = env_trait(Integer, "VMKG_MAX_KERNELS", None, allow_none=True,
