@@ -56,8 +56,6 @@ from .internals import add_started_kernel
 from .pool import WarmPool
 from .replay import ReplayBufferMixin
 
-DELIM = b"<IDS|MSG>"
-
 
 class VMServerKernelManager(ServerKernelManager):
     """One kernel's manager: jupyter_server's, telling its mapping manager when a restart is

@@ -233,7 +233,7 @@ class ReconnectMixin(LoggingConfigurable):
                 ring.add(channel, outgoing_msg)
         super().handle_outgoing_message(stream, outgoing_msg)  # type: ignore[misc]
 
-    # -- interrupt on disconnect -------------------------------------------------------
+    # -- closing: undelivered messages to the buffer, interrupt on disconnect ----------
 
     def disconnect(self) -> None:
         undelivered, self._undelivered = self._undelivered, []
