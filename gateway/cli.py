@@ -18,10 +18,10 @@ import urllib.request
 from traitlets import Bool, Float, Integer, List, Unicode, default
 from traitlets.config import Application
 
-from guest.image import ImageBuildError, build_image
 from kernelmanager import accel as accel_mod
 from kernelmanager import kernelspec
 from kernelmanager.exceptions import VMKGError
+from kernelmanager.image import ImageBuildError, build_image
 from kernelmanager.templates import catalog, ensure_template, get_spec
 
 

@@ -28,12 +28,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from guest.image import GuestImage
 from guest.protocol import PROTOCOL_VERSION
 
 from . import paths
 from .channel import AgentChannel, UnixSocketTransport
 from .exceptions import AgentError, ChannelError, TemplateError, TemplateIncompatible, VMError
+from .image import GuestImage
 from .vm.qemu import MachineSpec, QemuVM, qemu_version
 
 log = logging.getLogger(__name__)

@@ -16,10 +16,9 @@ import os
 from dataclasses import dataclass, fields
 from typing import Any
 
-from guest.image import ImageRecipe, build_image, find_image, kernel_cmdline
-
 from . import accel as accel_mod
 from .exceptions import ConfigError, ImageError
+from .image import ImageRecipe, build_image, find_image, kernel_cmdline
 from .snapshots import Snapshot, bake_template, find_template, template_id
 from .vm.qemu import MachineSpec, qemu_version
 
