@@ -11,8 +11,8 @@ reads).
     NoSuchKernel           404  unknown kernelspec name
     KernelBusy, VMDied     409  the kernel cannot do that in its current state
     ConfigError            400  a request asked for something that cannot work
-    TemplateError, ImageError, VMStartError, ChannelError, AgentError
-                           503  the VM could not be restored/reached now (retry may work)
+    TemplateError, ImageError, VMStartError, ChannelError, AgentError, ForkError
+                           503  the VM could not be restored/reached/forked now (retry may work)
     TimeoutError           504  a kernel did not answer in time
     any other VMKGError    500
 """
@@ -32,6 +32,7 @@ from kernelmanager.exceptions import (
     AgentError,
     ChannelError,
     ConfigError,
+    ForkError,
     ImageError,
     KernelBusy,
     LimitExceeded,
@@ -52,6 +53,7 @@ _STATUS: list[tuple[type[BaseException], int]] = [
     (VMStartError, 503),
     (ChannelError, 503),
     (AgentError, 503),
+    (ForkError, 503),
     (TimeoutError, 504),
     (VMKGError, 500),
 ]

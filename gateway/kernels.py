@@ -41,6 +41,7 @@ from jupyter_server.prometheus.metrics import KERNEL_CURRENTLY_RUNNING_TOTAL
 from jupyter_server.services.kernels.kernelmanager import AsyncMappingKernelManager
 from traitlets import Dict, Float, Integer, List, Unicode, default
 
+from kernelmanager import vm_handle
 from kernelmanager.exceptions import LimitExceeded
 
 from . import metrics
@@ -194,7 +195,7 @@ class VMMappingKernelManager(AsyncMappingKernelManager):
     def _share_allowlist_with_provisioner(self) -> None:
         """The provisioner filters the env again (KERNEL_* plus its own allow-list); names
         this gateway allows must pass there too."""
-        from kernelmanager.provisioner import MicroVMProvisioner
+        from kernelmanager import MicroVMProvisioner
 
         prov = self.config.MicroVMProvisioner
         current = list(prov.env_allowlist) if "env_allowlist" in prov else \
@@ -220,16 +221,18 @@ class VMMappingKernelManager(AsyncMappingKernelManager):
         held = sum(1 for kid, user in self.usernames.items() if user == username and kid in self._kernels)
         return held + self._reserved[username]
 
-    def _check_limits(self, username: str) -> None:
-        if self.max_kernels is not None and self.client_kernel_count() >= self.max_kernels:
+    def _check_limits(self, username: str, count: int = 1) -> None:
+        """Room for ``count`` more kernels (a start: 1; a fork: its children)?"""
+        more = f" (asked for {count} more)" if count > 1 else ""
+        if self.max_kernels is not None and self.client_kernel_count() + count > self.max_kernels:
             raise LimitExceeded(
                 f"max_kernels reached: this gateway runs at most {self.max_kernels} kernels and "
-                f"{self.client_kernel_count()} are running or starting; shut one down first")
+                f"{self.client_kernel_count()} are running or starting{more}; shut one down first")
         if username and self.max_kernels_per_user is not None \
-                and self.client_kernel_count(username) >= self.max_kernels_per_user:
+                and self.client_kernel_count(username) + count > self.max_kernels_per_user:
             raise LimitExceeded(
                 f"max_kernels_per_user reached: user {username!r} may hold at most "
-                f"{self.max_kernels_per_user} kernels; shut one down first")
+                f"{self.max_kernels_per_user} kernels{more}; shut one down first")
 
     async def start_kernel(self, *, kernel_name: str | None = None, kernel_id: str | None = None,
                            path: str | None = None, env: dict[str, str] | None = None,
@@ -277,9 +280,10 @@ class VMMappingKernelManager(AsyncMappingKernelManager):
 
     @staticmethod
     def _observe_restore(km: Any) -> None:
-        vk = getattr(getattr(km, "provisioner", None), "vm_kernel", None)
-        if vk is not None and "start" in vk.timings:
-            metrics.VM_RESTORE_SECONDS.observe(vk.timings["start"])
+        handle = vm_handle(km)
+        timings = handle.restore_timings if handle is not None else {}
+        if "start" in timings:
+            metrics.VM_RESTORE_SECONDS.observe(timings["start"])
 
     async def restart_kernel(self, kernel_id: str, now: bool = False) -> Any:
         future = await super().restart_kernel(kernel_id, now=now)
@@ -459,7 +463,7 @@ class VMMappingKernelManager(AsyncMappingKernelManager):
                 asyncio.ensure_future(self._discard(km))
                 continue
             try:
-                await km.provisioner.adopt(env)
+                await km.provisioner.handle.apply_env(env)
             except Exception as exc:  # noqa: BLE001 - fall back to the next one, or a fresh restore
                 self.log.warning("kernel %s: pooled kernel could not take on the request's env: %s",
                                  km.kernel_id, exc)
@@ -563,8 +567,8 @@ class VMMappingKernelManager(AsyncMappingKernelManager):
     def vm_pids(self) -> list[int]:
         pids = []
         for km in [*self._kernels.values(), *self.pooled_managers()]:
-            vk = getattr(getattr(km, "provisioner", None), "vm_kernel", None)
-            pid = getattr(getattr(vk, "vm", None), "pid", None)
+            handle = vm_handle(km)
+            pid = handle.pid if handle is not None else None
             if pid:
                 pids.append(pid)
         return pids

@@ -14,9 +14,8 @@ from typing import Any
 import pytest
 from jupyter_client.manager import AsyncKernelManager
 
-from kernelmanager import forks, paths, reaper
+from kernelmanager import fork, forks, paths, reaper
 from kernelmanager.exceptions import KernelBusy
-from kernelmanager.provisioner import fork
 
 pytestmark = [pytest.mark.vm, pytest.mark.usefixtures("template")]
 KERNEL = "python3-microvm"
@@ -204,7 +203,7 @@ def test_fork_leftovers_of_a_killed_owner_are_reaped(tmp_path: Path) -> None:
     script = textwrap.dedent(f"""
         import asyncio, json, time
         from jupyter_client.manager import AsyncKernelManager
-        from kernelmanager.provisioner import fork
+        from kernelmanager import fork
         async def main():
             km = AsyncKernelManager(kernel_name={KERNEL!r})
             await km.start_kernel()
