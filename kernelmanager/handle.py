@@ -26,14 +26,13 @@ from __future__ import annotations
 import base64
 from dataclasses import dataclass
 from datetime import datetime, timezone
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from . import forks
 from .exceptions import ForkError, VMDied
 from .runtime import Runtime
 
 if TYPE_CHECKING:
-    from .provisioner import MicroVMProvisioner
     from .snapshots import Snapshot
     from .vmkernel import VMKernel
 
@@ -123,13 +122,28 @@ class ForkSource:
         await self.release()
 
 
+class KernelOwner(Protocol):
+    """What a handle needs of the one who holds the kernel (``MicroVMProvisioner``)."""
+
+    @property
+    def kernel_id(self) -> Any: ...
+
+    @property
+    def vm_kernel(self) -> VMKernel | None: ...
+
+    @property
+    def lineage(self) -> Lineage | None: ...
+
+    async def adopt(self, env: dict[str, str]) -> None: ...
+
+
 class VMHandle:
     """One kernel's VM, as the world outside ``kernelmanager`` may use it.
 
     Made by :meth:`MicroVMProvisioner.handle` (through :func:`vm_handle`); cheap, and
     valid as long as its kernel manager is: a restart swaps the VM behind it."""
 
-    def __init__(self, provisioner: MicroVMProvisioner) -> None:
+    def __init__(self, provisioner: KernelOwner) -> None:
         self._prov = provisioner
 
     @property
