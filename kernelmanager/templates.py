@@ -89,6 +89,8 @@ async def ensure_template(spec: TemplateSpec, accel: str | None = None, progress
                      spec.name, recipe.digest())
             try:
                 image = await asyncio.to_thread(build_image, recipe)
+            except ImageError:  # ImageBuildError: keeps its hint, details and log
+                raise
             except Exception as exc:
                 raise ImageError(str(exc)) from exc
         machine = spec.machine(accel_name)
