@@ -4,7 +4,7 @@
 A parent kernel (a microVM) warms up by building ~150 MB of Python objects. Then, for
 N = 1 and 4, repeatedly:
 
-* fork: ``kernelmanager.provisioner.fork(parent, N)`` until every branch has answered a
+* fork: ``kernelmanager.fork(parent, N)`` until every branch has answered a
   cell showing the parent's state;
 * per-branch private memory (anonymous pages of its QEMU process) right after that, and
   after the branch writes 20 MB of its own, to show it grows only with what it writes;
@@ -30,7 +30,7 @@ from bench_gateway import connect, run_cell, start_kg
 from common import ensure_kernelspecs
 from jupyter_client.manager import AsyncKernelManager
 
-from kernelmanager.provisioner import fork
+from kernelmanager import fork
 
 WARMUP = """
 import os, hashlib

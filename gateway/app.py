@@ -33,7 +33,14 @@ from tornado import httpserver, netutil, web
 from traitlets import Bool, Float, Integer, TraitError, Type, Unicode, default
 from traitlets.config import Application
 
-from kernelmanager.provisioner import MicroVMProvisioner
+from kernelmanager import (
+    MicroVMProvisioner,
+    bake_template,
+    catalog,
+    kernelspec_name,
+    start_runtime,
+    stop_runtime,
+)
 
 from . import cli, internals, logs, metrics
 from .auth import TokenIdentityProvider
@@ -225,9 +232,7 @@ class ServeApp(Application):
         )
 
     async def serve(self) -> None:
-        from kernelmanager.runtime import Runtime
-
-        runtime = Runtime.instance()  # reaps what a crashed predecessor left, first of all
+        start_runtime()  # reaps what a crashed predecessor left, first of all
         token = self.auth_token if self.auth_enabled else ""
         generated = self.auth_enabled and not token
         if generated:
@@ -273,7 +278,7 @@ class ServeApp(Application):
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
-        prepare = asyncio.ensure_future(self._prepare_templates(runtime))
+        prepare = asyncio.ensure_future(self._prepare_templates())
         try:
             await stop.wait()
         finally:
@@ -281,26 +286,21 @@ class ServeApp(Application):
             lag_monitor.cancel()
             await self.shutdown()
 
-    async def _prepare_templates(self, runtime: Any) -> None:
+    async def _prepare_templates(self) -> None:
         """Bake (first run only: minutes) or load the templates the pool restores from, then
         fill the pool. Other templates are baked on first use."""
-        from kernelmanager.kernelspec import kernelspec_name
-        from kernelmanager.templates import catalog, ensure_template
-
         for spec in catalog().values():
             if self.kernel_manager.pool_target(kernelspec_name(spec.name)) <= 0:
                 continue
             try:
-                snap = await runtime.run(ensure_template(spec))
-                self.log.info("template %s: ready (%s)", spec.name, snap.path)
+                path = await bake_template(spec.name)
+                self.log.info("template %s: ready (%s)", spec.name, path)
             except Exception as exc:  # noqa: BLE001 - keep serving the other templates
                 self.log.error("template %s: unavailable: %s", spec.name, exc)
         self.kernel_manager.pool.refill()
 
     async def shutdown(self) -> None:
         """Stop accepting, close websockets, shut every kernel down (pooled ones too)."""
-        from kernelmanager.runtime import Runtime
-
         km = self.kernel_manager
         self.log.info("shutting down: %d kernels, %d pooled", len(km.list_kernel_ids()),
                       sum(km.pool.pooled().values()))
@@ -316,7 +316,7 @@ class ServeApp(Application):
         except Exception as exc:  # noqa: BLE001 - the runtime below still closes every VM
             self.log.error("shutdown: %s", exc)
         self.kernel_spec_manager.close()
-        await asyncio.to_thread(Runtime.instance().shutdown)
+        await asyncio.to_thread(stop_runtime)
         self.log.info("stopped")
 
 

@@ -1,7 +1,8 @@
 """The ``vmkg`` subcommands other than ``serve``: image, template, kernelspec.
 
 Each is a small traitlets Application, so ``--help`` and ``--help-all`` explain it
-and every option is also settable in the config file.
+and every option is also settable in the config file. The operator commands (image,
+template, kernelspec, cache) call the operator functions of ``kernelmanager``'s root.
 """
 
 from __future__ import annotations
@@ -18,11 +19,16 @@ import urllib.request
 from traitlets import Bool, Float, Integer, List, Unicode, default
 from traitlets.config import Application
 
-from guest.image import ImageBuildError, build_image
-from kernelmanager import accel as accel_mod
-from kernelmanager import kernelspec
-from kernelmanager.exceptions import VMKGError
-from kernelmanager.templates import catalog, ensure_template, get_spec
+from kernelmanager import (
+    bake_template,
+    build_image,
+    catalog,
+    detect_accelerator,
+    install_kernelspecs,
+    kernelspec_name,
+    prune_cache,
+)
+from kernelmanager.exceptions import ImageError, VMKGError
 
 
 class _Sub(Application):
@@ -54,11 +60,15 @@ class ImageBuildApp(_Sub):
 
     def start(self) -> None:
         try:
-            image = build_image(get_spec(self.template).recipe(), force=self.force)
-        except (ImageBuildError, VMKGError) as exc:
+            path = build_image(self.template, force=self.force)
+        except ImageError as exc:
+            log = getattr(exc, "log", None)  # an ImageBuildError keeps the build log
+            self.fail(f"{exc}" + (f" (full log: {log})" if log else ""))
+            return
+        except VMKGError as exc:
             self.fail(str(exc))
             return
-        print(image.path)
+        print(path)
 
 
 class ImageApp(_Group):
@@ -79,16 +89,16 @@ class TemplateBakeApp(_Sub):
 
     def start(self) -> None:
         try:
-            choice = accel_mod.detect(self.accel or None)
+            choice = detect_accelerator(self.accel or None)
             print(f"vmkg: accelerator {choice.name} ({choice.reason})", file=sys.stderr)
             t0 = time.monotonic()
-            snap = asyncio.run(ensure_template(get_spec(self.template), choice.name,
-                                               progress=lambda m: print(f"vmkg: {m}", file=sys.stderr)))
-        except (ImageBuildError, VMKGError) as exc:
+            path = asyncio.run(bake_template(self.template, choice.name,
+                                             progress=lambda m: print(f"vmkg: {m}", file=sys.stderr)))
+        except VMKGError as exc:
             self.fail(str(exc))
             return
         print(f"vmkg: template {self.template} ready in {time.monotonic() - t0:.1f} s", file=sys.stderr)
-        print(snap.path)
+        print(path)
 
 
 class TemplateListApp(_Sub):
@@ -97,7 +107,7 @@ class TemplateListApp(_Sub):
 
     def start(self) -> None:
         for name, spec in sorted(catalog().items()):
-            print(json.dumps({"name": name, "kernelspec": kernelspec.kernelspec_name(name),
+            print(json.dumps({"name": name, "kernelspec": kernelspec_name(name),
                               "packages": spec.packages, "memory_mb": spec.memory_mb,
                               "vcpus": spec.vcpus, "preload": spec.preload}))
 
@@ -127,7 +137,7 @@ class KernelspecInstallApp(_Sub):
 
     def start(self) -> None:
         try:
-            for d in kernelspec.install(self.template or None, user=self.user, prefix=self.prefix or None):
+            for d in install_kernelspecs(self.template or None, user=self.user, prefix=self.prefix or None):
                 print(d)
         except VMKGError as exc:
             self.fail(str(exc))
@@ -164,9 +174,11 @@ class CachePruneApp(_Sub):
     flags = {"dry-run": ({"CachePruneApp": {"dry_run": True}}, "Only say what would be removed.")}
 
     def start(self) -> None:
-        from kernelmanager.cache import prune
-
-        report = prune(dry_run=self.dry_run)
+        try:
+            report = prune_cache(dry_run=self.dry_run)
+        except (OSError, VMKGError) as exc:
+            self.fail(str(exc))
+            return
         verb = "would remove" if self.dry_run else "removed"
         for p in report.removed:
             print(f"{verb} {p}")

@@ -64,6 +64,7 @@ _STATUS: list[tuple[type[BaseException], int]] = [
     (ChannelError, 503),
     (ForkError, 503),
     (AgentError, 503),
+    (ForkError, 503),
     (TimeoutError, 504),
     (VMKGError, 500),
 ]

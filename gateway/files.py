@@ -6,24 +6,29 @@ guest agent over the host-guest channel, never a shared folder or a network. Pat
 relative to the kernel user's home (``/home/jovyan``, the kernel's working directory);
 absolute paths, ``..`` and symlinks are refused (here and again in the guest, which
 walks every path component with ``O_NOFOLLOW``).
+
+The VM is reached only through the kernel's ``kernelmanager.VMHandle`` (its file
+operations run on the runtime loop by themselves); the agent's refusals come back as
+``AgentError`` with a ``kind``, mapped to 403/404/400/507 here.
 """
 
 from __future__ import annotations
 
-import base64
 import mimetypes
-from typing import Any
+from collections.abc import Awaitable
+from typing import Any, TypeVar
 
 from jupyter_server.base.handlers import APIHandler
 from tornado import web
 
+from kernelmanager import FILE_CHUNK, VMHandle, vm_handle
 from kernelmanager.exceptions import AgentError, VMDied
-from kernelmanager.runtime import Runtime
 
 from . import errors
 from .handlers import GatewayHandlerMixin, _finish_json
 
-CHUNK = 4 << 20
+CHUNK = FILE_CHUNK
+T = TypeVar("T")
 DEFAULT_MAX_FILE_SIZE = 100 << 20
 #: the agent's refusal kinds (guest/files.py) and what they mean over HTTP
 _AGENT_KIND_STATUS = {"forbidden": 403, "not_found": 404, "invalid": 400, "no_space": 507}
@@ -64,18 +69,20 @@ class FileHandler(GatewayHandlerMixin, APIHandler):
     def _limit(self) -> int:
         return int(self.settings.get("vmkg_max_file_size", DEFAULT_MAX_FILE_SIZE))
 
-    def _vm(self, kernel_id: str) -> Any:
+    def _vm(self, kernel_id: str) -> VMHandle:
         km = self.kernel_manager
         km._check_kernel_id(kernel_id)
-        vk = getattr(km.get_kernel(kernel_id).provisioner, "vm_kernel", None)
-        if vk is None or vk.poll() is not None:
+        handle = vm_handle(km.get_kernel(kernel_id))
+        if handle is None or not handle.running:
             raise web.HTTPError(409, f"kernel {kernel_id} has no running VM")
-        return vk
+        return handle
 
-    async def _op(self, vk: Any, **body: Any) -> Any:
+    @staticmethod
+    async def _op(op: Awaitable[T]) -> T:
+        """Await one of the handle's file operations, its errors as HTTP errors."""
         try:
             with errors.translated():
-                return await Runtime.instance().run(vk.request("file", timeout=120, **body))
+                return await op
         except web.HTTPError as exc:
             cause = exc.__cause__
             if isinstance(cause, AgentError) and cause.kind in _AGENT_KIND_STATUS:
@@ -87,21 +94,19 @@ class FileHandler(GatewayHandlerMixin, APIHandler):
     @web.authenticated
     async def get(self, kernel_id: str, path: str) -> None:
         path = check_path(path)
-        vk = self._vm(kernel_id)
+        vm = self._vm(kernel_id)
         if not path or path.endswith("/"):
-            _finish_json(self, await self._op(vk, action="list", path=path))
+            _finish_json(self, {"entries": await self._op(vm.list_files(path))})
             return
-        first = await self._op(vk, action="read", path=path, offset=0, length=CHUNK)
-        size = int(first["size"])
+        first = await self._op(vm.read_file(path, 0, CHUNK))
+        size = first.size
         self.set_header("Content-Type", mimetypes.guess_type(path)[0] or "application/octet-stream")
         self.set_header("Content-Length", str(size))
-        data = base64.b64decode(first["data"])
-        self.write(data)
-        offset = len(data)
+        self.write(first.data)
+        offset = len(first.data)
         while offset < size:
             await self.flush()
-            part = await self._op(vk, action="read", path=path, offset=offset, length=CHUNK)
-            data = base64.b64decode(part["data"])
+            data = (await self._op(vm.read_file(path, offset, CHUNK))).data
             if not data:
                 break  # the file shrank while we read it
             self.write(data)
@@ -117,20 +122,19 @@ class FileHandler(GatewayHandlerMixin, APIHandler):
         limit = self._limit()
         if len(body) > limit:
             raise web.HTTPError(413, f"file of {len(body)} bytes exceeds the limit of {limit} bytes")
-        vk = self._vm(kernel_id)
-        result: dict[str, Any] = {}
+        vm = self._vm(kernel_id)
+        size = len(body)
         for offset in range(0, max(len(body), 1), CHUNK):
             chunk = body[offset:offset + CHUNK]
-            result = await self._op(vk, action="write", path=path, offset=offset, truncate=offset == 0,
-                                    data=base64.b64encode(chunk).decode())
-        _finish_json(self, {"path": path, "size": result.get("size", len(body))}, 201)
+            size = await self._op(vm.write_file(path, chunk, offset=offset, truncate=offset == 0))
+        _finish_json(self, {"path": path, "size": size}, 201)
 
     @web.authenticated
     async def delete(self, kernel_id: str, path: str) -> None:
         path = check_path(path)
         if not path:
             raise web.HTTPError(400, "DELETE needs a path")
-        await self._op(self._vm(kernel_id), action="delete", path=path)
+        await self._op(self._vm(kernel_id).remove_file(path))
         self.set_status(204)
         self.finish()
 

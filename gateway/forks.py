@@ -1,49 +1,55 @@
 """Forking kernels over HTTP: ``POST /api/kernels/{id}/fork`` and ``GET .../forks``.
 
-A fork snapshots the parent's running VM (``MicroVMProvisioner.fork_snapshot``: waits
-until the kernel is idle, pauses it for the dirty pages, resumes it) and starts ``count``
-new kernels of the gateway from that snapshot. They are ordinary kernels in every way
-(listed, websockets, interrupt, restart, delete, culling, limits), and their models
-carry their lineage: ``parent_id`` and ``forked_at``.
+A fork snapshots the parent's running VM (waits until the kernel is idle, pauses it for
+the dirty pages, resumes it) and starts ``count`` new kernels of the gateway from that
+snapshot. The orchestration is ``kernelmanager.fork``'s (the only one): this module
+checks the limits, gives it a ``start_child`` that starts each child through the
+gateway's kernel manager (so the children enter its map, with the parent's user), and
+maps errors to HTTP. The children are ordinary kernels in every way (listed, websockets,
+interrupt, restart, delete, culling, limits), and their models carry their lineage,
+which the runtime records (``kernelmanager.Lineage``): ``parent_id`` and ``forked_at``.
 
 Request body: ``{"count": N, "reseed": true, "timeout": 30}`` (all optional; count 1..
 ``max_fork_count``). Answers ``201 {"kernels": [model, ...]}``; 409 when the parent
-stayed busy past ``timeout``; 403 when the new kernels would pass a limit.
+stayed busy past ``timeout``; 403 when the new kernels would pass a limit; 503 when the
+snapshot failed (``ForkError``: QEMU or the host refused; the parent keeps running).
 """
 
 from __future__ import annotations
 
-import asyncio
 import uuid
-from datetime import datetime, timezone
 from typing import Any
 
 from jupyter_server.base.handlers import APIHandler
 from tornado import web
 
-from kernelmanager.exceptions import LimitExceeded
-from kernelmanager.provisioner import MicroVMProvisioner, release_snapshot
+from kernelmanager import ForkSource, Lineage, fork, vm_handle
 
 from . import errors
 from .handlers import GatewayHandlerMixin, _finish_json
 
 DEFAULT_MAX_FORK_COUNT = 64
+STAMP_FORMAT = "%Y-%m-%dT%H:%M:%S.%fZ"  # what jupyter_server's GatewayClient parses
 
 
-def lineage(mkm: Any) -> dict[str, dict[str, Any]]:
-    """kernel id -> {"parent_id", "forked_at"} for every kernel made by a fork."""
-    if not hasattr(mkm, "_vmkg_lineage"):
-        mkm._vmkg_lineage = {}
-    return mkm._vmkg_lineage
+def lineage_of(mkm: Any, kernel_id: str) -> Lineage | None:
+    """The lineage of a kernel of ``mkm`` (None unless it was started from a fork)."""
+    handle = vm_handle(mkm.get_kernel(kernel_id)) if kernel_id in mkm else None
+    return handle.lineage if handle is not None else None
 
 
 def lineage_fields(mkm: Any, kernel_id: str) -> dict[str, Any]:
-    rec = lineage(mkm).get(kernel_id)
-    return {"parent_id": rec["parent_id"] if rec else None, "forked_at": rec["forked_at"] if rec else None}
+    """``parent_id`` and ``forked_at`` of a kernel model (both None unless forked)."""
+    rec = lineage_of(mkm, kernel_id)
+    if rec is None:
+        return {"parent_id": None, "forked_at": None}
+    return {"parent_id": rec.parent_id, "forked_at": rec.forked_at.strftime(STAMP_FORMAT)}
 
 
 def children_of(mkm: Any, kernel_id: str) -> list[str]:
-    return [kid for kid, rec in lineage(mkm).items() if rec["parent_id"] == kernel_id and kid in mkm]
+    """The running kernels forked from ``kernel_id``."""
+    return [kid for kid in mkm.list_kernel_ids()
+            if (rec := lineage_of(mkm, kid)) is not None and rec.parent_id == kernel_id]
 
 
 async def fork_kernel(mkm: Any, kernel_id: str, count: int, *, reseed: bool = True,
@@ -51,37 +57,28 @@ async def fork_kernel(mkm: Any, kernel_id: str, count: int, *, reseed: bool = Tr
     """Fork ``kernel_id`` into ``count`` new kernels of ``mkm``; returns their ids."""
     mkm._check_kernel_id(kernel_id)
     parent = mkm.get_kernel(kernel_id)
-    prov = parent.provisioner
-    if not isinstance(prov, MicroVMProvisioner):
-        raise LimitExceeded("only microVM kernels can be forked")
-    username = getattr(mkm, "usernames", {}).get(kernel_id, "")
-    max_kernels = getattr(mkm, "max_kernels", None)
-    if max_kernels is not None and mkm.client_kernel_count() + count > max_kernels:
-        raise LimitExceeded(f"max_kernels: forking into {count} would exceed the limit of "
-                            f"{max_kernels} kernels ({mkm.client_kernel_count()} running)")
-    per_user = getattr(mkm, "max_kernels_per_user", None)
-    if username and per_user is not None and mkm.client_kernel_count(username) + count > per_user:
-        raise LimitExceeded(f"max_kernels_per_user: user {username!r} may hold at most {per_user} kernels")
-    snap = await prov.fork_snapshot(idle_timeout=timeout)
-    forked_at = datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+    username = mkm.usernames.get(kernel_id, "")
+    mkm._check_limits(username, count)  # before the snapshot: all the children fit, or none start
     env = {"KERNEL_USERNAME": username} if username else {}
-    ids = [str(uuid.uuid4()) for _ in range(count)]
-    try:
-        results = await asyncio.gather(*(
-            mkm.start_kernel(kernel_name=parent.kernel_name, kernel_id=kid, env=env,
-                             vmkg_snapshot=snap, vmkg_reseed=reseed)
-            for kid in ids), return_exceptions=True)
-    finally:
-        await release_snapshot(snap)
-    failed = [r for r in results if isinstance(r, BaseException)]
-    if failed:
-        await asyncio.gather(*(mkm.shutdown_kernel(kid, now=True) for kid in ids if kid in mkm),
-                             return_exceptions=True)
-        raise failed[0]
-    for kid in ids:
-        lineage(mkm)[kid] = {"parent_id": kernel_id, "forked_at": forked_at}
-        if hasattr(mkm, "sources"):
-            mkm.sources[kid] = "fork"
+
+    async def start_child(source: ForkSource) -> str:
+        kid = str(uuid.uuid4())
+        try:
+            await mkm.start_kernel(kernel_name=parent.kernel_name, kernel_id=kid, env=env,
+                                   fork_source=source)
+        except BaseException:
+            if kid in mkm:
+                await mkm.shutdown_kernel(kid, now=True)
+            raise
+        mkm.sources[kid] = "fork"
+        return kid
+
+    async def stop_child(kid: str) -> None:
+        if kid in mkm:
+            await mkm.shutdown_kernel(kid, now=True)
+
+    ids: list[str] = await fork(parent, count, reseed=reseed, idle_timeout=timeout,
+                                start_child=start_child, stop_child=stop_child)
     mkm.log.info("kernel %s: forked into %d (%s)", kernel_id, count, ", ".join(i[:8] for i in ids))
     return ids
 

@@ -48,6 +48,7 @@ from jupyter_server.services.kernels.kernelmanager import (
 )
 from traitlets import Bool, Dict, Float, Integer, List, Unicode, default
 
+from kernelmanager import vm_handle
 from kernelmanager.exceptions import LimitExceeded
 
 from . import metrics
@@ -162,7 +163,7 @@ class VMMappingKernelManager(ReplayBufferMixin, AsyncMappingKernelManager):
     def _share_allowlist_with_provisioner(self) -> None:
         """The provisioner filters the env again (KERNEL_* plus its own allow-list); names
         this gateway allows must pass there too."""
-        from kernelmanager.provisioner import MicroVMProvisioner
+        from kernelmanager import MicroVMProvisioner
 
         prov = self.config.MicroVMProvisioner
         current = list(prov.env_allowlist) if "env_allowlist" in prov else \
@@ -225,16 +226,18 @@ class VMMappingKernelManager(ReplayBufferMixin, AsyncMappingKernelManager):
         held = sum(1 for kid, user in self.usernames.items() if user == username and kid in self)
         return held + self._reserved[username]
 
-    def _check_limits(self, username: str) -> None:
-        if self.max_kernels is not None and self.client_kernel_count() >= self.max_kernels:
+    def _check_limits(self, username: str, count: int = 1) -> None:
+        """Room for ``count`` more kernels (a start: 1; a fork: its children)?"""
+        more = f" (asked for {count} more)" if count > 1 else ""
+        if self.max_kernels is not None and self.client_kernel_count() + count > self.max_kernels:
             raise LimitExceeded(
                 f"max_kernels reached: this gateway runs at most {self.max_kernels} kernels and "
-                f"{self.client_kernel_count()} are running or starting; shut one down first")
+                f"{self.client_kernel_count()} are running or starting{more}; shut one down first")
         if username and self.max_kernels_per_user is not None \
-                and self.client_kernel_count(username) >= self.max_kernels_per_user:
+                and self.client_kernel_count(username) + count > self.max_kernels_per_user:
             raise LimitExceeded(
                 f"max_kernels_per_user reached: user {username!r} may hold at most "
-                f"{self.max_kernels_per_user} kernels; shut one down first")
+                f"{self.max_kernels_per_user} kernels{more}; shut one down first")
 
     async def start_kernel(  # type: ignore[override]  # async, as in jupyter_server
             self, *, kernel_name: str | None = None, kernel_id: str | None = None,
@@ -284,9 +287,10 @@ class VMMappingKernelManager(ReplayBufferMixin, AsyncMappingKernelManager):
 
     @staticmethod
     def _observe_restore(km: Any) -> None:
-        vk = getattr(getattr(km, "provisioner", None), "vm_kernel", None)
-        if vk is not None and "start" in vk.timings:
-            metrics.VM_RESTORE_SECONDS.observe(vk.timings["start"])
+        handle = vm_handle(km)
+        timings = handle.restore_timings if handle is not None else {}
+        if "start" in timings:
+            metrics.VM_RESTORE_SECONDS.observe(timings["start"])
 
     async def restart_kernel(self, kernel_id: str, now: bool = False) -> Any:  # type: ignore[override]  # async, as in jupyter_server
         """A user's restart (REST). Resolves, like jupyter_server's, to a future of the new
@@ -380,8 +384,8 @@ class VMMappingKernelManager(ReplayBufferMixin, AsyncMappingKernelManager):
     def vm_pids(self) -> list[int]:
         pids = []
         for km in [*self._client_kernels(), *self.pool.pooled_managers()]:
-            vk = getattr(getattr(km, "provisioner", None), "vm_kernel", None)
-            pid = getattr(getattr(vk, "vm", None), "pid", None)
+            handle = vm_handle(km)
+            pid = handle.pid if handle is not None else None
             if pid:
                 pids.append(pid)
         return pids

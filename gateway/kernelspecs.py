@@ -18,8 +18,7 @@ from typing import Any
 from jupyter_client.kernelspec import KernelSpec, KernelSpecManager, NoSuchKernel
 from traitlets import Unicode
 
-from kernelmanager.kernelspec import kernelspec_json, kernelspec_name
-from kernelmanager.templates import catalog
+from kernelmanager import catalog, kernelspec_json, kernelspec_name
 
 
 def write_kernelspecs(root: Path) -> list[str]:

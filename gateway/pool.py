@@ -210,7 +210,7 @@ class WarmPool:
                 asyncio.ensure_future(self._discard(km))
                 continue
             try:
-                await km.provisioner.adopt(env)
+                await km.provisioner.handle.apply_env(env)
             except Exception as exc:  # noqa: BLE001 - fall back to the next one, or a fresh restore
                 self.log.warning("kernel %s: pooled kernel could not take on the request's env: %s",
                                  km.kernel_id, exc)

@@ -63,7 +63,10 @@ def _files_in_use() -> set[str]:
                 if not f.read().startswith("qemu-system"):
                     continue
             with open(f"/proc/{pid}/maps") as f:
-                used.update(line.split(maxsplit=5)[5].strip() for line in f if line.count(" ") >= 5)
+                for line in f:
+                    fields = line.split(maxsplit=5)  # anonymous mappings have no 6th field
+                    if len(fields) == 6:
+                        used.add(fields[5].strip())
             for fd in os.listdir(f"/proc/{pid}/fd"):
                 try:
                     used.add(os.readlink(f"/proc/{pid}/fd/{fd}"))

@@ -2,7 +2,7 @@
 
     VMKGError
     ├── ConfigError            a setting or argument that cannot work
-    ├── ImageError             no guest image, or it cannot be built (guest.image.ImageBuildError)
+    ├── ImageError             no guest image, or it cannot be built (kernelmanager.image.ImageBuildError)
     ├── TemplateError          a template is missing or cannot be baked
     │   └── TemplateIncompatible   made by another QEMU / agent protocol / accelerator
     ├── VMError                a VM could not do what was asked

@@ -19,6 +19,14 @@ What a fork snapshot is made of, and how it is made without copying what need no
 
 Fork directories are reference counted by the VMs restored from them (and by forks
 taken from those VMs, whose disks back onto them); the last release removes them.
+
+Errors: a kernel that stays busy is ``KernelBusy``; anything else that goes wrong while
+the snapshot is taken (a QMP command QEMU refuses, QEMU gone, an OS error writing the
+snapshot, ``qemu-img`` failing) becomes one ``ForkError`` with its message, raised here
+``from`` the original, and nothing of the half-made snapshot is left behind.
+
+Dependencies run one way: ``vmkernel`` uses this module (the registry); this module
+knows the kernel it snapshots only as a :class:`ForkableKernel`.
 """
 
 from __future__ import annotations
@@ -34,15 +42,13 @@ import time
 import uuid
 from collections.abc import Iterable
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import Any, Protocol
 
 from . import paths
-from .exceptions import AgentError, ForkError, KernelBusy
+from .exceptions import AgentError, ForkError, KernelBusy, TemplateError
 from .snapshots import Snapshot, empty_overlay
-from .vm.qemu import write_owner
-
-if TYPE_CHECKING:
-    from .vmkernel import VMKernel
+from .vm.qemu import QemuVM, write_owner
+from .vm.qmp import QMPError
 
 log = logging.getLogger(__name__)
 
@@ -221,24 +227,49 @@ def fill_from_base(base: Path, dest: Path, runs: list[tuple[int, int, int]], siz
 # Taking the snapshot
 
 
-async def snapshot_kernel(vk: VMKernel, *, idle_timeout: float = 30.0) -> Snapshot:
-    """Snapshot a running ``VMKernel`` for forking. The parent keeps running.
+class ForkableKernel(Protocol):
+    """What :func:`snapshot_kernel` needs of a running kernel (``VMKernel`` is one)."""
 
-    Raises KernelBusy when the kernel does not become idle within ``idle_timeout``.
+    kernel_id: str
+    snapshot: Snapshot
+    vm: QemuVM
+    workdir: Path
+    disk_path: Path
+
+    def poll(self) -> int | None: ...
+
+    async def request(self, op: str, timeout: float = 30.0, **args: Any) -> Any: ...
+
+
+async def snapshot_kernel(vk: ForkableKernel, *, idle_timeout: float = 30.0) -> Snapshot:
+    """Snapshot a running kernel's VM for forking. The parent keeps running.
+
+    Raises KernelBusy when the kernel does not become idle within ``idle_timeout``, and
+    ForkError (from the QMP or OS error) when the snapshot cannot be taken.
     """
     if vk.poll() is not None:
         raise ForkError(f"kernel {vk.kernel_id}: the VM is not running")
     fork_id = uuid.uuid4().hex
     d = forks_dir() / fork_id
-    d.mkdir(parents=True)
-    write_owner(d, kind="fork", parent_kernel=vk.kernel_id)
-    shm = paths.shm_dir()
-    shm.mkdir(parents=True, exist_ok=True)
-    mem = shm / f"fork-{fork_id}.mem"
-    (d / "mem.path").write_text(str(mem))
+    try:
+        d.mkdir(parents=True)
+    except OSError as exc:
+        raise ForkError(f"kernel {vk.kernel_id}: cannot make the fork directory: {exc}") from exc
+    try:
+        return await _snapshot(vk, d, fork_id, idle_timeout)
+    except (QMPError, OSError, TemplateError) as exc:  # OSError: ConnectionError (QEMU gone) too
+        raise ForkError(f"kernel {vk.kernel_id}: fork snapshot failed: {exc}") from exc
+
+
+async def _snapshot(vk: ForkableKernel, d: Path, fork_id: str, idle_timeout: float) -> Snapshot:
     timings: dict[str, float] = {}
     t0 = time.monotonic()
     try:
+        write_owner(d, kind="fork", parent_kernel=vk.kernel_id)
+        shm = paths.shm_dir()
+        shm.mkdir(parents=True, exist_ok=True)
+        mem = shm / f"fork-{fork_id}.mem"
+        (d / "mem.path").write_text(str(mem))
         try:
             await vk.request("freeze", timeout=idle_timeout + 10, wait=idle_timeout)
         except AgentError as exc:
@@ -275,17 +306,18 @@ async def snapshot_kernel(vk: VMKernel, *, idle_timeout: float = 30.0) -> Snapsh
         base_bytes = await asyncio.to_thread(fill_from_base, vk.snapshot.mem_file, mem, runs, size)
         await asyncio.to_thread(empty_overlay, d / "disk.qcow2", d / "overlay.qcow2")
         timings["image"] = time.monotonic() - t2
+        ancestors = [str(p) for p in ForkRegistry.chain(vk.snapshot)]
+        snap = dataclasses.replace(
+            vk.snapshot, path=d, mem_file=mem, state_file=d / "state", disk=d / "disk.qcow2",
+            created=time.time(), kind="fork", parent=vk.kernel_id,
+            info={**vk.snapshot.info, "ancestors": ancestors, "dirty_bytes": copied,
+                  "base_bytes": base_bytes, "timings": timings,
+                  "template": str(vk.snapshot.info.get("template", ""))},
+        )
+        snap.save()
     except BaseException:
         remove_fork_dir(d)
         raise
-    ancestors = [str(p) for p in ForkRegistry.chain(vk.snapshot)]
-    snap = dataclasses.replace(
-        vk.snapshot, path=d, mem_file=mem, state_file=d / "state", disk=d / "disk.qcow2",
-        created=time.time(), kind="fork", parent=vk.kernel_id,
-        info={**vk.snapshot.info, "ancestors": ancestors, "dirty_bytes": copied, "base_bytes": base_bytes,
-              "timings": timings, "template": str(vk.snapshot.info.get("template", ""))},
-    )
-    snap.save()
     log.info("kernel %s: fork snapshot %s: %.0f MB dirty, quiesce %.0f ms, paused %.0f ms, image %.0f ms",
              vk.kernel_id, fork_id[:8], copied / 2**20, timings["quiesce"] * 1000,
              timings["paused"] * 1000, timings["image"] * 1000)

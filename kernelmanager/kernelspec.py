@@ -15,7 +15,7 @@ from typing import Any
 
 from jupyter_client.kernelspec import KernelSpecManager
 
-from .templates import TemplateSpec, catalog
+from .templates import TemplateSpec, catalog, get_spec
 
 
 def kernelspec_name(template: str) -> str:
@@ -38,8 +38,7 @@ def kernelspec_json(spec: TemplateSpec) -> dict[str, Any]:
 
 def install(template: str | None = None, *, user: bool = False, prefix: str | None = None) -> list[str]:
     """Install kernelspecs (all templates, or one); returns the directories written."""
-    specs = catalog()
-    chosen = [specs[template]] if template else list(specs.values())
+    chosen = [get_spec(template)] if template else list(catalog().values())  # ConfigError if unknown
     ksm = KernelSpecManager()
     written = []
     for spec in chosen:

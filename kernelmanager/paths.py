@@ -14,9 +14,17 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from guest.image import cache_dir
-
 __all__ = ["cache_dir", "state_dir", "vms_dir", "templates_dir", "shm_dir"]
+
+
+def cache_dir() -> Path:
+    """$VMKG_CACHE_DIR, else /var/cache/vmkg for root, else ~/.cache/vmkg."""
+    env = os.environ.get("VMKG_CACHE_DIR")
+    if env:
+        return Path(env)
+    if os.geteuid() == 0:
+        return Path("/var/cache/vmkg")
+    return Path.home() / ".cache" / "vmkg"
 
 
 def state_dir() -> Path:

@@ -16,6 +16,16 @@ VM behind it is a ``VMKernel``. A restart replaces the VM but keeps the relay, s
 connected clients keep their ports and key. Interrupt is SIGINT delivered inside the
 guest; kill/terminate stop the VM; ``poll()`` reports a VM that died.
 
+What it adds to jupyter_client's surface, and nothing else:
+
+* ``start_kernel(fork_source=src)``: the one extra keyword argument. ``src`` is a
+  :class:`~kernelmanager.handle.ForkSource`; the kernel's first start restores from that
+  fork snapshot instead of the template (its restarts restore from the template) and
+  records the source's :class:`~kernelmanager.handle.Lineage`.
+* :attr:`MicroVMProvisioner.handle`: the kernel's :class:`~kernelmanager.handle.VMHandle`
+  (files, env, fork snapshots, timings, process and memory).
+* :func:`fork`: the one fork orchestrator (snapshot, start N children, release, clean up).
+
 All VM work runs on the process-wide runtime loop (``kernelmanager.runtime``).
 """
 
@@ -25,18 +35,18 @@ import asyncio
 import logging
 import os
 import posixpath
-from typing import Any, cast
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any, TypeVar, cast
 
 from jupyter_client.connect import KernelConnectionInfo
 from jupyter_client.provisioning.provisioner_base import KernelProvisionerBase
 from traitlets import Bool, Float, List, Unicode
 
 from . import accel as accel_mod
-from . import forks
-from .exceptions import VMDied, VMKGError
+from .exceptions import ConfigError, VMDied, VMKGError
+from .handle import ForkSource, Lineage, VMHandle
 from .relay import KernelRelay
 from .runtime import Runtime
-from .snapshots import Snapshot
 from .templates import ensure_template, get_spec
 from .vm.qemu import qemu_version
 from .vmkernel import VMKernel
@@ -63,8 +73,9 @@ class MicroVMProvisioner(KernelProvisionerBase):
     _env: dict[str, str] = {}
     _cwd: str = ""
     _launched = False
-    _fork_source: Snapshot | None = None
-    _fork_reseed: bool | None = None
+    _fork_source: ForkSource | None = None
+    _lineage: Lineage | None = None
+    _handle: VMHandle | None = None
 
     # -- process-like surface ------------------------------------------------------------
 
@@ -109,11 +120,17 @@ class MicroVMProvisioner(KernelProvisionerBase):
     # -- launch ----------------------------------------------------------------------------
 
     async def pre_launch(self, **kwargs: Any) -> dict[str, Any]:
-        # a fork child's first start restores from the fork snapshot; restarts from the template
-        self._fork_source = kwargs.pop("vmkg_snapshot", None) if self._kernel is None and not self._launched else None
-        self._fork_reseed = kwargs.pop("vmkg_reseed", None) if self._fork_source is not None else None
-        kwargs.pop("vmkg_snapshot", None)
-        kwargs.pop("vmkg_reseed", None)
+        """jupyter_client's hook before a (re)start; takes ``fork_source`` out of the
+        start_kernel arguments (jupyter_client keeps them for restarts, which restore
+        from the template: only the first start uses it)."""
+        source = kwargs.pop("fork_source", None)
+        if source is not None and not isinstance(source, ForkSource):
+            raise ConfigError(f"fork_source must be a kernelmanager.ForkSource, not {type(source).__name__}")
+        if source is not None and self._kernel is None and not self._launched:
+            self._fork_source = source
+            self._lineage = source.lineage
+        else:
+            self._fork_source = None
         kwargs = await super().pre_launch(**kwargs)
         self._env = self._guest_env(kwargs.get("env") or {})
         self._cwd = self._guest_cwd(self._env.get("KERNEL_WORKING_DIR", ""))
@@ -163,8 +180,9 @@ class MicroVMProvisioner(KernelProvisionerBase):
         km = self.parent
         conn_file = getattr(km, "connection_file", None) if km is not None else None
 
-        source, self._fork_source = self._fork_source, None  # a fork's first launch only
-        reseed = self.reseed if self._fork_reseed is None else self._fork_reseed
+        fork_source, self._fork_source = self._fork_source, None  # a fork's first launch only
+        source = fork_source._held if fork_source is not None else None
+        reseed = self.reseed if fork_source is None else fork_source.reseed
 
         async def launch() -> VMKernel:
             accel = accel_mod.detect(self.accel or None)
@@ -203,25 +221,21 @@ class MicroVMProvisioner(KernelProvisionerBase):
 
     @property
     def vm_kernel(self) -> VMKernel | None:
-        """The VM behind this kernel (for the gateway's fork and file operations)."""
+        """The VM behind this kernel (inside ``kernelmanager`` and its tests only; other
+        code uses :attr:`handle`)."""
         return self._kernel
 
-    async def fork_snapshot(self, idle_timeout: float = 30.0) -> Snapshot:
-        """Snapshot this kernel's running VM for forking (waits for it to be idle).
+    @property
+    def handle(self) -> VMHandle:
+        """This kernel's VM handle (one per provisioner; it follows restarts)."""
+        if self._handle is None:
+            self._handle = VMHandle(self)
+        return self._handle
 
-        The snapshot is held for the caller: start the children with
-        ``start_kernel(vmkg_snapshot=snap)``, then call :func:`release_snapshot`.
-        """
-        kernel = self._kernel
-        if kernel is None or kernel.poll() is not None:
-            raise VMDied(f"kernel {self.kernel_id}: the VM is not running")
-
-        async def take() -> Snapshot:
-            snap = await forks.snapshot_kernel(kernel, idle_timeout=idle_timeout)
-            forks.registry.acquire(snap)
-            return snap
-
-        return await Runtime.instance().run(take())
+    @property
+    def lineage(self) -> Lineage | None:
+        """Set when the kernel was first started from a fork source; kept across restarts."""
+        return self._lineage
 
     async def adopt(self, env: dict[str, str]) -> None:
         """Apply a client's environment to a kernel that was started before the client
@@ -234,39 +248,90 @@ class MicroVMProvisioner(KernelProvisionerBase):
         if cwd:
             self._cwd = cwd
         kernel = self._kernel
-        if kernel is None:
+        if kernel is None or kernel.poll() is not None:
             raise VMDied(f"kernel {self.kernel_id}: the VM is not running")
         await Runtime.instance().run(kernel.adopt(guest, cwd, timeout=self.launch_timeout))
 
 
-async def release_snapshot(snap: Snapshot) -> None:
-    """Drop the caller's hold on a fork snapshot (children hold their own)."""
-
-    async def rel() -> None:
-        forks.registry.release(snap)
-
-    await Runtime.instance().run(rel())
+def vm_handle(km: Any) -> VMHandle | None:
+    """The VM handle of a jupyter_client kernel manager, or None when its kernel is not a
+    microVM (another provisioner) or was never started."""
+    prov = getattr(km, "provisioner", None)
+    return prov.handle if isinstance(prov, MicroVMProvisioner) else None
 
 
-async def fork(km: Any, count: int, *, reseed: bool = True, idle_timeout: float = 30.0) -> list[Any]:
-    """Fork the kernel of ``km`` (an AsyncKernelManager on a microVM kernelspec) into
-    ``count`` new started kernel managers of the same class, each continuing from the
-    parent's state at the moment of the fork. The parent keeps running."""
-    prov = km.provisioner
-    if not isinstance(prov, MicroVMProvisioner):
-        raise VMKGError("only kernels of the microvm provisioner can be forked")
-    snap = await prov.fork_snapshot(idle_timeout)
-    try:
-        children = [type(km)(kernel_name=km.kernel_name, parent=km.parent) for _ in range(count)]
-        results = await asyncio.gather(
-            *(c.start_kernel(vmkg_snapshot=snap, vmkg_reseed=reseed) for c in children),
-            return_exceptions=True)
-        failed = [r for r in results if isinstance(r, BaseException)]
+Child = TypeVar("Child")
+
+
+async def fork(km: Any, count: int, *, reseed: bool = True, idle_timeout: float = 30.0,
+               start_child: Callable[[ForkSource], Awaitable[Child]] | None = None,
+               stop_child: Callable[[Child], Awaitable[object]] | None = None) -> list[Child]:
+    """Fork the running kernel of ``km`` into ``count`` children that continue from its
+    state at the moment of the fork (memory and disk, copy-on-write). The parent keeps
+    running. This is the one fork orchestrator: it takes the snapshot (waiting up to
+    ``idle_timeout`` for the kernel to be idle), starts the children concurrently,
+    releases its hold on the snapshot whatever happens, and if any child fails stops the
+    ones that started and raises the first error.
+
+    ``start_child(source)`` starts one child from the held source and returns it; it must
+    pass ``fork_source=source`` to a ``start_kernel`` of a microVM kernel manager, and
+    leave nothing behind when it raises. The default makes a new kernel manager of
+    ``km``'s class (``type(km)(kernel_name=..., parent=km.parent)``), so the result is a
+    list of started kernel managers. ``stop_child`` undoes one successful
+    ``start_child`` (default: ``child.shutdown_kernel(now=True)``). The gateway passes its
+    own pair so the children enter its kernel map.
+
+    Raises ``ConfigError`` for a kernel that is not a microVM, ``KernelBusy`` when it
+    stays busy, ``ForkError`` when the snapshot fails, and whatever a child start raised.
+    Limits (how many kernels may exist) are the caller's: check them before calling.
+    """
+    handle = vm_handle(km)
+    if handle is None:
+        raise ConfigError("only kernels of the microvm provisioner can be forked")
+    if count < 1:
+        raise ConfigError(f"a fork needs at least one child, not {count}")
+
+    async def default_start(source: ForkSource) -> Any:
+        child = type(km)(kernel_name=km.kernel_name, parent=km.parent)
+        try:
+            await child.start_kernel(fork_source=source)
+        except BaseException:
+            if child.provisioner is not None:  # the relay it bound, and any VM
+                await asyncio.shield(child.provisioner.cleanup(restart=False))
+            raise
+        return child
+
+    async def default_stop(child: Any) -> None:
+        await child.shutdown_kernel(now=True)
+
+    start = start_child or cast(Callable[[ForkSource], Awaitable[Child]], default_start)
+    stop = stop_child or default_stop
+    async with await handle.fork_snapshot(idle_timeout=idle_timeout, reseed=reseed) as source:
+        tasks = [asyncio.ensure_future(start(source)) for _ in range(count)]
+        try:
+            await asyncio.wait(tasks)
+        except BaseException:  # cancelled: the children that started must not outlive us
+            for t in tasks:
+                t.cancel()
+            await asyncio.shield(_stop_started(tasks, stop, log_prefix=handle.kernel_id))
+            raise
+        failed = [e for e in map(_error, tasks) if e is not None]
         if failed:
-            for c, r in zip(children, results, strict=True):
-                if not isinstance(r, BaseException):
-                    await c.shutdown_kernel(now=True)
+            await asyncio.shield(_stop_started(tasks, stop, log_prefix=handle.kernel_id))
             raise failed[0]
-        return children
-    finally:
-        await release_snapshot(snap)
+        return [t.result() for t in tasks]
+
+
+def _error(task: asyncio.Future[Any]) -> BaseException | None:
+    return asyncio.CancelledError() if task.cancelled() else task.exception()
+
+
+async def _stop_started(tasks: Sequence[asyncio.Future[Any]], stop: Callable[[Any], Awaitable[object]],
+                        log_prefix: str) -> None:
+    """Undo the child starts that succeeded (after another failed, or a cancellation)."""
+    await asyncio.wait(tasks)
+    started = [t.result() for t in tasks if _error(t) is None]
+    results = await asyncio.gather(*(stop(c) for c in started), return_exceptions=True)
+    for r in results:
+        if isinstance(r, BaseException):
+            log.warning("kernel %s: a fork child could not be stopped after a failed fork: %s", log_prefix, r)

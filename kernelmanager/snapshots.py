@@ -9,6 +9,11 @@ ipykernel answered (``bake_template``). Templates live in ``<cache>/templates/<i
 keyed by a hash of everything that shapes them (image, QEMU version, protocol
 version, machine spec, preloads), so a changed recipe bakes a new one and an
 unchanged one is reused across runs.
+
+A bake that fails raises ``TemplateError`` with the reason (the agent's or QEMU's
+error, a QMP command QEMU refused, an OS error writing the template), ``from`` the
+original, keeps the guest console and QEMU log under ``templates/logs`` and leaves no
+partial template behind.
 """
 
 from __future__ import annotations
@@ -28,13 +33,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from guest.image import GuestImage
 from guest.protocol import PROTOCOL_VERSION
 
 from . import paths
 from .channel import AgentChannel, UnixSocketTransport
 from .exceptions import AgentError, ChannelError, TemplateError, TemplateIncompatible, VMError
+from .image import GuestImage
 from .vm.qemu import MachineSpec, QemuVM, qemu_version
+from .vm.qmp import QMPError
 
 log = logging.getLogger(__name__)
 
@@ -155,25 +161,35 @@ async def bake_template(image: GuestImage, machine: MachineSpec, *, preload: tup
     qemu = await asyncio.to_thread(qemu_version)
     tid = template_id(image, machine, qemu, preload)
     root = paths.templates_dir()
-    root.mkdir(parents=True, exist_ok=True)
     final = root / tid
-    lock_fd = os.open(root / f"{tid}.lock", os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        lock_fd = os.open(root / f"{tid}.lock", os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as exc:
+        raise TemplateError(f"template {tid}: cannot write the template cache {root}: {exc}") from exc
     try:
         await asyncio.to_thread(fcntl.flock, lock_fd, fcntl.LOCK_EX)
         if (final / "snapshot.json").exists():
             return Snapshot.load(final)
         tmp = root / f".tmp-{tid}-{os.getpid()}"
         shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir()
         try:
+            tmp.mkdir()
             snap = await _bake(image, machine, preload, qemu, tmp, final, boot_timeout, progress)
             os.rename(tmp, final)
+        except OSError as exc:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise TemplateError(f"template {tid}: bake failed: {exc}") from exc
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
-        # the clone overlay must name the final path of the template disk
-        empty_overlay(final / "disk.qcow2", final / "overlay.qcow2")
-        snap.save()
+        try:
+            # the clone overlay must name the final path of the template disk
+            empty_overlay(final / "disk.qcow2", final / "overlay.qcow2")
+            snap.save()
+        except (OSError, TemplateError) as exc:
+            shutil.rmtree(final, ignore_errors=True)
+            raise TemplateError(f"template {tid}: bake failed: {exc}") from exc
         return snap
     finally:
         os.close(lock_fd)
@@ -182,10 +198,14 @@ async def bake_template(image: GuestImage, machine: MachineSpec, *, preload: tup
 def _keep_evidence(vm: QemuVM, tid: str) -> None:
     """Copy the guest console and QEMU's stderr of a failed bake where people can read them."""
     logs = paths.templates_dir() / "logs"
-    logs.mkdir(parents=True, exist_ok=True)
-    for src in (vm.console_log, vm.stderr_log):
-        if src.exists():
-            shutil.copyfile(src, logs / f"{tid}.{src.name}")
+    try:
+        logs.mkdir(parents=True, exist_ok=True)
+        for src in (vm.console_log, vm.stderr_log):
+            if src.exists():
+                shutil.copyfile(src, logs / f"{tid}.{src.name}")
+    except OSError as exc:  # the bake's own error matters more
+        log.error("template %s: bake failed; its logs could not be kept: %s", tid, exc)
+        return
     log.error("template %s: bake failed; guest console and QEMU log kept in %s", tid, logs)
 
 
@@ -222,7 +242,7 @@ async def _bake(image: GuestImage, machine: MachineSpec, preload: tuple[str, ...
         await channel.request("sync", timeout=60)
         await vm.pause()
         await vm.save_device_state(tmp / "state")
-    except (ChannelError, AgentError) as exc:
+    except (ChannelError, AgentError, QMPError, OSError) as exc:  # OSError: QEMU gone mid-QMP too
         _keep_evidence(vm, final.name)
         raise TemplateError(f"bake failed: {exc}; {vm.failure_detail()}") from exc
     except BaseException:

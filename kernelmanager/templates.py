@@ -16,10 +16,9 @@ import os
 from dataclasses import dataclass, fields
 from typing import Any
 
-from guest.image import ImageRecipe, build_image, find_image, kernel_cmdline
-
 from . import accel as accel_mod
 from .exceptions import ConfigError, ImageError
+from .image import ImageRecipe, build_image, find_image, kernel_cmdline
 from .snapshots import Snapshot, bake_template, find_template, template_id
 from .vm.qemu import MachineSpec, qemu_version
 
@@ -90,6 +89,8 @@ async def ensure_template(spec: TemplateSpec, accel: str | None = None, progress
                      spec.name, recipe.digest())
             try:
                 image = await asyncio.to_thread(build_image, recipe)
+            except ImageError:  # ImageBuildError: keeps its hint, details and log
+                raise
             except Exception as exc:
                 raise ImageError(str(exc)) from exc
         machine = spec.machine(accel_name)

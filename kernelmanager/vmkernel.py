@@ -7,8 +7,10 @@ wall clock, hostname, environment, working directory, Python random state).
 ``close()`` always releases everything: the channel, the QEMU process and the VM
 directory, in reverse order, even after a failed start.
 
-Callers: ``kernelmanager.provisioner`` (one per kernel start or restart) and the
-gateway's fork code. Runs on the runtime loop (``kernelmanager.runtime``).
+Callers: ``kernelmanager.provisioner`` (one per kernel start or restart) and, through
+the provisioner's ``VMHandle``, everything else; ``kernelmanager.forks`` snapshots one
+for forking. Runs on the runtime loop (``kernelmanager.runtime``). Not part of the
+package's interface: code outside ``kernelmanager`` never sees a ``VMKernel``.
 """
 
 from __future__ import annotations
@@ -209,8 +211,8 @@ class VMKernel:
     async def adopt(self, env: dict[str, str], cwd: str | None = None, timeout: float = 30.0) -> None:
         """Take on a client's environment (and working directory) after the restore.
 
-        Called by the gateway when it hands a kernel it restored ahead of time (its warm
-        pool) to a client whose ``POST /api/kernels`` brought ``KERNEL_*`` variables.
+        Called (through ``VMHandle.apply_env``) when the gateway hands a kernel it
+        restored ahead of time (its warm pool) to a client whose ``POST /api/kernels`` brought ``KERNEL_*`` variables.
         Re-sends the agent's ``restore`` op, which is idempotent: fresh entropy and clock,
         ``env`` added to the kernel's ``os.environ``, ``cwd`` made and entered. The kernel
         must be idle (a pooled kernel is: nobody has talked to it yet).

@@ -12,11 +12,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from fork_faults import BlockDeviceState
 from jupyter_client.manager import AsyncKernelManager
 
-from kernelmanager import forks, paths, reaper
-from kernelmanager.exceptions import KernelBusy
-from kernelmanager.provisioner import fork
+from kernelmanager import ForkSource, fork, forks, paths, reaper
+from kernelmanager.exceptions import ConfigError, ForkError, KernelBusy, LimitExceeded
+from kernelmanager.vm.qmp import QMPError
 
 pytestmark = [pytest.mark.vm, pytest.mark.usefixtures("template")]
 KERNEL = "python3-microvm"
@@ -204,7 +205,7 @@ def test_fork_leftovers_of_a_killed_owner_are_reaped(tmp_path: Path) -> None:
     script = textwrap.dedent(f"""
         import asyncio, json, time
         from jupyter_client.manager import AsyncKernelManager
-        from kernelmanager.provisioner import fork
+        from kernelmanager import fork
         async def main():
             km = AsyncKernelManager(kernel_name={KERNEL!r})
             await km.start_kernel()
@@ -225,3 +226,62 @@ def test_fork_leftovers_of_a_killed_owner_are_reaped(tmp_path: Path) -> None:
     reaper.reap_orphans(forks.forks_dir())  # what the next start does
     reaper.reap_orphans(paths.vms_dir())
     assert not Path(info["fork"]).exists() and not Path(info["mem"]).exists()
+
+
+async def test_a_fork_qemu_fails_is_a_fork_error_and_the_parent_carries_on() -> None:
+    """A QMP command failing mid-fork (here: QEMU cannot write the device state) is a
+    ForkError carrying QEMU's message, raised from the QMP error; the parent is thawed
+    and resumed, no child and no fork directory is left, and the next fork works."""
+    parent = await start()
+    kids: list[AsyncKernelManager] = []
+    try:
+        await value(parent, "x = 7")
+        with BlockDeviceState(forks.forks_dir()) as fault:
+            with pytest.raises(ForkError) as info:
+                await fork(parent, 2)
+        assert fault.blocked, "the fault was not injected"
+        assert "xen-save-devices-state" in str(info.value), info.value
+        assert isinstance(info.value.__cause__, QMPError)
+        assert await value(parent, "x += 1", "x") == 8
+        assert not list(forks.forks_dir().iterdir()), "a failed fork left its directory"
+        kids = await fork(parent, 1)
+        assert await value(kids[0], "", "x") == 8
+    finally:
+        await shutdown(parent, *kids)
+
+
+async def test_a_failed_child_start_stops_the_started_ones_and_releases_the_snapshot() -> None:
+    """The orchestrator undoes a partial fork: a child start that fails (here the
+    caller's start_child refuses the second branch, as a limit would) stops the branches
+    that did start, through the caller's stop_child, and the snapshot is released."""
+    parent = await start()
+    started: list[AsyncKernelManager] = []
+    stopped: list[AsyncKernelManager] = []
+    calls = 0
+
+    async def start_child(source: ForkSource) -> AsyncKernelManager:
+        nonlocal calls
+        calls += 1
+        if calls == 2:
+            raise LimitExceeded("no room for the second branch")
+        child = AsyncKernelManager(kernel_name=KERNEL)
+        await child.start_kernel(fork_source=source)
+        started.append(child)
+        return child
+
+    async def stop_child(child: AsyncKernelManager) -> None:
+        stopped.append(child)
+        await child.shutdown_kernel(now=True)
+
+    try:
+        await value(parent, "x = 3")
+        with pytest.raises(LimitExceeded, match="second branch"):
+            await fork(parent, 2, start_child=start_child, stop_child=stop_child)
+        assert len(started) == 1 and stopped == started
+        assert not await started[0].is_alive()
+        assert not list(forks.forks_dir().iterdir()), "the fork snapshot outlived a failed fork"
+        assert await value(parent, "x += 1", "x") == 4
+        with pytest.raises(ConfigError, match="fork_source"):
+            await AsyncKernelManager(kernel_name=KERNEL).start_kernel(fork_source="not a source")
+    finally:
+        await shutdown(parent, *started)

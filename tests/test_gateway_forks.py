@@ -10,6 +10,7 @@ import sys
 from typing import Any
 
 import pytest
+from fork_faults import BlockDeviceState
 from gateway_helpers import Channels, Gateway
 
 pytestmark = pytest.mark.vm
@@ -101,6 +102,27 @@ async def test_busy_parent_gets_409_and_bad_requests_400(gw: Gateway) -> None:
         # max_kernels (5) counts the branches a fork would add (1 running + 6 > 5)
         r = gw.request("POST", f"/api/kernels/{parent}/fork", json={"count": 6, "timeout": 60})
         assert r.status_code == 403 and "max_kernels" in r.json()["message"], r.text
+    finally:
+        gw.delete_kernel(parent)
+
+
+async def test_a_fork_qemu_fails_is_503_with_the_reason(gw: Gateway) -> None:
+    """QEMU refusing a QMP command mid-fork is the runtime's ForkError, which the web
+    layer answers with 503 and QEMU's reason (not a bare 500); no branch is left and
+    the parent carries on."""
+    parent = gw.start_kernel()["id"]
+    try:
+        await value(gw, parent, "x = 1")
+        with BlockDeviceState(gw.state_dir / "forks") as fault:
+            r = gw.request("POST", f"/api/kernels/{parent}/fork", json={"count": 2})
+        assert fault.blocked, "the fault was not injected"
+        assert r.status_code == 503, r.text
+        message = r.json()["message"]
+        assert "fork snapshot failed" in message and "xen-save-devices-state" in message, message
+        assert gw.request("GET", f"/api/kernels/{parent}/forks").json()["kernels"] == []
+        assert not [k for k in gw.request("GET", "/api/kernels").json() if k["parent_id"] == parent]
+        assert await value(gw, parent, "x += 1", "x") == 2
+        assert not list((gw.state_dir / "forks").iterdir()), "a failed fork left its directory"
     finally:
         gw.delete_kernel(parent)
 

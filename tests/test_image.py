@@ -1,4 +1,4 @@
-"""Tests of the guest image builder (guest/image/).
+"""Tests of the guest image builder (kernelmanager/image/).
 
 The ``vm`` tests build the default image for real into the shared cache
 (``cache_dir()``, the image everybody else boots; a no-op once built) and boot it under
@@ -25,7 +25,7 @@ from pathlib import Path
 
 import pytest
 
-from guest.image import (
+from kernelmanager.image import (
     GuestImage,
     ImageBuildError,
     ImageRecipe,
@@ -35,8 +35,8 @@ from guest.image import (
     find_image,
     kernel_cmdline,
 )
-from guest.image import build as build_mod
-from guest.image.initramfs import Newc, modinfo
+from kernelmanager.image import build as build_mod
+from kernelmanager.image.initramfs import Newc, modinfo
 
 REPO = Path(__file__).resolve().parents[1]
 QEMU = shutil.which("qemu-system-x86_64")
@@ -273,6 +273,28 @@ def test_digest_changes_with_guest_sources(tmp_path: Path) -> None:
     assert recipe.digest(src) == third
 
 
+def test_digest_covers_the_builder_and_the_agent_not_the_rest_of_the_host_code(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The builder is host code (kernelmanager/image/); guest/ holds only what ships into
+    the VM, and the image id covers both the builder and the agent sources."""
+    assert build_mod.BUILDER_DIR == REPO / "kernelmanager" / "image"
+    assert build_mod.GUEST_SRC == REPO / "guest"
+    assert not (REPO / "guest" / "image").exists()
+    recipe = ImageRecipe()
+    before = recipe.digest()
+    builder = tmp_path / "image"
+    shutil.copytree(build_mod.BUILDER_DIR, builder, ignore=shutil.ignore_patterns("__pycache__"))
+    monkeypatch.setattr(build_mod, "BUILDER_DIR", builder)
+    assert recipe.digest() == before
+    with (builder / "disk.py").open("a") as f:
+        f.write("\n# changed\n")
+    assert recipe.digest() != before
+    (builder / "disk.py").write_bytes((REPO / "kernelmanager" / "image" / "disk.py").read_bytes())
+    (builder / "files" / "vmkg-init").write_text("changed")
+    assert recipe.digest() != before
+
+
 def test_recipe_validation() -> None:
     with pytest.raises(TypeError):
         ImageRecipe(packages="numpy")  # type: ignore[arg-type]
@@ -330,7 +352,7 @@ def test_interrupted_build_removes_its_temp_dir(
 def test_check_host_explains_what_is_missing(
     patch: str, message: str, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
-    from guest.image import runner
+    from kernelmanager.image import runner
 
     monkeypatch.setattr(runner.os, "geteuid", lambda: 0)
     if patch == "geteuid":
@@ -347,7 +369,7 @@ def test_check_host_explains_what_is_missing(
 
 
 def test_tsc_rate_only_from_a_trustworthy_cpuinfo(tmp_path: Path) -> None:
-    from guest.image.cmdline import BASE, host_tsc_khz
+    from kernelmanager.image.cmdline import BASE, host_tsc_khz
 
     cpuinfo = tmp_path / "cpuinfo"
     cpuinfo.write_text("processor\t: 0\ncpu MHz\t\t: 2596.120\nflags\t\t: fpu tsc constant_tsc\n")

@@ -21,7 +21,7 @@ LABEL = "vmkgroot"
 
 
 def guest_sources(guest_src: Path) -> list[Path]:
-    """The agent's modules: every ``*.py`` directly in ``guest/`` (not ``guest/image/``)."""
+    """The agent's modules: every ``*.py`` directly in ``guest/``."""
     return sorted(p for p in guest_src.glob("*.py") if p.is_file())
 
 

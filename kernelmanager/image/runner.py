@@ -2,7 +2,7 @@
 
 Every command's output goes to one build log; when a command fails the caller gets a
 :class:`CommandFailed` carrying the last lines of that output and turns it into an
-:class:`~guest.image.errors.ImageBuildError` that says what the step was doing.
+:class:`~kernelmanager.image.errors.ImageBuildError` that says what the step was doing.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""The one exception the image builder raises.
+"""The one exception the image builder raises (an ``ImageError`` of the runtime's tree).
 
     ImageBuildError          every failure a user can cause or meet while building
                              (not root, a tool missing, mirror/PyPI unreachable, disk
@@ -10,8 +10,10 @@ where they happen, with ``raise ImageBuildError(...) from exc``.
 
 from __future__ import annotations
 
+from ..exceptions import ImageError
 
-class ImageBuildError(Exception):
+
+class ImageBuildError(ImageError):
     """A guest image could not be built (or loaded).
 
     ``str(exc)`` is one line: what went wrong, then what to do about it. ``details``

@@ -1,7 +1,7 @@
 """Build (or find) the guest image a recipe describes: kernel, initramfs, ext4 root.
 
 Who calls it: the kernel manager asks :func:`find_image`/:func:`build_image` for the
-image its template VM boots; people run ``python -m guest.image build``.
+image its template VM boots; people run ``python -m kernelmanager.image build`` (or ``vmkg image build``).
 
 Cache layout (``cache_dir()``, one per host)::
 
@@ -15,8 +15,9 @@ Cache layout (``cache_dir()``, one per host)::
     logs/<id>.failed.log    the log of the last failed build of <id>
 
 The image id is :meth:`ImageRecipe.digest`: it covers the recipe, the builder's sources
-and the agent's sources (``guest/*.py``), so editing the agent yields a new image, made
-from the cached base in seconds.
+(``kernelmanager/image/*.py`` and ``files/``) and the agent's sources (``guest/*.py``, the
+only code that ships into the VM), so editing either yields a new image, made from the
+cached base in seconds.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ import argparse
 import contextlib
 import fcntl
 import hashlib
+import importlib.util
 import json
 import os
 import shutil
@@ -36,6 +38,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ..paths import cache_dir
 from . import cmdline, disk, initramfs, kernel, rootfs, wheels
 from .errors import ImageBuildError
 from .progress import Progress
@@ -53,7 +56,19 @@ __all__ = [
 ]
 
 BUILDER_DIR = Path(__file__).resolve().parent
-GUEST_SRC = BUILDER_DIR.parent
+
+
+def _guest_package_dir() -> Path:
+    """The ``guest`` package's directory (found, not imported: the agent's modules expect
+    to run in the VM)."""
+    spec = importlib.util.find_spec("guest")
+    if spec is None or not spec.submodule_search_locations:
+        raise ImageBuildError("the guest package (the agent) is not installed",
+                              "install vm-kernel-gateway completely")
+    return Path(next(iter(spec.submodule_search_locations))).resolve()
+
+
+GUEST_SRC = _guest_package_dir()
 FORMAT = 1
 CMDLINE = cmdline.BASE
 """Kernel command line the image is made for; see :func:`cmdline.kernel_cmdline`."""
@@ -143,15 +158,6 @@ class GuestImage:
     def metadata(self) -> dict[str, Any]:
         """Everything image.json records (sizes, timings, recipe, module list ...)."""
         return dict(json.loads((self.path / "image.json").read_text()))
-
-
-def cache_dir() -> Path:
-    """$VMKG_CACHE_DIR, else /var/cache/vmkg for root, else ~/.cache/vmkg."""
-    if os.environ.get("VMKG_CACHE_DIR"):
-        return Path(os.environ["VMKG_CACHE_DIR"])
-    if os.geteuid() == 0:
-        return Path("/var/cache/vmkg")
-    return Path.home() / ".cache" / "vmkg"
 
 
 def find_image(
@@ -428,7 +434,7 @@ def _parser() -> argparse.ArgumentParser:
         "as root, else ~/.cache/vmkg)",
     )
     parser = argparse.ArgumentParser(
-        prog="python -m guest.image",
+        prog="python -m kernelmanager.image",
         description="Build the guest image vmkg boots its kernels from: a Debian cloud kernel, "
         "a busybox initramfs and an ext4 root file system with python3, ipykernel and the "
         "requested packages plus the vmkg agent (guest/*.py). Images are cached by a digest "
@@ -464,7 +470,7 @@ def _interrupt(signum: int, frame: object) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m guest.image {build,path}``; exit status 0, 1 (error) or 130 (Ctrl-C)."""
+    """``python -m kernelmanager.image {build,path}``; exit status 0, 1 (error) or 130 (Ctrl-C)."""
     args = _parser().parse_args(argv)
     signal.signal(signal.SIGTERM, _interrupt)  # clean up on `kill` as on Ctrl-C
     try:
@@ -474,7 +480,7 @@ def main(argv: list[str] | None = None) -> int:
             if found is None:
                 print(
                     f"error: guest image {recipe.digest()} is not built; run "
-                    "python -m guest.image build (same options)",
+                    "python -m kernelmanager.image build (same options)",
                     file=sys.stderr,
                 )
                 return 1

@@ -1,8 +1,11 @@
 """The guest image builder: kernel, initramfs and ext4 root file system for the microVMs.
 
-``python -m guest.image build`` builds (or finds) the image; the kernel manager uses
-:func:`find_image` / :func:`build_image`, and boots it with :func:`kernel_cmdline`.
-See :mod:`guest.image.build` for the cache layout and the steps.
+Host-side code: it runs on the host (as root, with debootstrap) and puts the ``guest``
+package (the agent, the only code that ships into the VM) into the image.
+``python -m kernelmanager.image build`` (or ``vmkg image build``) builds (or finds) the
+image; the templates use :func:`find_image` / :func:`build_image`, and boot it with
+:func:`kernel_cmdline`. See :mod:`kernelmanager.image.build` for the cache layout and the
+steps.
 """
 
 from .build import (

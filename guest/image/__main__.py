@@ -1,5 +1,0 @@
-"""``python -m guest.image``: see :func:`guest.image.build.main`."""
-
-from .build import main
-
-raise SystemExit(main())
