@@ -9,8 +9,10 @@ clean-venv tests are in ``test_client_venv.py`` and ``test_sdk.py``.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
+import re
 import subprocess
 import sys
 import threading
@@ -32,14 +34,21 @@ class FakeGateway:
     """Answers ``GET /api`` with ``api`` (a JSON document, or raw bytes) and every other
     path with ``[]``; records the paths asked for."""
 
-    def __init__(self, api: Any) -> None:
+    def __init__(self, api: Any, redirects: dict[str, str] | None = None) -> None:
         self.api = api
+        self.redirects = redirects or {}
         self.paths: list[str] = []
         owner = self
 
         class Handler(BaseHTTPRequestHandler):
             def do_GET(self) -> None:  # noqa: N802 - http.server's name
                 owner.paths.append(self.path)
+                if self.path in owner.redirects:
+                    self.send_response(301)
+                    self.send_header("Location", owner.redirects[self.path])
+                    self.send_header("Content-Length", "0")
+                    self.end_headers()
+                    return
                 body = owner.api if self.path == "/api" else b"[]"
                 if not isinstance(body, bytes):
                     body = json.dumps(body).encode()
@@ -133,6 +142,72 @@ async def test_something_else_than_a_gateway_is_a_clear_error() -> None:
             assert text in str(exc.value), exc.value
         finally:
             g.close()
+
+
+async def test_redirects_are_followed_within_the_gateway_only() -> None:
+    g = FakeGateway({"vmkg_api": 1}, {"/api/old": "/api/kernels", "/api/away": "http://127.0.0.2:1/x",
+                                      "/api/loop": "/api/loop"})
+    try:
+        async with sdk.Gateway(g.url, "t") as gw:
+            assert await gw.request_json("GET", "/api/old") == []
+            with pytest.raises(sdk.GatewayError, match="redirects off the gateway"):
+                await gw.request("GET", "/api/away")
+            with pytest.raises(sdk.GatewayError, match="more than 5 redirects"):
+                await gw.request("GET", "/api/loop")
+        assert g.paths[:3] == ["/api", "/api/old", "/api/kernels"]
+        assert g.paths.count("/api/loop") == 6
+    finally:
+        g.close()
+
+
+async def test_a_refused_upload_is_answered_before_its_body_is_sent() -> None:
+    """``Expect: 100-continue``: the headers go first; a gateway that refuses at once (413)
+    never receives the body; one that says 100 gets it."""
+    received: list[bytes] = []
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        head = await reader.readuntil(b"\r\n\r\n")
+        found = re.search(rb"Content-Length: (\d+)", head)
+        length = int(found.group(1)) if found else 0
+        if b"/api" == head.split()[1]:
+            answer = b'{"vmkg_api": 1}'
+        elif b"big" in head.split()[1]:
+            assert b"Expect: 100-continue" in head
+            try:  # nothing may follow the headers
+                received.append(await asyncio.wait_for(reader.read(1), 0.5))
+            except asyncio.TimeoutError:
+                pass
+            answer = b'{"message": "too big"}'
+            writer.write(b"HTTP/1.1 413 Payload Too Large\r\nContent-Length: %d\r\n\r\n%s"
+                         % (len(answer), answer))
+            await writer.drain()
+            writer.close()
+            return
+        else:
+            if b"Expect: 100-continue" in head:
+                writer.write(b"HTTP/1.1 100 (Continue)\r\n\r\n")
+            received.append(await reader.readexactly(length))
+            answer = b'{"size": %d}' % length
+        writer.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n%x\r\n%s\r\n0\r\n\r\n"
+                     % (len(answer), answer))
+        await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(handle, "127.0.0.1", 0)
+    url = f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}"
+    try:
+        async with sdk.Gateway(url, "t") as gw:
+            with pytest.raises(sdk.GatewayError) as exc:
+                await gw.request("PUT", "/big", body=b"x" * (4 << 20), expect_continue=True)
+            assert exc.value.status == 413 and exc.value.message == "too big"
+            assert received == []  # the 4 MiB were never sent
+            for expect in (True, False):
+                assert await gw.request_json("PUT", "/ok", body=b"y" * 300_000,
+                                             expect_continue=expect) == {"size": 300_000}
+            assert received == [b"y" * 300_000] * 2
+    finally:
+        server.close()
+        await server.wait_closed()
 
 
 # -- websocket frames -------------------------------------------------------------------------

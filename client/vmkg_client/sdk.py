@@ -64,6 +64,8 @@ log = logging.getLogger("vmkg.sdk")
 #: the versions of the vmkg API (``GET /api``'s ``vmkg_api``) this client speaks
 API_VERSIONS: tuple[int, ...] = (1,)
 DEFAULT_TIMEOUT = 300.0
+#: redirects a REST call follows (within the gateway's origin)
+MAX_REDIRECTS = 5
 #: after a cell's idle status, how long its execute_reply may lag before we stop waiting
 REPLY_AFTER_IDLE = 3.0
 #: after a timeout, how long to wait for the interrupted cell to stop (interrupting twice)
@@ -293,10 +295,7 @@ class Gateway:
         url = self.url + path
         limit = timeout or self.request_timeout
         try:
-            resp = await asyncio.wait_for(
-                http.fetch(url, method, headers=headers, body=body, connect_timeout=30,
-                           max_body_size=self.max_download_size, expect_continue=expect_continue,
-                           ssl_ctx=self._ssl, user_agent=f"vmkg-client/{__version__}"), limit)
+            resp = await asyncio.wait_for(self._fetch(url, method, headers, body, expect_continue), limit)
         except asyncio.TimeoutError as exc:  # before OSError: TimeoutError is one since 3.11
             raise GatewayUnreachable(f"{method} {url}: no answer within {limit:g} s") from exc
         except http.BodyTooLarge as exc:
@@ -309,6 +308,30 @@ class Gateway:
                 raise KernelGone(kernel_id, message)
             raise GatewayError(resp.status, message, reason)
         return resp.status, resp.body
+
+    async def _fetch(self, url: str, method: str, headers: dict[str, str], body: bytes | None,
+                     expect_continue: bool) -> http.Response:
+        """One request, following up to ``MAX_REDIRECTS`` redirects within the gateway (the
+        token never goes to another origin)."""
+        origin = urllib.parse.urlsplit(self.url)[:2]
+        for _ in range(MAX_REDIRECTS + 1):
+            resp = await http.fetch(url, method, headers=headers, body=body, connect_timeout=30,
+                                    max_body_size=self.max_download_size,
+                                    expect_continue=expect_continue, ssl_ctx=self._ssl,
+                                    user_agent=f"vmkg-client/{__version__}")
+            location = resp.headers.get("location")
+            if resp.status not in (301, 302, 303, 307, 308) or not location:
+                return resp
+            target = urllib.parse.urljoin(url, location)
+            if urllib.parse.urlsplit(target)[:2] != origin:
+                raise GatewayError(resp.status, f"{method} {url} redirects off the gateway, to "
+                                                f"{target}; not followed", resp.reason)
+            if resp.status == 303 or (resp.status in (301, 302) and method == "POST"):
+                method, body = "GET", None
+                headers = {k: v for k, v in headers.items() if k != "Content-Type"}
+            url = target
+        raise GatewayError(resp.status, f"{method} {url}: more than {MAX_REDIRECTS} redirects",
+                           resp.reason)
 
     async def check_api(self) -> dict[str, Any]:
         """``GET /api``: the gateway's versions (``vmkg``, ``vmkg_api``, ``version``), kept in
