@@ -102,7 +102,7 @@ async def client(srv: Server, kernel_id: str, kind: str, seed: int, stop_at: flo
     rng = random.Random(seed)
     ch = sdk_gw = sdk_kernel = None
     if kind == "sdk":
-        from gateway import sdk
+        from vmkg_client import sdk
 
         sdk_gw = sdk.Gateway(srv.url, TOKEN)
         sdk_kernel = await sdk_gw.connect_kernel(kernel_id)

@@ -1,22 +1,20 @@
-"""The ``vmkg`` subcommands other than ``serve``: image, template, kernelspec.
+"""The ``vmkg`` subcommands other than ``serve``: image, template, kernelspec, cache.
 
 Each is a small traitlets Application, so ``--help`` and ``--help-all`` explain it
 and every option is also settable in the config file. The operator commands (image,
-template, kernelspec, cache) call the operator functions of ``kernelmanager``'s root.
+template, kernelspec, cache) call the operator functions of ``kernelmanager``'s root. ``run`` and ``fork`` talk to a
+gateway as clients: they are the client distribution's command (``vmkg_client.cli``,
+also installed as ``vmkg-client``), reached through :class:`_ClientCommand`.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
-import os
 import sys
 import time
-import urllib.error
-import urllib.parse
-import urllib.request
 
-from traitlets import Bool, Float, Integer, List, Unicode, default
+from traitlets import Bool, Unicode
 from traitlets.config import Application
 
 from kernelmanager import (
@@ -150,21 +148,6 @@ class KernelspecApp(_Group):
 
 
 
-class _GatewayClient(_Sub):
-    """A command that talks to a running gateway: ``--url``/``--token`` or the environment."""
-
-    url = Unicode(config=True, help="The gateway's URL ($VMKG_URL), e.g. http://127.0.0.1:8888")
-    token = Unicode(config=True, help="The gateway's token ($VMKG_TOKEN)")
-
-    @default("url")
-    def _url_default(self) -> str:
-        return os.environ.get("VMKG_URL", "http://127.0.0.1:8888")
-
-    @default("token")
-    def _token_default(self) -> str:
-        return os.environ.get("VMKG_TOKEN", "")
-
-
 class CachePruneApp(_Sub):
     name = "vmkg cache prune"
     description = ("Remove guest images and templates that no current template recipe resolves to "
@@ -193,134 +176,31 @@ class CacheApp(_Group):
 
 
 
-class ForkApp(_GatewayClient):
+class _ClientCommand(Application):
+    """``vmkg run``/``vmkg fork``: the client's own command (``vmkg_client.cli``, argparse),
+    its arguments passed through untouched, so both commands take the same options and
+    exit with the same statuses."""
+
+    command = ""
+
+    def initialize(self, argv: list[str] | None = None) -> None:
+        self.client_argv = list(sys.argv[1:] if argv is None else argv)
+
+    def start(self) -> None:
+        from vmkg_client.cli import main
+
+        main([self.command, *self.client_argv], prog="vmkg")
+
+
+class ForkApp(_ClientCommand):
     name = "vmkg fork"
     description = ("Fork a running kernel of a gateway into N new kernels that continue from its "
-                   "exact state (memory and disk, copy-on-write): vmkg fork KERNEL_ID -n 4. Prints "
-                   "the new kernel ids, one per line. The gateway comes from --url/--token or "
-                   "$VMKG_URL/$VMKG_TOKEN.")
-    n = Integer(1, config=True, help="How many branches.")
-    reseed = Bool(True, config=True, help="Reseed Python's and NumPy's random generators in each branch.")
-    timeout = Float(30.0, config=True, help="Seconds to wait for a busy kernel to become idle.")
-    json_out = Bool(False, config=True, help="Print the kernel models as JSON instead of ids.")
-    aliases = {"url": "ForkApp.url", "token": "ForkApp.token", "n": "ForkApp.n",
-               "timeout": "ForkApp.timeout"}
-    flags = {
-        "no-reseed": ({"ForkApp": {"reseed": False}}, "Keep identical random streams in every branch."),
-        "json": ({"ForkApp": {"json_out": True}}, "Print the kernel models as JSON."),
-    }
-
-    def start(self) -> None:
-        if len(self.extra_args) != 1:
-            self.fail("usage: vmkg fork KERNEL_ID [-n N] [--url URL] [--token TOKEN]")
-            return
-        kernel_id = self.extra_args[0]
-        body = json.dumps({"count": self.n, "reseed": self.reseed, "timeout": self.timeout}).encode()
-        req = urllib.request.Request(
-            f"{self.url.rstrip('/')}/api/kernels/{urllib.parse.quote(kernel_id)}/fork", data=body,
-            method="POST", headers={"Content-Type": "application/json",
-                                    **({"Authorization": f"token {self.token}"} if self.token else {})})
-        try:
-            with urllib.request.urlopen(req, timeout=self.timeout + 120) as resp:
-                models = json.loads(resp.read())["kernels"]
-        except urllib.error.HTTPError as exc:
-            try:
-                message = json.loads(exc.read()).get("message", exc.reason)
-            except ValueError:
-                message = exc.reason
-            self.fail(f"{exc.code}: {message}")
-            return
-        except OSError as exc:
-            self.fail(f"cannot reach the gateway at {self.url}: {exc}")
-            return
-        if self.json_out:
-            print(json.dumps(models, indent=1))
-        else:
-            for m in models:
-                print(m["id"])
+                   "exact state: vmkg fork KERNEL_ID -n 4 (options: vmkg fork --help).")
+    command = "fork"
 
 
-class RunApp(_GatewayClient):
+class RunApp(_ClientCommand):
     name = "vmkg run"
-    description = ("Run one cell in a fresh kernel of a gateway (or an existing one: --kernel ID) and "
-                   "print its outputs: vmkg run 'import sys; print(sys.version)'. The code is the "
-                   "arguments, or stdin when there are none or '-'. Exit status: 0 when the cell ran "
-                   "without raising, 1 when it raised, 124 when it ran past --timeout (it was "
-                   "interrupted), 2 for any other failure. The gateway comes from --url/--token or "
-                   "$VMKG_URL/$VMKG_TOKEN.")
-    kernel = Unicode("", config=True, help="Run in this running kernel (left running) instead of a "
-                                           "fresh one (shut down afterwards).")
-    template = Unicode("", config=True, help="Template of the fresh kernel (default: the gateway's).")
-    env = List(Unicode(), config=True, help="NAME=VALUE in the fresh kernel's environment; repeatable.")
-    timeout = Float(0.0, config=True, help="Seconds the cell may run before it is interrupted; 0: no limit.")
-    keep = Bool(False, config=True, help="Leave the fresh kernel running; its id goes to stderr.")
-    json_out = Bool(False, config=True, help="Print the whole execution as one JSON object (results "
-                                             "with every MIME type, logs, error) instead of as text.")
-    aliases = {"url": "RunApp.url", "token": "RunApp.token", "kernel": "RunApp.kernel",
-               "template": "RunApp.template", "env": "RunApp.env", "timeout": "RunApp.timeout"}
-    flags = {
-        "keep": ({"RunApp": {"keep": True}}, "Leave the fresh kernel running (id on stderr)."),
-        "json": ({"RunApp": {"json_out": True}}, "Print the execution as JSON."),
-    }
-
-    def start(self) -> None:
-        from . import sdk
-
-        code = " ".join(self.extra_args)
-        if not self.extra_args or self.extra_args == ["-"]:
-            code = sys.stdin.read()
-        env = dict(item.partition("=")[::2] for item in self.env)
-        try:
-            status = asyncio.run(self._run(code, env))
-        except KeyboardInterrupt:
-            status = 130
-        except sdk.SDKError as exc:
-            print(f"vmkg: error: {exc}", file=sys.stderr)
-            status = 2
-        self.exit(status)
-
-    async def _run(self, code: str, env: dict[str, str]) -> int:
-        from . import sdk
-
-        out = self.json_out
-
-        def stdout(text: str) -> None:
-            sys.stdout.write(text)
-            sys.stdout.flush()
-
-        def stderr(text: str) -> None:
-            sys.stderr.write(text)
-            sys.stderr.flush()
-
-        def result(r: sdk.Result) -> None:
-            stdout((r.text if r.text is not None else f"[{', '.join(r.formats())}]") + "\n")
-
-        def error(e: sdk.ExecutionError) -> None:
-            lines = e.raw_traceback if sys.stderr.isatty() else e.traceback.splitlines()
-            stderr("\n".join(lines or [f"{e.name}: {e.value}"]) + "\n")
-
-        callbacks: dict[str, sdk.Callback] = {} if out else {"on_stdout": stdout, "on_stderr": stderr, "on_result": result,
-                                    "on_error": error}
-        async with sdk.Gateway(self.url, self.token) as gw:
-            if self.kernel:
-                kernel = await gw.connect_kernel(self.kernel)
-            else:
-                kernel = await gw.start_kernel(self.template or None, env=env)
-                if self.keep:
-                    kernel.detach()
-                    print(f"vmkg: kernel {kernel.id} left running", file=sys.stderr)
-            timed_out = False
-            try:
-                execution = await kernel.run_code(code, timeout=self.timeout or None, **callbacks)
-            except sdk.ExecutionTimeout as exc:
-                execution, timed_out = exc.execution, True
-                print(f"vmkg: error: {exc}", file=sys.stderr)
-            except asyncio.CancelledError:
-                if self.kernel:  # Ctrl-C: stop the cell we started in someone's kernel
-                    await asyncio.shield(kernel.interrupt())
-                raise
-            if out:
-                print(json.dumps({"kernel_id": kernel.id, "timed_out": timed_out, **execution.to_dict()}))
-        if timed_out:
-            return 124
-        return 1 if execution.error is not None else 0
+    description = ("Run one cell in a fresh or running kernel of a gateway and print its outputs: "
+                   "vmkg run 'print(1)' (options: vmkg run --help).")
+    command = "run"

@@ -43,6 +43,11 @@ from . import errors
 UUID = re.compile(r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}")
 
 
+#: the version of vmkg's API beyond Jupyter's (forks, files, resume), announced by GET /api
+#: as "vmkg_api"; a client refuses one it does not know. Bump it on a breaking change.
+VMKG_API_VERSION = 1
+
+
 def vmkg_version() -> str:
     from importlib.metadata import PackageNotFoundError, version
 
@@ -109,7 +114,8 @@ def _finish_json(handler: APIHandler, model: Any, status: int = 200) -> None:
 class APIVersionHandler(GatewayHandlerMixin, APIHandler):
     @web.authenticated
     def get(self) -> None:
-        _finish_json(self, {"version": jupyter_server.__version__, "vmkg": vmkg_version()})
+        _finish_json(self, {"version": jupyter_server.__version__, "vmkg": vmkg_version(),
+                           "vmkg_api": VMKG_API_VERSION})
 
 
 class MainKernelHandler(GatewayHandlerMixin, km_handlers.MainKernelHandler):

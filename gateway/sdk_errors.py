@@ -1,67 +1,18 @@
-"""The SDK's exceptions: one tree, raised by ``gateway.sdk`` (and so ``gateway.sdk_sync``).
-
-Lower-level errors (tornado's HTTP client, ``websockets``, OS errors) are translated into
-these where they occur, with ``raise ... from`` the original::
-
-    SDKError
-     +-- GatewayError(status, message)   the gateway answered an HTTP error
-     |    +-- KernelGone                 the kernel no longer exists (shut down, culled, died)
-     +-- GatewayUnreachable              no answer: refused, reset, timed out (a ConnectionError)
-     +-- ExecutionTimeout                a cell ran past its timeout (a TimeoutError); it was
-                                         interrupted, ``.execution`` holds what it produced
-
-An exception raised by the *code* is not an SDK exception: it is ``Execution.error``.
-"""
+"""Deprecated: the SDK's exceptions moved to the client distribution, ``vmkg_client.errors``
+(``pip install vmkg-client``, which installs without the server). This module re-exports it
+for one release and warns (DeprecationWarning) when imported."""
 
 from __future__ import annotations
 
-import json
-from typing import TYPE_CHECKING
+from typing import Any
 
-if TYPE_CHECKING:
-    from .sdk import Execution
+import vmkg_client.errors as _new
+from vmkg_client.errors import *  # noqa: F403
 
+from .sdk_deprecation import warn_moved
 
-class SDKError(Exception):
-    """Base of every error this SDK raises."""
-
-
-class GatewayError(SDKError):
-    """The gateway answered with an HTTP error; ``status`` and its JSON ``message``."""
-
-    def __init__(self, status: int, message: str, reason: str = "") -> None:
-        super().__init__(f"{status} {reason}: {message}" if reason else f"{status}: {message}")
-        self.status = status
-        self.message = message
-        self.reason = reason
+warn_moved("gateway.sdk_errors", "vmkg_client.errors")
 
 
-class KernelGone(GatewayError):
-    """The kernel no longer exists on the gateway (shut down, culled, died)."""
-
-    def __init__(self, kernel_id: str, message: str = "", status: int = 404) -> None:
-        super().__init__(status, message or f"kernel {kernel_id} no longer exists", "Not Found")
-        self.kernel_id = kernel_id
-
-
-class GatewayUnreachable(SDKError, ConnectionError):
-    """The gateway could not be reached, or the connection broke and could not be reopened."""
-
-
-class ExecutionTimeout(SDKError, TimeoutError):
-    """A cell ran past its timeout. It was interrupted (``interrupted``: whether it stopped);
-    ``execution`` holds its output so far, usually ending in a KeyboardInterrupt error."""
-
-    def __init__(self, message: str, execution: Execution, timeout: float, interrupted: bool) -> None:
-        super().__init__(message)
-        self.execution = execution
-        self.timeout = timeout
-        self.interrupted = interrupted
-
-
-def error_message(body: bytes | bytearray, fallback: str) -> tuple[str, str]:
-    try:
-        data = json.loads(body)
-        return str(data.get("message") or fallback), str(data.get("reason") or "")
-    except (ValueError, AttributeError):
-        return (body.decode("utf-8", "replace").strip()[:500] or fallback), ""
+def __getattr__(name: str) -> Any:  # the names outside __all__ (constants, helpers)
+    return getattr(_new, name)

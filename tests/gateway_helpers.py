@@ -122,7 +122,8 @@ class Gateway:
         """The environment of a client process (``vmkg run``/``fork``, the SDK) aimed at this
         gateway: VMKG_URL, VMKG_TOKEN, and the repository importable from any directory."""
         return {**os.environ, "VMKG_URL": self.url, "VMKG_TOKEN": self.token,
-                "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
+                "PYTHONPATH": os.pathsep.join([str(REPO), str(REPO / "client"),
+                                               os.environ.get("PYTHONPATH", "")])}
 
     def delete_kernel(self, kernel_id: str) -> None:
         r = self.request("DELETE", f"/api/kernels/{kernel_id}")

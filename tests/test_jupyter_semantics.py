@@ -473,7 +473,7 @@ async def test_websocket_outlives_its_pings(servers: dict[str, Server]) -> None:
 
 
 async def test_sdk_cell_in_a_dying_kernel_fails_and_the_kernel_lives_on(servers: dict[str, Server]) -> None:
-    from gateway import sdk
+    from vmkg_client import sdk
 
     gw = servers["vmkg"]
     async with sdk.Gateway(gw.url, gw.token) as client:

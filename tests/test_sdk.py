@@ -1,4 +1,4 @@
-"""The agents' SDK (gateway.sdk, gateway.sdk_sync), ``vmkg run`` and the README's agent
+"""The agents' SDK (vmkg_client.sdk, vmkg_client.sync), ``vmkg run`` and the README's agent
 example, against a live ``vmkg serve`` with real VMs.
 
 One gateway serves the module: a warm pool of one, and a 2 s ``disconnect_grace`` so the
@@ -24,8 +24,7 @@ from pathlib import Path
 
 import pytest
 from gateway_helpers import Gateway as LiveGateway
-
-from gateway import sdk
+from vmkg_client import sdk
 
 pytestmark = pytest.mark.vm
 REPO = Path(__file__).resolve().parents[1]
@@ -207,7 +206,7 @@ async def test_a_runaway_cell_times_out_and_the_kernel_keeps_its_state(live: Liv
 
 KILLED_CLIENT = """
 import sys
-from gateway.sdk_sync import Gateway
+from vmkg_client.sync import Gateway
 kernel = Gateway().connect_kernel(sys.argv[1])
 kernel.run_code("import time\\nwhile True: time.sleep(0.05)", timeout=None)
 """
@@ -431,7 +430,7 @@ async def test_fork_into_branches_that_continue_from_the_parent(live: LiveGatewa
 
 
 def test_sync_wrapper_delegates_to_the_async_core(live: LiveGateway) -> None:
-    from gateway import sdk_sync
+    from vmkg_client import sync as sdk_sync
 
     before = live.kernel_ids()
     with sdk_sync.Gateway(live.url, live.token) as gw:

@@ -424,7 +424,7 @@ async def worker(soak: Soak, stats: Stats, kind: str, seed: int) -> None:
     gw = soak.gw
     sdk_gw = sdk_kernel = ch = None
     if kind == "sdk":
-        from gateway import sdk
+        from vmkg_client import sdk
 
         sdk_gw = sdk.Gateway(gw.url, gw.token)
         sdk_kernel = await sdk_gw.connect_kernel(stats.kernel)
@@ -441,7 +441,7 @@ async def worker(soak: Soak, stats: Stats, kind: str, seed: int) -> None:
             t0 = time.monotonic()
             try:
                 if sdk_kernel is not None:
-                    from gateway.sdk import SDKError
+                    from vmkg_client.sdk import SDKError
 
                     try:
                         ex = await sdk_kernel.run_code(code, timeout=CELL_TIMEOUT)
