@@ -492,3 +492,35 @@ async def test_sdk_cell_in_a_dying_kernel_fails_and_the_kernel_lives_on(servers:
         with pytest.raises(sdk.SDKError, match="was restarted while the cell ran"):
             await asyncio.wait_for(run, 60)
         assert (await kernel.run_code("6 * 7")).text == "42"
+
+
+async def reconnect_on_restarting(srv: Server) -> dict[str, Any]:
+    """What JupyterLab does on ``restarting``: reconnect its websocket (same session) at
+    once, then ask kernel_info."""
+    kid = new_kernel(srv)
+    try:
+        ch = await Channels.open(srv, kid)
+        assert (await ch.execute("a = 1")).reply["status"] == "ok"
+        await send_execute(ch, CRASH)
+        await record(ch, seen("restarting"), settle=0)
+        await ch.close()
+        again = await Channels.open(srv, kid, session=ch.session)
+        info = await again.send("kernel_info_request", {})
+        msgs, closed = await record(again, lambda m: any(
+            x.channel == "shell" and x.parent.get("msg_id") == info for x in m) and seen("idle")(m))
+        after = await again.execute("a")
+        await again.close()
+        return {"statuses": statuses(msgs), "closed": closed, "after": after.reply.get("ename")}
+    finally:
+        delete_kernel(srv, kid)
+
+
+async def test_reconnect_during_an_auto_restart(servers: dict[str, Server]) -> None:
+    ref = await reconnect_on_restarting(servers["jupyter"])
+    got = await reconnect_on_restarting(servers["vmkg"])
+    print("jupyter:", ref, "\nvmkg:   ", got)
+    assert got["closed"] is None and got["after"] == ref["after"] == "NameError"
+    # the reconnected websocket hears the new kernel's "starting" (JupyterLab ignores the
+    # statuses of kernel_info requests, so without it the page would stay "unknown")
+    assert ("starting", None) in ref["statuses"] and ("starting", None) in got["statuses"]
+    assert got["statuses"][-1] == ("idle", "kernel_info_request")
