@@ -239,9 +239,15 @@ class Page:
                 pass
 
     def type_and_run(self, code: str) -> Any:
-        """Type ``code`` into the active cell and run it (Shift+Enter); returns the cell."""
-        cell = self.wait("an active cell", lambda: self.driver.find_element(
-            By.CSS_SELECTOR, ".jp-NotebookPanel .jp-Cell.jp-mod-active"))
+        """Type ``code`` into a new cell at the end of the notebook and run it (Shift+Enter);
+        returns the cell. (A new cell each time: after a reload the active cell is wherever
+        JupyterLab restored it, and Shift+Enter moves on to an existing cell.)"""
+        self.js("""
+            const nb = window.jupyterapp.shell.currentWidget.content;
+            nb.activeCellIndex = nb.widgets.length - 1;
+            return window.jupyterapp.commands.execute('notebook:insert-cell-below');""")
+        cell = self.wait("a new active cell at the end", lambda: self.driver.find_element(
+            By.CSS_SELECTOR, ".jp-NotebookPanel .jp-Cell.jp-mod-active:last-child"))
         editor = cell.find_element(By.CSS_SELECTOR, ".cm-content")
         editor.click()
         editor.send_keys(Keys.CONTROL, "a")
@@ -328,4 +334,4 @@ def test_crash_shows_the_died_notice_then_a_working_kernel(page: Page, shots: Pa
     page.wait("the died notice", lambda: any(DIED in d for d in page.dialogs()[before:]), 60)
     page.dismiss_dialogs()
     page.wait("the kernel to be back", lambda: page.kernel_status() == "idle", 120)
-    page.run("print('alive', 'doomed' in dir())", "alive False")
+    page.run("print('alive', 'doomed' in dir())", "alive False", timeout=120)
