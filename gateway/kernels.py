@@ -607,6 +607,16 @@ class VMMappingKernelManager(AsyncMappingKernelManager):
             info["bytes"] = info.get("bytes", 0) + sum(len(p) for p in parts)
 
     def get_buffer(self, kernel_id: str, session_key: str) -> Any:
+        # What was kept goes to the next client of the kernel whatever its session id:
+        # JupyterLab reconnects after a page reload with a new session id, and jupyter_server
+        # would discard the output of the cell that kept printing meanwhile. The newcomer
+        # takes the buffered session over (its streams too, so replies to the old session's
+        # requests reach it). (Small on purpose: the buffering moves to gateway/replay.py.)
+        kept = self._kernel_buffers.get(kernel_id) if kernel_id in self._kernel_buffers else None
+        if kept and kept.get("buffer") and kept.get("session_key") != session_key:
+            self.log.info("kernel %s: session %s takes over %d messages kept for session %s", kernel_id,
+                          session_key, len(kept["buffer"]), kept.get("session_key"))
+            kept["session_key"] = session_key
         info = super().get_buffer(kernel_id, session_key)
         if info and info.get("dropped"):
             notice = self._notice(kernel_id, (

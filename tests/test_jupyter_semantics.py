@@ -59,7 +59,7 @@ class KernelGatewayRef:
             stdout=self._log, stderr=subprocess.STDOUT, cwd=workdir, env={**os.environ, "JUPYTER_PATH": ""})
         self.url = f"http://127.0.0.1:{port}"
         self.ws_url = self.url.replace("http://", "ws://")
-        deadline = time.monotonic() + 60
+        deadline = time.monotonic() + 180
         while True:
             try:
                 if requests.get(self.url + "/api", headers=self.headers(), timeout=2).ok:
@@ -524,3 +524,34 @@ async def test_reconnect_during_an_auto_restart(servers: dict[str, Server]) -> N
     # statuses of kernel_info requests, so without it the page would stay "unknown")
     assert ("starting", None) in ref["statuses"] and ("starting", None) in got["statuses"]
     assert got["statuses"][-1] == ("idle", "kernel_info_request")
+
+
+# -- output kept while no client was connected ---------------------------------------------------
+
+
+async def test_kept_output_goes_to_the_next_client_whatever_its_session(servers: dict[str, Server]) -> None:
+    """A reloaded JupyterLab page comes back with a new session id: it still gets, in order,
+    what the kernel said while no page was connected, and the kernel stays usable."""
+    gw = servers["vmkg"]
+    kid = new_kernel(gw)
+    try:
+        first = await Channels.open(gw, kid)
+        cell = await send_execute(first, "import time\nfor i in range(12):\n    print(i, flush=True)\n"
+                                         "    time.sleep(0.3)")
+        got: list[str] = []
+        while not got:
+            m = await first.recv()
+            if m.msg_type == "stream" and m.parent.get("msg_id") == cell:
+                got.append(m.content["text"])
+        await first.close()
+        await asyncio.sleep(6)  # the cell finishes while nobody is connected
+        second = await Channels.open(gw, kid)  # a new session id
+        assert second.session != first.session
+        rest = await second.collect(cell, timeout=60)
+        got.append(rest.stdout)
+        assert "".join(got) == "".join(f"{i}\n" for i in range(12))
+        assert rest.reply["status"] == "ok"
+        assert (await second.execute("print('still', 'usable')")).stdout == "still usable\n"
+        await second.close()
+    finally:
+        delete_kernel(gw, kid)
