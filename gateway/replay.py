@@ -334,14 +334,23 @@ class ReplayBufferMixin(LoggingConfigurable):
             info["bytes"] = info.get("bytes", 0) + sum(len(p) for p in parts)
 
     def get_buffer(self, kernel_id: str, session_key: str) -> Any:
-        """Called by jupyter_server when a websocket connects: the buffer if it is for this
-        session (which then owns it), else None (and another session's buffer is dropped)."""
+        """Called by jupyter_server when a websocket connects: what was kept for the kernel,
+        which this session then owns, whichever session it was kept for; None if nothing."""
         info = self._replay.get(kernel_id)
         if info is None:
             return None
         if info["session_key"] != session_key:
-            self.stop_buffering(kernel_id)
-            return None
+            if not info["buffer"]:
+                self.stop_buffering(kernel_id)
+                return None
+            # What was kept goes to the next client of the kernel whatever its session id:
+            # JupyterLab reconnects after a page reload with a new session id, and
+            # jupyter_server would discard the output of the cell that kept printing
+            # meanwhile. The newcomer takes the buffered session over (its streams too, so
+            # replies to the old session's requests reach it).
+            self.log.info("kernel %s: session %s takes over %d messages kept for session %s",  # type: ignore[attr-defined]
+                          kernel_id, session_key, len(info["buffer"]), info["session_key"])
+            info["session_key"] = session_key
         del self._replay[kernel_id]
         if info.get("dropped"):
             notice = self._notice(kernel_id, (

@@ -1,0 +1,337 @@
+"""A real JupyterLab user: JupyterLab 4 in gateway mode (``--gateway-url``) at a live
+``vmkg serve``, driven in headless Chromium through Selenium.
+
+One gateway, one JupyterLab and one browser serve the whole module (module fixtures);
+the scenarios share one notebook on one microVM kernel, in order: run a cell, interrupt a
+runaway loop, restart (no "appears to have died" dialog), reload the page while a cell is
+printing, crash the kernel (the died notice, then a working kernel). Every dialog
+JupyterLab shows is recorded in the page (a MutationObserver), so a dialog that flashes
+by is still seen. A failing scenario leaves a screenshot and the page's HTML in the folder
+printed at the start of the module.
+
+Needs Debian's ``chromium`` and ``chromium-driver`` and PyPI's ``selenium`` and
+``jupyterlab`` (``./vmkg-dev`` installs them); skipped if any is missing.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import shutil
+import socket
+import subprocess
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import requests
+from gateway_helpers import Gateway
+
+pytestmark = [pytest.mark.vm, pytest.mark.browser]
+
+selenium = pytest.importorskip("selenium")
+pytest.importorskip("jupyterlab")
+from selenium import webdriver  # noqa: E402
+from selenium.common.exceptions import StaleElementReferenceException, WebDriverException  # noqa: E402
+from selenium.webdriver.common.by import By  # noqa: E402
+from selenium.webdriver.common.keys import Keys  # noqa: E402
+
+CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
+CHROMEDRIVER = shutil.which("chromedriver") or "/usr/bin/chromedriver"
+if not (os.path.exists(CHROMIUM) and os.path.exists(CHROMEDRIVER)):
+    pytest.skip("needs Debian's chromium and chromium-driver", allow_module_level=True)
+
+KERNEL = "python3-microvm"
+NOTEBOOK = "microvm.ipynb"
+LAB_TOKEN = "lab-token"
+DIED = "appears to have died"
+
+#: records every dialog JupyterLab shows (title and body text), even one gone in a moment
+WATCH_DIALOGS = """
+if (!window.__dialogs) {
+  window.__dialogs = [];
+  new MutationObserver(() => {
+    for (const d of document.querySelectorAll('.jp-Dialog')) {
+      if (d.__seen) continue;
+      d.__seen = true;
+      window.__dialogs.push(d.innerText);
+    }
+  }).observe(document.body, {childList: true, subtree: true});
+}
+"""
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.fixture(scope="module")
+def shots(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    d = tmp_path_factory.mktemp("browser-failures")
+    print(f"\nbrowser test: screenshots of failures go to {d}")
+    return d
+
+
+@pytest.fixture(scope="module")
+def gw(template: Any, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
+    g = Gateway(tmp_path_factory.mktemp("gw-browser"), "--pool-size=1")
+    try:
+        yield g
+    finally:
+        assert g.stop() == 0, g.log()[-3000:]
+        g.assert_clean()
+
+
+@pytest.fixture(scope="module")
+def lab(gw: Gateway, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    root = tmp_path_factory.mktemp("lab")
+    home = root / "home"
+    work = root / "notebooks"
+    for d in (home, work):
+        d.mkdir()
+    (work / NOTEBOOK).write_text(json.dumps({
+        "cells": [{"cell_type": "code", "execution_count": None, "id": "c0", "metadata": {},
+                   "outputs": [], "source": ""}],
+        "metadata": {"kernelspec": {"name": KERNEL, "display_name": "Python 3 (microVM)",
+                                    "language": "python"}},
+        "nbformat": 4, "nbformat_minor": 5}))
+    port = free_port()
+    env = {**os.environ, "HOME": str(home), "JUPYTER_CONFIG_DIR": str(home / "config"),
+           "JUPYTER_DATA_DIR": str(home / "data"), "JUPYTER_RUNTIME_DIR": str(home / "runtime"),
+           "JUPYTERLAB_SETTINGS_DIR": str(home / "settings"),
+           "JUPYTERLAB_WORKSPACES_DIR": str(home / "workspaces")}
+    log_path = root / "jupyterlab.log"
+    log = open(log_path, "w")
+    proc = subprocess.Popen(
+        ["jupyter", "lab", "--no-browser", "--allow-root", "--ip=127.0.0.1", f"--port={port}",
+         "--ServerApp.port_retries=0", f"--IdentityProvider.token={LAB_TOKEN}",
+         f"--ServerApp.root_dir={work}", f"--gateway-url={gw.url}",
+         f"--GatewayClient.auth_token={gw.token}", "--GatewayClient.request_timeout=120",
+         "--LabApp.news_url=", "--LabApp.check_for_updates_class=jupyterlab.NeverCheckForUpdate",
+         "--LabApp.expose_app_in_browser=True"],
+        stdout=log, stderr=subprocess.STDOUT, env=env, cwd=work)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 90
+    while True:
+        try:
+            if requests.get(f"{url}/api/status?token={LAB_TOKEN}", timeout=2).ok:
+                break
+        except requests.ConnectionError:
+            pass
+        if proc.poll() is not None or time.monotonic() > deadline:
+            log.close()
+            proc.kill()
+            raise RuntimeError(f"JupyterLab did not start:\n{log_path.read_text()[-3000:]}")
+        time.sleep(0.3)
+    try:
+        yield url
+    finally:
+        # shut its sessions down first, so the gateway's kernels go through JupyterLab's path
+        try:
+            for s in requests.get(f"{url}/api/sessions?token={LAB_TOKEN}", timeout=30).json():
+                requests.delete(f"{url}/api/sessions/{s['id']}?token={LAB_TOKEN}", timeout=60)
+        except (requests.RequestException, ValueError):
+            pass
+        proc.terminate()
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        log.close()
+
+
+@pytest.fixture(scope="module")
+def browser(lab: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
+    opts = webdriver.ChromeOptions()
+    opts.binary_location = CHROMIUM
+    for arg in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
+                "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                "--no-first-run", "--window-size=1400,900",
+                f"--user-data-dir={tmp_path_factory.mktemp('chromium-profile')}"):
+        opts.add_argument(arg)
+    driver = webdriver.Chrome(options=opts, service=webdriver.ChromeService(executable_path=CHROMEDRIVER))
+    driver.set_page_load_timeout(120)
+    try:
+        yield driver
+    finally:
+        driver.quit()
+
+
+def keep_evidence(test: Callable[..., None]) -> Callable[..., None]:
+    """On failure: a screenshot, the page's HTML and the dialogs seen, kept in ``shots``."""
+
+    @functools.wraps(test)
+    def run(*args: Any, **kwargs: Any) -> None:
+        try:
+            test(*args, **kwargs)
+        except BaseException:
+            page: Page = kwargs["page"]
+            d: Path = kwargs["shots"]
+            try:
+                page.driver.save_screenshot(str(d / f"{test.__name__}.png"))
+                (d / f"{test.__name__}.html").write_text(page.driver.page_source)
+                (d / f"{test.__name__}.dialogs.txt").write_text("\n---\n".join(page.dialogs()))
+                print(f"{test.__name__}: screenshot kept in {d}")
+            except WebDriverException as exc:
+                print(f"{test.__name__}: no screenshot ({exc})")
+            raise
+
+    return run
+
+
+class Page:
+    """The notebook as a user sees it."""
+
+    def __init__(self, driver: Any, url: str) -> None:
+        self.driver = driver
+        self.url = url
+
+    def wait(self, what: str, predicate: Callable[[], Any], timeout: float = 60) -> Any:
+        deadline = time.monotonic() + timeout
+        last: Exception | None = None
+        while time.monotonic() < deadline:
+            try:
+                got = predicate()
+                if got:
+                    return got
+            except (StaleElementReferenceException, WebDriverException) as exc:
+                last = exc
+            time.sleep(0.2)
+        raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}"
+                             + (f" (last error: {last})" if last else ""))
+
+    def js(self, script: str) -> Any:
+        return self.driver.execute_script(script)
+
+    def open(self) -> None:
+        self.driver.get(f"{self.url}/lab/tree/{NOTEBOOK}?token={LAB_TOKEN}")
+        self.js(WATCH_DIALOGS)
+        self.wait("the notebook's editor", lambda: self.driver.find_elements(
+            By.CSS_SELECTOR, ".jp-NotebookPanel .jp-Cell .cm-content"), 120)
+        self.wait("the kernel to be idle", lambda: self.kernel_status() == "idle", 120)
+
+    def kernel_status(self) -> str | None:
+        return self.js("""
+            const w = window.jupyterapp && window.jupyterapp.shell.currentWidget;
+            const k = w && w.sessionContext && w.sessionContext.session && w.sessionContext.session.kernel;
+            return k ? k.status : null;""")
+
+    def kernel_name(self) -> str | None:
+        return self.js("""
+            const w = window.jupyterapp && window.jupyterapp.shell.currentWidget;
+            const k = w && w.sessionContext && w.sessionContext.session && w.sessionContext.session.kernel;
+            return k ? k.name : null;""")
+
+    def dialogs(self) -> list[str]:
+        return list(self.js("return window.__dialogs || []") or [])
+
+    def dismiss_dialogs(self) -> None:
+        for button in self.driver.find_elements(By.CSS_SELECTOR, ".jp-Dialog .jp-mod-accept"):
+            try:
+                button.click()
+            except WebDriverException:
+                pass
+
+    def type_and_run(self, code: str) -> Any:
+        """Type ``code`` into a new cell at the end of the notebook and run it (Shift+Enter);
+        returns the cell. (A new cell each time: after a reload the active cell is wherever
+        JupyterLab restored it, and Shift+Enter moves on to an existing cell.)"""
+        self.js("""
+            const nb = window.jupyterapp.shell.currentWidget.content;
+            nb.activeCellIndex = nb.widgets.length - 1;
+            return window.jupyterapp.commands.execute('notebook:insert-cell-below');""")
+        cell = self.wait("a new active cell at the end", lambda: self.driver.find_element(
+            By.CSS_SELECTOR, ".jp-NotebookPanel .jp-Cell.jp-mod-active:last-child"))
+        editor = cell.find_element(By.CSS_SELECTOR, ".cm-content")
+        editor.click()
+        editor.send_keys(Keys.CONTROL, "a")
+        editor.send_keys(Keys.DELETE)
+        editor.send_keys(code)
+        editor.send_keys(Keys.SHIFT, Keys.ENTER)
+        return cell
+
+    @staticmethod
+    def output(cell: Any) -> str:
+        return "\n".join(o.text for o in cell.find_elements(By.CSS_SELECTOR, ".jp-OutputArea-output"))
+
+    @staticmethod
+    def prompt(cell: Any) -> str:
+        return str(cell.find_element(By.CSS_SELECTOR, ".jp-InputPrompt").text)
+
+    def run(self, code: str, expect: str, timeout: float = 60) -> Any:
+        """Run ``code`` and wait until its output contains ``expect`` and it finished."""
+        cell = self.type_and_run(code)
+        self.wait(f"{expect!r} in the output of {code!r}",
+                  lambda: expect in self.output(cell) and "*" not in self.prompt(cell), timeout)
+        return cell
+
+    def toolbar(self, command: str) -> None:
+        self.driver.find_element(
+            By.CSS_SELECTOR, f".jp-NotebookPanel-toolbar [data-command='{command}']").click()
+
+
+@pytest.fixture(scope="module")
+def page(browser: Any, lab: str) -> Page:
+    p = Page(browser, lab)
+    p.open()
+    assert p.kernel_name() == KERNEL
+    return p
+
+
+@keep_evidence
+def test_run_a_cell(page: Page, shots: Path) -> None:
+    page.run("print(6 * 7)", "42")
+
+
+@keep_evidence
+def test_interrupt_a_runaway_loop(page: Page, shots: Path) -> None:
+    page.run("kept = 'still here'", "")
+    cell = page.type_and_run("while True: pass")
+    page.wait("the cell to run", lambda: page.kernel_status() == "busy", 30)
+    time.sleep(1)
+    page.toolbar("notebook:interrupt-kernel")
+    page.wait("KeyboardInterrupt", lambda: "KeyboardInterrupt" in page.output(cell), 60)
+    page.wait("the kernel to be idle", lambda: page.kernel_status() == "idle", 30)
+    page.run("print(kept)", "still here")
+
+
+@keep_evidence
+def test_restart_clears_state_without_a_died_dialog(page: Page, shots: Path) -> None:
+    page.run("gone = 1; print('set')", "set")
+    before = len(page.dialogs())
+    page.toolbar("notebook:restart-kernel")
+    page.wait("the restart confirmation", lambda: page.driver.find_elements(
+        By.CSS_SELECTOR, ".jp-Dialog .jp-mod-accept"), 30)
+    page.dismiss_dialogs()  # "Restart" accepts
+    page.wait("the kernel to be back", lambda: page.kernel_status() == "idle", 120)
+    page.run("print(gone)", "NameError")
+    new = page.dialogs()[before:]
+    assert [d for d in new if "Restart" in d and DIED not in d], new  # the confirmation only
+    assert not [d for d in new if DIED in d], new
+
+
+@keep_evidence
+def test_reload_while_a_cell_prints_and_keep_working(page: Page, shots: Path) -> None:
+    cell = page.type_and_run("import time\nfor i in range(40): print('line', i, flush=True); time.sleep(0.25)")
+    page.wait("some output", lambda: "line 3" in page.output(cell), 60)
+    page.driver.refresh()
+    page.open()  # the same notebook, reconnected to the same kernel (a new session id)
+    page.wait("the cell to end", lambda: page.kernel_status() == "idle", 60)
+    page.run("print('after', 'reload')", "after reload")
+
+
+@keep_evidence
+def test_crash_shows_the_died_notice_then_a_working_kernel(page: Page, shots: Path) -> None:
+    page.run("doomed = 1; print('ready')", "ready")
+    before = len(page.dialogs())
+    page.type_and_run("import os; os._exit(1)")
+    page.wait("the died notice", lambda: any(DIED in d for d in page.dialogs()[before:]), 60)
+    page.dismiss_dialogs()
+    page.wait("the kernel to be back", lambda: page.kernel_status() == "idle", 120)
+    page.run("print('alive', 'doomed' in dir())", "alive False", timeout=120)
