@@ -348,7 +348,7 @@ class ReplayBufferMixin(LoggingConfigurable):
             # jupyter_server would discard the output of the cell that kept printing
             # meanwhile. The newcomer takes the buffered session over (its streams too, so
             # replies to the old session's requests reach it).
-            self.log.info("kernel %s: session %s takes over %d messages kept for session %s",  # type: ignore[attr-defined]
+            self.log.info("kernel %s: session %s takes over %d messages kept for session %s",
                           kernel_id, session_key, len(info["buffer"]), info["session_key"])
             info["session_key"] = session_key
         del self._replay[kernel_id]
