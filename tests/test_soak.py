@@ -114,7 +114,8 @@ async def open_slow_reader(gw: Gateway, kernel_id: str, session: str, resume: st
         f"{gw.ws_url}/api/kernels/{kernel_id}/channels?session_id={session}&vmkg_resume={resume}",
         sock=sock, subprotocols=[V1],  # type: ignore[list-item]
         additional_headers=gw.headers(), max_size=None,
-        max_queue=1, open_timeout=60)
+        max_queue=1, open_timeout=60,
+        ping_interval=None)  # its own keepalive would close it: pongs wait behind unread data
     return Channels(ws, session)
 
 
@@ -373,6 +374,7 @@ WIDTHS = (0, 20, 120)
 CELL_TIMEOUT = 240.0
 TOLD_WITHIN = 20.0  # after a QEMU SIGKILL, its clients hear of it within this
 RSS_GROWTH = 50 * MB
+SLOW_LINES = 40_000  # of 200 characters: 8 MB for the slow reader not to read
 
 
 class Restarted(Exception):
@@ -387,6 +389,7 @@ class Stats:
     latencies: list[float] = field(default_factory=list)
     failures: list[str] = field(default_factory=list)
     told: list[float] = field(default_factory=list)  # loop time the client heard of a restart
+    done: list[float] = field(default_factory=list)  # loop time of each completed cell
 
 
 @dataclass
@@ -468,6 +471,7 @@ async def worker(soak: Soak, stats: Stats, kind: str, seed: int) -> None:
                     return
                 continue
             stats.latencies.append(time.monotonic() - t0)
+            stats.done.append(time.monotonic())
             try:
                 check_lines(text, tag, n, width)
             except AssertionError as exc:
@@ -530,6 +534,8 @@ async def sample_rss(gw: Gateway, soak: Soak, out: list[tuple[float, int]]) -> N
 
 @pytest.fixture(scope="module")
 def gw_soak(template: Any, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
+    # the slow-client bound must stay above what the (loaded) test process itself lags
+    # behind on the slow reader's flood, which every client of that kernel receives
     g = Gateway(tmp_path_factory.mktemp("gw-soak"), "--pool-size=1",
                 f"--VMKGWebsocketConnection.write_high_water={HIGH_WATER}",
                 env={"VMKG_MAX_CLIENT_BUFFER": str(CLIENT_BUFFER)})
@@ -565,7 +571,8 @@ async def test_soak_many_clients_with_faults(gw_soak: Gateway) -> None:
     slow_closes = gw.metric("vmkg_websocket_closed_total", reason="slow_client")
     vanish, slow, kill = await asyncio.gather(
         at(15, vanish_mid_cell(soak, kernels[2])),
-        at(30, run_slow_reader(gw, kernels[1], "slow", 40_000, 200, slow_closes, cut_timeout=150)),
+        at(10, run_slow_reader(gw, kernels[1], "slow", SLOW_LINES, 200, slow_closes,
+                               cut_timeout=SOAK_SECONDS)),
         at(SOAK_SECONDS * 0.55, kill_qemu(soak, kernels[3])))
     await asyncio.wait_for(asyncio.gather(*tasks), CELL_TIMEOUT + 60)
     await sampler
@@ -575,10 +582,13 @@ async def test_soak_many_clients_with_faults(gw_soak: Gateway) -> None:
     failures = [f"{s.name}: {f}" for s in stats for f in s.failures]
     assert not failures, failures[:10]
     cells = sum(s.cells for s in stats)
-    assert all(s.cells >= 3 for s in stats), [(s.name, s.cells) for s in stats]
+    # ... and carried on after the faults (a cell completed after the QEMU kill)
+    carried = {s.name: (s.cells, round(max(s.done, default=0) - kill["killed_at"], 1)) for s in stats}
+    assert all(s.cells >= 1 and max(s.done, default=0) > kill["killed_at"] for s in stats), \
+        f"(cells, last completion after the kill in s) per client: {carried}"
     # the slow reader: cut off by policy, resumed whole
     assert slow.close_code in (4008, None)
-    check_lines(slow.lines, "slow", 40_000, 200)
+    check_lines(slow.lines, "slow", SLOW_LINES, 200)
     # the QEMU kill: its clients were told within seconds; the model shows the true state
     told = [t - kill["killed_at"] for s in stats if s.kernel == kernels[3] for t in s.told
             if t >= kill["killed_at"]]
@@ -604,7 +614,7 @@ async def test_soak_many_clients_with_faults(gw_soak: Gateway) -> None:
           f"{rss[0][1] / MB:.0f} -> {warm[0] / MB:.0f} -> {max(warm) / MB:.0f} MB; slow reader cut "
           f"after {slow.cut_after:.1f} s (code {slow.close_code}); told of the QEMU kill after "
           f"{max(told):.1f} s; idle {kill['idle_after']:.0f} s after the kill (states {kill['states']}); "
-          f"vanish {vanish}; cells per client {[s.cells for s in stats]}; "
+          f"vanish {vanish}; (cells, last completion after the kill) per client {carried}; "
           f"loop lag max (last 10 s) {lag:.3f} s; closes {closed}")
     for k in kernels:
         gw.delete_kernel(k)
