@@ -243,8 +243,10 @@ async def test_guest_filling_its_disk_gets_enospc_and_the_host_loses_at_most_the
             import errno, os
             chunk = b"\\1" * (1 << 20)
             n, err = 0, None
+            path = os.path.expanduser("~/fill")          # on the guest's disk (/tmp is tmpfs)
+            assert os.stat(path.rsplit("/", 1)[0]).st_dev == os.stat("/").st_dev
             try:
-                with open("/tmp/fill", "wb") as f:
+                with open(path, "wb") as f:
                     while True:
                         f.write(chunk)
                         n += 1
@@ -253,7 +255,7 @@ async def test_guest_filling_its_disk_gets_enospc_and_the_host_loses_at_most_the
             except OSError as e:
                 err = errno.errorcode.get(e.errno)
             print(n, err)
-            os.unlink("/tmp/fill")
+            os.unlink(path)
         """), timeout=900)
         n, err = out.split()
         assert err == "ENOSPC", out

@@ -285,11 +285,11 @@ class Jail:
             self.last_cap = int(Path("/proc/sys/kernel/cap_last_cap").read_text())
         except (OSError, ValueError):
             self.last_cap = 63
-        self.cgroup = cgroups.create(limits, label)
-        self.procs_files = self.cgroup.procs_files
         self.parent_pid = os.getpid()
-        JAIL_ROOT.mkdir(mode=0o700, parents=True, exist_ok=True)
         self.uid: int | None = None
+        JAIL_ROOT.mkdir(mode=0o700, parents=True, exist_ok=True)
+        self.cgroup = cgroups.create(limits, label)  # last: nothing after it can fail
+        self.procs_files = self.cgroup.procs_files
 
     def uid_for(self, pid: int) -> int:
         return self.settings.uid_base + pid

@@ -49,7 +49,16 @@ from guest.protocol import PORT_NAME
 
 from ..exceptions import VMStartError
 from . import cgroups
-from .jail import SANDBOX, Jail, JailSettings, backing_chain, shim_path, virtual_size, warn_once
+from .jail import (
+    DEVICES,
+    SANDBOX,
+    Jail,
+    JailSettings,
+    backing_chain,
+    shim_path,
+    virtual_size,
+    warn_once,
+)
 from .qmp import QMPClient
 
 log = logging.getLogger(__name__)
@@ -176,7 +185,7 @@ class QemuVM:
         self.disk = Path()
         self.jail: Jail | None = None
         self.jail_settings = JailSettings.from_env()
-        self._given: list[Path] = []    # files outside workdir handed to the jailed QEMU
+        self._given: list[Path] = []    # a bake's RAM and disk, made root's 0644 at the end
         self._pumps: list[asyncio.Task[None]] = []
 
     # -- construction -----------------------------------------------------------
@@ -228,7 +237,7 @@ class QemuVM:
             vsize = virtual_size(disk) or (8 << 30)
             fsize = vsize + vsize // 10 + (64 << 20)
         owned = [disk] + ([mem_file] if share else [])
-        devices = (*jail_devices(), *(("/dev/kvm",) if self.spec.accel == "kvm" else ()))
+        devices = (*DEVICES, *(("/dev/kvm",) if self.spec.accel == "kvm" else ()))
         limits = cgroups.Limits(
             memory_bytes=(self.spec.memory_mb + st.mem_overhead_mb) << 20,
             pids=st.pids, cpus=st.cpus or float(self.spec.vcpus))
@@ -253,10 +262,9 @@ class QemuVM:
         except OSError as exc:
             raise VMStartError(f"vm {self.workdir.name}: cannot prepare the jail: {exc}") from exc
         _warn_tcg(self.spec.accel, self.jail is not None)
-        if self.jail is not None:
-            self._given = [p for p in (disk, mem_file) if share or p == disk
-                           if not str(p).startswith(str(self.workdir) + "/")]
-        else:
+        # a bake's RAM and disk become template files: every later (jailed) restore reads them
+        self._given = [disk, mem_file] if share else []
+        if self.jail is None:
             os.chmod(disk, 0o600)
         cap = self.jail_settings.log_cap
         listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -407,12 +415,15 @@ class QemuVM:
                 t.cancel()
         if self.jail is not None:
             self.jail.close()
-            for p in self._given:
-                try:
-                    self.jail.take_back(p, 0o644)  # template files: readable by every jail
-                except OSError:
-                    pass
-            self._given = []
+        for p in self._given:
+            try:
+                if self.jail is not None:
+                    self.jail.take_back(p, 0o644)
+                else:
+                    os.chmod(p, 0o644)
+            except OSError as exc:
+                log.warning("vm %s: cannot make %s readable to other VMs: %s", self.workdir.name, p, exc)
+        self._given = []
 
     async def kill(self) -> None:
         if self.proc is not None and self.proc.returncode is None:
@@ -421,11 +432,6 @@ class QemuVM:
             except ProcessLookupError:
                 pass
             await self.proc.wait()
-
-
-def jail_devices() -> tuple[str, ...]:
-    from .jail import DEVICES
-    return DEVICES
 
 
 async def _pump(reader: asyncio.StreamReader, out: BoundedLog) -> None:
