@@ -233,38 +233,76 @@ def test_jailed_qemu_dies_with_its_owner_and_its_cgroup_is_reaped(template: Any)
     assert not any(p.exists() for p in left)
 
 
+FILL = """
+import errno, os
+path = os.path.expanduser("~/fill")          # on the guest's disk (/tmp is tmpfs)
+assert os.stat(os.path.dirname(path)).st_dev == os.stat("/").st_dev
+st = os.statvfs("/")
+free = st.f_bavail * st.f_frsize
+chunk = b"\\1" * (1 << 20)
+n, err = 0, None
+try:
+    with open(path, "wb") as f:
+        if PREALLOCATE:  # unwritten extents: the guest's space is gone, the host's is not
+            os.posix_fallocate(f.fileno(), 0, max(0, free - (160 << 20)))
+            f.seek(0, 2)
+        while True:
+            f.write(chunk)
+            n += 1
+            if n % 32 == 0:
+                f.flush(); os.fsync(f.fileno())
+except OSError as e:
+    err = errno.errorcode.get(e.errno)
+print(n, err)
+try:
+    os.unlink(path)
+except OSError:
+    pass
+"""
+
+
 @vm
 @jailed
 async def test_guest_filling_its_disk_gets_enospc_and_the_host_loses_at_most_the_cap(template: Any) -> None:
+    """The guest's own file system says ENOSPC; the host file never exceeds the cap
+    (RLIMIT_FSIZE of QEMU). $VMKG_TEST_FULL_DISK=1 writes every byte (~1.4 GB, slow under
+    TCG) instead of preallocating all but the last 160 MB."""
     km = await start()
     try:
         vk = vk_of(km)
-        out = await run(km, textwrap.dedent("""
-            import errno, os
-            chunk = b"\\1" * (1 << 20)
-            n, err = 0, None
-            path = os.path.expanduser("~/fill")          # on the guest's disk (/tmp is tmpfs)
-            assert os.stat(path.rsplit("/", 1)[0]).st_dev == os.stat("/").st_dev
-            try:
-                with open(path, "wb") as f:
-                    while True:
-                        f.write(chunk)
-                        n += 1
-                        if n % 64 == 0:
-                            f.flush(); os.fsync(f.fileno())
-            except OSError as e:
-                err = errno.errorcode.get(e.errno)
-            print(n, err)
-            os.unlink(path)
-        """), timeout=900)
-        n, err = out.split()
-        assert err == "ENOSPC", out
-        size = vk.disk_path.stat().st_size
-        vsize = 2 << 30
         from kernelmanager.vm.jail import virtual_size
-        vsize = virtual_size(vk.disk_path) or vsize
+        vsize = virtual_size(vk.disk_path)
+        assert vsize
         cap = vsize + vsize // 10 + (64 << 20)
-        assert int(n) > 100 and size <= cap, (n, size, cap)
+        limits = Path(f"/proc/{vk.vm.pid}/limits").read_text()
+        assert f"Max file size             {cap}" in limits, limits
+        full = os.environ.get("VMKG_TEST_FULL_DISK") == "1"
+        out = await run(km, f"PREALLOCATE = {not full}\n" + FILL, timeout=1800)
+        n, err = out.split()
+        assert err == "ENOSPC" and int(n) >= 100, out
+        size = vk.disk_path.stat().st_size
+        assert size <= cap, (size, cap)
+        assert (await run(km, "print('alive')")).strip() == "alive"
+    finally:
+        await km.shutdown_kernel(now=True)
+
+
+@vm
+@jailed
+async def test_a_disk_cap_below_the_disk_is_an_io_error_in_the_guest_not_host_growth(
+        template: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """With ``VMKG_DISK_CAP_MB`` below what the guest writes, the host file stops at the cap
+    (the write fails with EFBIG in QEMU, an I/O error in the guest) and the VM lives on."""
+    monkeypatch.setenv("VMKG_DISK_CAP_MB", "48")
+    km = await start()
+    try:
+        vk = vk_of(km)
+        out = await run(km, "PREALLOCATE = False\n" + FILL.replace("while True:", "while n < 200:"),
+                        timeout=900)
+        n, err = out.split()
+        assert err in ("EIO", "EROFS"), out
+        assert vk.disk_path.stat().st_size <= 48 << 20
+        assert vk.vm.returncode is None
         assert (await run(km, "print('alive')")).strip() == "alive"
     finally:
         await km.shutdown_kernel(now=True)
