@@ -285,6 +285,9 @@ class Jail:
             self.last_cap = int(Path("/proc/sys/kernel/cap_last_cap").read_text())
         except (OSError, ValueError):
             self.last_cap = 63
+        # a device QEMU opens (/dev/kvm: root:kvm 0660) is reached through its group
+        self.groups = sorted({settings.gid, *(os.stat(d).st_gid for d in devices
+                                              if d == "/dev/kvm" and os.path.exists(d))})
         self.parent_pid = os.getpid()
         self.uid: int | None = None
         JAIL_ROOT.mkdir(mode=0o700, parents=True, exist_ok=True)
@@ -374,7 +377,7 @@ class Jail:
         for cap in range(self.last_cap + 1):
             if _libc.prctl(PR_CAPBSET_DROP, cap, 0, 0, 0) != 0 and ctypes.get_errno() != errno.EINVAL:
                 _check(-1, f"drop capability {cap}")
-        os.setgroups([gid])
+        os.setgroups(self.groups)
         os.setresgid(gid, gid, gid)
         os.setresuid(uid, uid, uid)
         _check(_libc.prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0), "no_new_privs")
