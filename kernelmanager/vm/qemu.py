@@ -377,9 +377,16 @@ class QemuVM:
                                    **{"snapshot-file": str(new_overlay), "format": "qcow2"})
             os.chmod(new_overlay, 0o600)
         else:
-            # made by the host (the jailed QEMU cannot create files), then handed over
-            from ..snapshots import empty_overlay
-            await asyncio.to_thread(empty_overlay, self.disk, new_overlay)
+            # made by the host (the jailed QEMU cannot create files), then handed over; the
+            # size comes from the header, so the pause costs one qemu-img, not two
+            from ..snapshots import empty_overlay, qemu_img
+            size = virtual_size(self.disk)
+            if size is None:
+                await asyncio.to_thread(empty_overlay, self.disk, new_overlay)
+            else:
+                await asyncio.to_thread(qemu_img, "create", "-q", "-f", "qcow2", "-F", "qcow2",
+                                        "-b", str(self.disk), "-u", "-o",
+                                        "cluster_size=65536,lazy_refcounts=on", str(new_overlay), str(size))
             self.jail.give(new_overlay)
             await self.qmp.execute("blockdev-snapshot-sync", device="root", mode="existing",
                                    **{"snapshot-file": str(new_overlay), "format": "qcow2"})
