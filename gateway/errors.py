@@ -7,6 +7,7 @@ handlers wrap the work they delegate in :func:`translated`, which turns those in
 error response carries (``{"reason", "message"}``, which jupyter_server's GatewayClient
 reads).
 
+    ForkBudgetExceeded     507  the fork images' memory budget is spent
     LimitExceeded          403  a configured limit (max_kernels, max_kernels_per_user)
     NoSuchKernel           404  unknown kernelspec name
     KernelBusy, VMDied     409  the kernel cannot do that in its current state
@@ -40,6 +41,7 @@ from kernelmanager.exceptions import (
     AgentError,
     ChannelError,
     ConfigError,
+    ForkBudgetExceeded,
     ForkError,
     ImageError,
     KernelBusy,
@@ -52,6 +54,7 @@ from kernelmanager.exceptions import (
 )
 
 _STATUS: list[tuple[type[BaseException], int]] = [
+    (ForkBudgetExceeded, 507),
     (LimitExceeded, 403),
     (NoSuchKernel, 404),
     (KernelBusy, 409),

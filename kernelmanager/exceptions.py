@@ -13,6 +13,7 @@
     ├── ForkError              a fork snapshot could not be taken
     ├── KernelBusy             the kernel did not become idle in time (fork)
     └── LimitExceeded          a configured limit (kernels, fork count, sizes)
+        └── ForkBudgetExceeded the fork images' total budget (shared memory) is spent
 
 Lower-level errors (OSError, asyncio.TimeoutError, QMP errors) are translated into
 these at exactly one point with ``raise ... from exc``. HTTP status codes are chosen
@@ -73,4 +74,8 @@ class KernelBusy(VMKGError):
 
 
 class LimitExceeded(VMKGError):
+    pass
+
+
+class ForkBudgetExceeded(LimitExceeded):
     pass

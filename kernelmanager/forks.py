@@ -18,7 +18,18 @@ What a fork snapshot is made of, and how it is made without copying what need no
   a branch never starts in the middle of a cell, and the parent loses nothing.
 
 Fork directories are reference counted by the VMs restored from them (and by forks
-taken from those VMs, whose disks back onto them); the last release removes them.
+taken from those VMs, whose disks back onto them); the last release removes them. A
+fork's RAM image is needed only by VMs restored from that fork itself (a fork's image
+is complete: base + its own dirty pages), so it is deleted as soon as no holder of the
+snapshot itself is left, even while descendants keep the directory for its disk: forks
+of forks whose parents were deleted never accumulate RAM images.
+
+Host files: fork directories are 0700, their files 0600 (the frozen disk and the RAM
+image 0640 with the jail's group, so jailed children can read them through their
+mount namespace). RAM images live in a private tmpfs directory (``paths.ensure_shm_dir``)
+and are created O_EXCL|O_NOFOLLOW. Their total size has a budget
+(``$VMKG_FORK_BUDGET_MB``, default half of the tmpfs): a fork that would exceed it raises
+``ForkBudgetExceeded`` (HTTP 507) before the parent is paused.
 
 Errors: a kernel that stays busy is ``KernelBusy``; anything else that goes wrong while
 the snapshot is taken (a QMP command QEMU refuses, QEMU gone, an OS error writing the
@@ -45,8 +56,16 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from . import paths
-from .exceptions import AgentError, ForkError, KernelBusy, TemplateError
+from .exceptions import (
+    AgentError,
+    ConfigError,
+    ForkBudgetExceeded,
+    ForkError,
+    KernelBusy,
+    TemplateError,
+)
 from .snapshots import Snapshot, empty_overlay
+from .vm.jail import share_with_jails
 from .vm.qemu import QemuVM, write_owner
 from .vm.qmp import QMPError
 
@@ -57,7 +76,42 @@ _CHUNK = 8 << 20
 
 
 def forks_dir() -> Path:
-    return paths.state_dir() / "forks"
+    paths.private_dir(paths.state_dir())
+    return paths.private_dir(paths.state_dir() / "forks")
+
+
+def fork_budget(shm: Path) -> int:
+    """Bytes all fork RAM images together may take: ``$VMKG_FORK_BUDGET_MB``, else half
+    of the tmpfs they live on."""
+    raw = os.environ.get("VMKG_FORK_BUDGET_MB", "").strip()
+    if raw:
+        try:
+            return int(raw) << 20
+        except ValueError:
+            log.warning("VMKG_FORK_BUDGET_MB=%r is not an integer; using half of %s", raw, shm)
+    st = os.statvfs(shm)
+    return st.f_blocks * st.f_frsize // 2
+
+
+def images_usage(shm: Path) -> int:
+    """Bytes the fork RAM images in ``shm`` take (allocated, not apparent, size)."""
+    total = 0
+    for f in shm.iterdir():
+        if f.name.startswith("fork-"):
+            try:
+                total += f.lstat().st_blocks * 512
+            except OSError:
+                pass
+    return total
+
+
+def _check_budget(shm: Path, extra: int, kernel_id: str) -> None:
+    budget, used = fork_budget(shm), images_usage(shm)
+    if used + extra > budget:
+        raise ForkBudgetExceeded(
+            f"kernel {kernel_id}: cannot fork: fork images would take {(used + extra) >> 20} MB, "
+            f"over the budget of {budget >> 20} MB ({used >> 20} MB in use by other forks; "
+            "delete forked kernels or raise VMKG_FORK_BUDGET_MB)")
 
 
 # ---------------------------------------------------------------------------
@@ -69,13 +123,25 @@ class ForkRegistry:
 
     def __init__(self) -> None:
         self._refs: dict[Path, int] = {}
+        self._direct: dict[Path, int] = {}   # holders of the snapshot itself (need its RAM)
 
     def acquire(self, snap: Snapshot) -> None:
-        for d in self.chain(snap):
+        chain = self.chain(snap)
+        if chain:
+            self._direct[chain[0]] = self._direct.get(chain[0], 0) + 1
+        for d in chain:
             self._refs[d] = self._refs.get(d, 0) + 1
 
     def release(self, snap: Snapshot) -> None:
-        for d in self.chain(snap):
+        chain = self.chain(snap)
+        if chain:
+            n = self._direct.get(chain[0], 0) - 1
+            if n > 0:
+                self._direct[chain[0]] = n
+            else:
+                self._direct.pop(chain[0], None)
+                remove_ram_image(chain[0])  # descendants need only its disk
+        for d in chain:
             n = self._refs.get(d, 0) - 1
             if n > 0:
                 self._refs[d] = n
@@ -97,13 +163,18 @@ class ForkRegistry:
 registry = ForkRegistry()
 
 
-def remove_fork_dir(d: Path) -> None:
-    shm = d / "mem.path"
+def remove_ram_image(d: Path) -> None:
+    """Delete the RAM image of fork directory ``d`` (if it still has one)."""
+    rec = d / "mem.path"
     try:
-        mem = Path(shm.read_text())
-        mem.unlink(missing_ok=True)
+        Path(rec.read_text()).unlink(missing_ok=True)
+        rec.unlink()
     except OSError:
         pass
+
+
+def remove_fork_dir(d: Path) -> None:
+    remove_ram_image(d)
     shutil.rmtree(d, ignore_errors=True)
     log.info("fork %s: released", d.name)
 
@@ -151,7 +222,7 @@ def dirty_runs(pid: int, vmas: Iterable[tuple[int, int, int]]) -> list[tuple[int
 def copy_dirty(pid: int, runs: list[tuple[int, int, int]], dest: Path, size: int) -> int:
     """Write the dirty pages into the (new, sparse) RAM image at their offsets. Returns bytes."""
     total = 0
-    fd = os.open(dest, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    fd = os.open(dest, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
     try:
         os.ftruncate(fd, size)
         with open(f"/proc/{pid}/mem", "rb", buffering=0) as mem:
@@ -194,7 +265,7 @@ def fill_from_base(base: Path, dest: Path, runs: list[tuple[int, int, int]], siz
     """
     dirty = sorted((off, off + length) for _, length, off in runs)
     copied = 0
-    with open(base, "rb") as src, open(dest, "r+b") as dst:
+    with open(base, "rb") as src, open(os.open(dest, os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC), "r+b") as dst:
         sfd, dfd = src.fileno(), dst.fileno()
         pos, i = 0, 0
         while pos < size:
@@ -249,27 +320,37 @@ async def snapshot_kernel(vk: ForkableKernel, *, idle_timeout: float = 30.0) -> 
     """
     if vk.poll() is not None:
         raise ForkError(f"kernel {vk.kernel_id}: the VM is not running")
-    fork_id = uuid.uuid4().hex
-    d = forks_dir() / fork_id
     try:
-        d.mkdir(parents=True)
+        shm = paths.ensure_shm_dir()
+    except ConfigError as exc:
+        raise ForkError(f"kernel {vk.kernel_id}: unsafe fork-image directory: {exc}") from exc
+    try:
+        base_bytes_est = os.stat(vk.snapshot.mem_file).st_blocks * 512
     except OSError as exc:
+        raise ForkError(f"kernel {vk.kernel_id}: the RAM image it runs on is gone: {exc}") from exc
+    _check_budget(shm, base_bytes_est, vk.kernel_id)
+    fork_id = uuid.uuid4().hex
+    try:
+        d = forks_dir() / fork_id
+        d.mkdir(mode=0o700)
+    except (OSError, ConfigError) as exc:
         raise ForkError(f"kernel {vk.kernel_id}: cannot make the fork directory: {exc}") from exc
     try:
-        return await _snapshot(vk, d, fork_id, idle_timeout)
+        return await _snapshot(vk, d, shm, fork_id, idle_timeout)
     except (QMPError, OSError, TemplateError) as exc:  # OSError: ConnectionError (QEMU gone) too
         raise ForkError(f"kernel {vk.kernel_id}: fork snapshot failed: {exc}") from exc
 
 
-async def _snapshot(vk: ForkableKernel, d: Path, fork_id: str, idle_timeout: float) -> Snapshot:
+async def _snapshot(vk: ForkableKernel, d: Path, shm: Path, fork_id: str,
+                    idle_timeout: float) -> Snapshot:
     timings: dict[str, float] = {}
     t0 = time.monotonic()
     try:
         write_owner(d, kind="fork", parent_kernel=vk.kernel_id)
-        shm = paths.shm_dir()
-        shm.mkdir(parents=True, exist_ok=True)
         mem = shm / f"fork-{fork_id}.mem"
-        (d / "mem.path").write_text(str(mem))
+        rec = os.open(d / "mem.path", os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+        with os.fdopen(rec, "w") as f:
+            f.write(str(mem))
         try:
             await vk.request("freeze", timeout=idle_timeout + 10, wait=idle_timeout)
         except AgentError as exc:
@@ -304,7 +385,11 @@ async def _snapshot(vk: ForkableKernel, d: Path, fork_id: str, idle_timeout: flo
                 log.error("kernel %s: thaw after fork failed: %s", vk.kernel_id, exc)
         t2 = time.monotonic()
         base_bytes = await asyncio.to_thread(fill_from_base, vk.snapshot.mem_file, mem, runs, size)
+        _check_budget(shm, 0, vk.kernel_id)  # the dirty pages may have taken it over
         await asyncio.to_thread(empty_overlay, d / "disk.qcow2", d / "overlay.qcow2")
+        os.chmod(d / "overlay.qcow2", 0o600)
+        share_with_jails(mem)                # children's QEMUs read these two
+        share_with_jails(d / "disk.qcow2")   # (frozen: no longer the parent QEMU's)
         timings["image"] = time.monotonic() - t2
         ancestors = [str(p) for p in ForkRegistry.chain(vk.snapshot)]
         snap = dataclasses.replace(
@@ -315,6 +400,7 @@ async def _snapshot(vk: ForkableKernel, d: Path, fork_id: str, idle_timeout: flo
                   "template": str(vk.snapshot.info.get("template", ""))},
         )
         snap.save()
+        os.chmod(d / "snapshot.json", 0o600)
     except BaseException:
         remove_fork_dir(d)
         raise

@@ -6,6 +6,9 @@ PR_SET_PDEATHSIG, so it normally dies with its owner, but the directory, its soc
 and the connection file stay. At the next start of any runtime, directories whose
 owner is gone are reaped: a still-running QEMU of theirs is killed (after checking
 pid *and* start time, so a recycled pid is never hit) and everything is removed.
+Each jailed QEMU's cgroup is named after its owner's pid and start time; cgroups of
+dead owners are reaped at the same time (``kernelmanager.vm.cgroups.reap``), killing
+anything still in them.
 """
 
 from __future__ import annotations
@@ -50,6 +53,11 @@ def reap_orphans(vms_dir: Path, min_age: float = 30.0) -> list[str]:
     (a start that died before writing it).
     """
     reaped: list[str] = []
+    try:
+        from .vm import cgroups
+        cgroups.reap()
+    except OSError as exc:
+        log.warning("cannot reap cgroups: %s", exc)
     if not vms_dir.is_dir():
         return reaped
     for d in vms_dir.iterdir():
