@@ -359,7 +359,7 @@ class AgentChannel:
         Called by the read loop, and by the relay when it found the kernel dead."""
         if self.failure is not None or self._closed:
             return
-        self.failure = exc
+        self.failure = exc.with_traceback(None)  # its frames may hold a guest's megabytes
         log.error("%s: %s", self.name, why)
         self._window.set()
         for fut in self._pending.values():
