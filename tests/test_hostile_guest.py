@@ -632,3 +632,112 @@ async def test_fragment_flags_cannot_grow_a_message_without_bound(env: Callable[
         await asyncio.sleep(0.2)
     assert bad.channel.endpoint._partial_size >= 60 * MiB and not bad.channel.endpoint._partial
     assert await good.client.round_trip() < 2
+
+
+# ---------------------------------------------------------------------------
+# Real VMs: what any notebook user can do, no root needed
+
+
+def _rss() -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    return 0
+
+
+class VMKernel:
+    def __init__(self) -> None:
+        from jupyter_client.manager import KernelManager
+
+        self.km = KernelManager(kernel_name="python3-microvm")
+        self.km.start_kernel()
+        self.kc = self.km.client()
+        self.kc.start_channels()
+        self.kc.wait_for_ready(timeout=120)
+
+    def run(self, code: str, timeout: float = 300) -> tuple[dict[str, list[str]], dict[str, Any]]:
+        out: dict[str, list[str]] = {"stdout": [], "stderr": []}
+
+        def hook(msg: dict[str, Any]) -> None:
+            if msg["msg_type"] == "stream":
+                out[msg["content"]["name"]].append(msg["content"]["text"])
+
+        reply = self.kc.execute_interactive(code, timeout=timeout, output_hook=hook)
+        return out, reply["content"]
+
+    def rtt(self) -> float:
+        t0 = time.monotonic()
+        _, reply = self.run("1+1", timeout=60)
+        assert reply["status"] == "ok"
+        return time.monotonic() - t0
+
+    def close(self) -> None:
+        self.kc.stop_channels()
+        self.km.shutdown_kernel(now=True)
+
+
+ATTACK = """
+k = get_ipython().kernel
+parent = k.get_parent("shell") if hasattr(k, "get_parent") else k._parent_header
+k.session.send(k.iopub_socket, "stream", {"name": "stdout", "text": "x" * (40 << 20)}, parent=parent)
+k.session.send(k.iopub_socket, "display_data", b"[" * 100000 + b"]" * 100000, parent=parent)
+k.session.send(k.iopub_socket, "stream", b'{"name": "stdout", "text": "' + b"{" * 50000 + b'"}',
+               parent=parent)
+print("still here")
+"""
+
+
+@pytest.mark.vm
+def test_vm_huge_and_nested_iopub_messages_are_dropped_with_a_notice(template: Any) -> None:
+    a, b = VMKernel(), VMKernel()
+    try:
+        quiet = min(b.rtt() for _ in range(3))
+        rss0 = _rss()
+        out, reply = a.run(ATTACK)
+        assert reply["status"] == "ok", reply
+        assert "still here\n" in out["stdout"]
+        assert "{" * 50000 in "".join(out["stdout"])  # brackets in text are not nesting
+        notices = "".join(out["stderr"])
+        assert "[vmkg] Output dropped" in notices and "over the limit" in notices, notices
+        relay = a.km.provisioner._relay  # type: ignore[union-attr]
+        assert relay is not None and relay.dropped >= 2 and relay.dead is None
+        assert _rss() - rss0 < 200 << 20
+        # the attacker's kernel still works, and so does its neighbour
+        assert a.run("1+1")[1]["status"] == "ok"
+        assert b.rtt() < max(5 * quiet, 2.0)
+    finally:
+        a.close()
+        b.close()
+
+
+@pytest.mark.vm
+def test_vm_output_flood_keeps_host_bounded_and_neighbour_answering(template: Any) -> None:
+    a, b = VMKernel(), VMKernel()
+    try:
+        quiet = sorted(b.rtt() for _ in range(5))[2]
+        rss0 = _rss()
+        got = [0]
+
+        def count(msg: dict[str, Any]) -> None:
+            if msg["msg_type"] == "stream":
+                got[0] += len(msg["content"]["text"])
+
+        a.kc.execute("import time\nt = time.time()\nwhile time.time() - t < 15: print('y' * 10000)")
+        deadline = time.monotonic() + 15
+        rtts = []
+        while time.monotonic() < deadline:
+            while True:  # drain the flood as a client would
+                try:
+                    count(a.kc.get_iopub_msg(timeout=0.01))
+                except Exception:  # noqa: BLE001 - queue.Empty
+                    break
+            rtts.append(b.rtt())
+        loaded = sorted(rtts)[len(rtts) // 2]
+        assert got[0] > 1 << 20, "the flood did not flow"
+        assert _rss() - rss0 < 200 << 20
+        assert loaded < max(5 * quiet, 2.0), (quiet, rtts)
+        a.km.interrupt_kernel()
+    finally:
+        a.close()
+        b.close()
