@@ -204,27 +204,45 @@ class ControlMessage:
 
 
 _JSON_STRING = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"', re.DOTALL)
-_NOT_BRACKETS = bytes(b for b in range(256) if b not in b"[]{}")
-_BRACKET_STEP = {ord("["): 1, ord("{"): 1, ord("]"): -1, ord("}"): -1}
+#: keeps brackets only, as "[" and "]"
+_BRACKETS_ONLY = bytes.maketrans(b"{}", b"[]"), bytes(b for b in range(256) if b not in b"[]{}")
+#: rounds of removing innermost pairs before what is left must be small enough to scan
+DEPTH_ROUNDS = 16
+DEPTH_SCAN = 1 << 16
 
 
 def json_depth_exceeds(data: bytes, limit: int) -> bool:
-    """True if the JSON text ``data`` nests deeper than ``limit`` (no parsing, no recursion).
+    """True if the JSON text ``data`` nests deeper than ``limit``, or its brackets do not
+    pair up, or it is too intricate to check cheaply. No parsing, no recursion, and the
+    work is C loops over the bytes, a bounded number of times.
 
-    Cheap when it cannot: fewer opening brackets than ``limit`` settles it with two
-    counts. Otherwise strings are cut out (brackets inside text do not nest) and the
-    depth is the running maximum over what brackets remain, all in C loops.
+    Fewer opening brackets than ``limit`` settles it with two counts. Otherwise strings
+    are cut out (brackets inside text do not nest) and only brackets kept; a run of
+    ``limit + 1`` openers means too deep; else every innermost pair is removed (one
+    level less everywhere) and the run check repeats. Once at most DEPTH_SCAN brackets
+    are left they are scanned one by one; if DEPTH_ROUNDS rounds leave more, the text
+    counts as too deep (ordinary output - tables, plots, GeoJSON - is a few levels deep
+    and empties in a few rounds).
     """
     if data.count(b"[") + data.count(b"{") <= limit:
         return False
-    brackets = _JSON_STRING.sub(b"", data).translate(None, _NOT_BRACKETS)
-    depth = 0
-    step = _BRACKET_STEP
-    for b in brackets:
-        depth += step[b]
-        if depth > limit:
+    brackets = _JSON_STRING.sub(b"", data).translate(*_BRACKETS_ONLY)
+    too_deep = b"[" * (limit + 1)
+    for _ in range(DEPTH_ROUNDS):
+        if len(brackets) <= DEPTH_SCAN:
+            depth = 0
+            for b in brackets:
+                depth += 1 if b == 91 else -1
+                if depth > limit or depth < 0:
+                    return True
+            return depth != 0
+        if too_deep in brackets:
             return True
-    return False
+        shorter = brackets.replace(b"[]", b"")
+        if len(shorter) == len(brackets):
+            return True  # nothing pairs up: not JSON
+        brackets = shorter
+    return True
 
 
 def parse_json(data: bytes, what: str, *, max_size: int = MAX_CONTROL, max_depth: int = MAX_DEPTH) -> Any:
