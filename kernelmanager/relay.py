@@ -372,8 +372,8 @@ class KernelRelay:
             return
         why = self._refuse(parts)
         if why is not None:
-            ch = self._channel
-            if ch is not None:
+            ch = self._current
+            if ch is not None:  # counts, logs (rate-limited) and calls _guest_violation
                 ch.violation(why[0], f"a {channel} message: {why[1]}")
             else:
                 GUEST_VIOLATIONS.labels(why[0]).inc()

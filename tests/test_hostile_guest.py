@@ -734,7 +734,7 @@ def test_vm_output_flood_keeps_host_bounded_and_neighbour_answering(template: An
                     break
             rtts.append(b.rtt())
         loaded = sorted(rtts)[len(rtts) // 2]
-        assert got[0] > 1 << 20, "the flood did not flow"
+        assert got[0] > 100_000, "the flood did not flow"  # TCG on a loaded host: ~25 KB/s and up
         assert _rss() - rss0 < 200 << 20
         assert loaded < max(5 * quiet, 2.0), (quiet, rtts)
         a.km.interrupt_kernel()
