@@ -2,7 +2,7 @@
 """One hostile kernel against its neighbour, through ``vmkg serve``.
 
 The attacker does the worst of issue 9 section 2 that needs no root in the guest: in a
-loop, an iopub message over the size limit (``kernel.session.send`` with 40 MiB of
+loop, an iopub message over the size limit (``kernel.session.send`` with 33 MiB of
 text), a deeply nested one (``[`` x 100,000), and an output flood (``print`` as fast as
 the kernel can). Its websocket is read (and discarded) as a client would. Meanwhile the
 neighbour kernel's warm round trip (``1+1`` to execute_reply and idle over its own
@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import sys
 import tempfile
 import time
@@ -37,7 +38,7 @@ parent = k.get_parent("shell") if hasattr(k, "get_parent") else k._parent_header
 t_end = time.time() + {seconds}
 n = 0
 while time.time() < t_end:
-    k.session.send(k.iopub_socket, "stream", {{"name": "stdout", "text": "x" * (40 << 20)}}, parent=parent)
+    k.session.send(k.iopub_socket, "stream", {{"name": "stdout", "text": "x" * (33 << 20)}}, parent=parent)
     k.session.send(k.iopub_socket, "display_data", b"[" * 100000 + b"]" * 100000, parent=parent)
     t = time.time() + 2
     while time.time() < t:
@@ -68,6 +69,8 @@ async def drain(ws: Any, stats: dict[str, int]) -> None:
     """Read the attacker's websocket as a client would; count bytes and notices."""
     while True:
         raw = await ws.recv()
+        if isinstance(raw, bytes):
+            raw = raw.decode("utf-8", "replace")
         stats["bytes"] += len(raw)
         if "[vmkg] Output dropped" in raw:
             stats["notices"] += 1
@@ -77,6 +80,7 @@ async def drain(ws: Any, stats: dict[str, int]) -> None:
 
 async def main_async(args: argparse.Namespace) -> dict[str, Any]:
     workdir = Path(tempfile.mkdtemp(prefix="vmkg-bench-hostile-"))
+    os.environ["VMKG_WS_PING_INTERVAL"] = "0"  # latency is measured here, not liveness
     srv = start_vmkg(workdir, pool=0)
     try:
         kid_n = await asyncio.to_thread(srv.post_kernel)
@@ -85,6 +89,8 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
         for _ in range(8):
             await run_cell(ws_n, "1+1")
         await run_cell(ws_a, "1+1")
+        stats = {"bytes": 0, "notices": 0, "done": 0}
+        reader = asyncio.ensure_future(drain(ws_a, stats))  # the attacker's client always reads
         quiet = await rtts(ws_n, args.n)
         rss0 = rss(srv.proc.pid)
         peak = [rss0]
@@ -94,12 +100,15 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
                 peak[0] = max(peak[0], rss(srv.proc.pid))
                 await asyncio.sleep(0.2)
 
-        stats = {"bytes": 0, "notices": 0, "done": 0}
         sampler = asyncio.ensure_future(sample())
         _, frame = execute_request(ATTACK.format(seconds=args.seconds), ws_a.session)
         await ws_a.send(frame)
-        reader = asyncio.ensure_future(drain(ws_a, stats))
-        await asyncio.sleep(3)  # let the attack get going
+        t0 = time.monotonic()  # measure once the attack is under way: its first notice is in
+        while not stats["notices"] and not reader.done() and time.monotonic() - t0 < 300:
+            await asyncio.sleep(0.5)
+        if reader.done():
+            raise RuntimeError(f"the attacker's websocket failed: {reader.exception()!r}")
+        print(f"attack under way after {time.monotonic() - t0:.1f} s", file=sys.stderr)
         attacked = await rtts(ws_n, args.n)
         sampler.cancel()
         reader.cancel()
