@@ -225,7 +225,13 @@ class Agent:
             while not self.endpoint.can_send:
                 self._window_open.clear()
                 await self._window_open.wait()
-            self.endpoint.send(encode_jupyter(channel, parts))
+            message = encode_jupyter(channel, parts)
+            if len(message) > self.endpoint.peer_max_message:
+                # the host would discard it anyway: spare the link, and let the host
+                # tell the kernel's user why the output is missing
+                self.send_control({"event": "dropped", "channel": channel, "size": len(message)})
+                continue
+            self.endpoint.send(message)
             if self.link:
                 self.link.flush()
 

@@ -18,15 +18,26 @@ Frame layout (little endian)::
     pcrc   I    crc32 of the payload
     hcrc   I    crc32 of the 32 bytes before it
 
-A receiver that meets bad bytes (the tail of a frame cut by a reconnect) drops one
-byte and searches for the next magic, so a stream always resynchronises.
+A receiver that meets bad bytes (the tail of a frame cut by a reconnect) searches for
+the next magic, so a stream always resynchronises. A frame whose *header* checks out
+but whose payload does not is another matter: within one connection the stream loses
+nothing, so a payload failure after a valid header is corruption or malice, never a
+cut. The host (``strict``) then drops the connection instead of retrying one byte
+further (which let 36 guest bytes cost ~1 MiB of CRC work), and after the handshake it
+accepts no garbage at all.
 
-Sessions: the host opens every connection with HELLO{session, recv}. A guest that
+Sessions: the host opens every connection with HELLO{session, recv, conn, max_message}. A guest that
 sees a *new* session id (after a restore from a snapshot, or in a fork child) drops
 everything of the old session and starts counting from zero; a known session id
 means "the same host came back": both sides drop what the other acknowledged and
 retransmit the rest, in order. Duplicates are recognised by sequence number.
-The guest answers HELLO_ACK{session, recv, fresh}; the host sends no DATA before it.
+The guest answers HELLO_ACK{session, recv, fresh, conn}; the host sends no DATA before it.
+``conn`` numbers the host's connections, so a HELLO_ACK left over from an earlier
+connection is recognised and ignored; a HELLO_ACK once established, an ack for a frame
+never sent, or a DATA frame out of sequence is a protocol error that drops the
+connection (the host then marks the kernel dead): a peer cannot make the other side
+re-queue its unacknowledged frames at will. ``max_message`` tells the guest the largest
+message the host accepts, so the agent drops (and reports) bigger ones at the source.
 
 Messages: a DATA payload (reassembled from fragments) is one message, whose first
 byte is its kind: KIND_JUPYTER (a channel byte and the ZMQ multipart frames) or
@@ -34,11 +45,18 @@ KIND_CONTROL (a JSON object: requests, replies and events between host and agent
 
 Bump PROTOCOL_VERSION on any incompatible change: templates record it, and a
 template baked with another version is refused instead of restored.
+
+Bounds: a frame payload is at most MAX_FRAME_PAYLOAD; a receiver buffers at most one
+frame beyond what it was fed; a reassembled message is at most ``Endpoint.max_message``
+bytes: a bigger one is *discarded fragment by fragment as it arrives* (never
+buffered) and reported in ``Endpoint.oversized``; a control object's JSON is at most
+MAX_CONTROL bytes and MAX_DEPTH deep before it is parsed.
 """
 
 from __future__ import annotations
 
 import json
+import re
 import struct
 import zlib
 from collections import deque
@@ -46,7 +64,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2
 
 MAGIC = b"\xf0VKG"
 HELLO, HELLO_ACK, DATA, ACK = 1, 2, 3, 4
@@ -59,6 +77,13 @@ HEADER_SIZE = _HEAD.size + _HCRC.size
 MAX_FRAME_PAYLOAD = 1 << 20
 #: the largest message (a Jupyter message with all its buffers) either side accepts
 MAX_MESSAGE = 256 << 20
+#: the largest control message (JSON) and handshake payload accepted
+MAX_CONTROL = 64 << 20
+MAX_HANDSHAKE = 4096
+#: the deepest JSON nesting parsed (deeper is refused before parsing, no RecursionError)
+MAX_DEPTH = 64
+#: stale HELLO_ACKs (of earlier connections) tolerated before the handshake completes
+MAX_STALE_HELLO_ACKS = 8
 
 KIND_JUPYTER, KIND_CONTROL = 1, 2
 CHANNELS = ("shell", "control", "stdin", "iopub")
@@ -90,10 +115,15 @@ class Frame:
 
 
 class FrameDecoder:
-    """Turns a byte stream into frames, skipping garbage. Sans-IO."""
+    """Turns a byte stream into frames, skipping garbage. Sans-IO.
 
-    def __init__(self) -> None:
+    ``strict`` (the host): a frame with a valid header and a bad payload, or a valid
+    header announcing an impossible frame, raises ProtocolError instead of resyncing.
+    """
+
+    def __init__(self, strict: bool = False) -> None:
         self._buf = bytearray()
+        self.strict = strict
         self.skipped = 0  # bytes dropped while resynchronising, for diagnostics
 
     def reset(self) -> None:
@@ -115,8 +145,15 @@ class FrameDecoder:
                 continue
             head = bytes(buf[pos:pos + _HEAD.size])
             (hcrc,) = _HCRC.unpack_from(buf, pos + _HEAD.size)
+            if zlib.crc32(head) != hcrc:
+                self.skipped += 1
+                pos += 1
+                continue
             _, ftype, flags, _, seq, ack, length, pcrc = _HEAD.unpack(head)
-            if zlib.crc32(head) != hcrc or length > MAX_FRAME_PAYLOAD or not HELLO <= ftype <= ACK:
+            if length > MAX_FRAME_PAYLOAD or not HELLO <= ftype <= ACK:
+                if self.strict:
+                    del buf[:pos]
+                    raise ProtocolError(f"frame header announces type {ftype}, {length} bytes")
                 self.skipped += 1
                 pos += 1
                 continue
@@ -125,6 +162,10 @@ class FrameDecoder:
                 break
             payload = bytes(buf[pos + HEADER_SIZE:end])
             if zlib.crc32(payload) != pcrc:
+                if self.strict:
+                    del buf[:end]
+                    raise ProtocolError(f"payload checksum mismatch in a {length}-byte frame "
+                                        "after a valid header")
                 self.skipped += 1
                 pos += 1
                 continue
@@ -162,16 +203,68 @@ class ControlMessage:
     body: dict[str, Any]
 
 
-def decode_message(data: bytes) -> JupyterMessage | ControlMessage:
+_JSON_STRING = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"', re.DOTALL)
+#: keeps brackets only, as "[" and "]"
+_BRACKETS_ONLY = bytes.maketrans(b"{}", b"[]"), bytes(b for b in range(256) if b not in b"[]{}")
+#: rounds of removing innermost pairs before what is left must be small enough to scan
+DEPTH_ROUNDS = 16
+DEPTH_SCAN = 1 << 16
+
+
+def json_depth_exceeds(data: bytes, limit: int) -> bool:
+    """True if the JSON text ``data`` nests deeper than ``limit``, or its brackets do not
+    pair up, or it is too intricate to check cheaply. No parsing, no recursion, and the
+    work is C loops over the bytes, a bounded number of times.
+
+    Fewer opening brackets than ``limit`` settles it with two counts. Otherwise strings
+    are cut out (brackets inside text do not nest) and only brackets kept; a run of
+    ``limit + 1`` openers means too deep; else every innermost pair is removed (one
+    level less everywhere) and the run check repeats. Once at most DEPTH_SCAN brackets
+    are left they are scanned one by one; if DEPTH_ROUNDS rounds leave more, the text
+    counts as too deep (ordinary output - tables, plots, GeoJSON - is a few levels deep
+    and empties in a few rounds).
+    """
+    if data.count(b"[") + data.count(b"{") <= limit:
+        return False
+    brackets = _JSON_STRING.sub(b"", data).translate(*_BRACKETS_ONLY)
+    too_deep = b"[" * (limit + 1)
+    for _ in range(DEPTH_ROUNDS):
+        if len(brackets) <= DEPTH_SCAN:
+            depth = 0
+            for b in brackets:
+                depth += 1 if b == 91 else -1
+                if depth > limit or depth < 0:
+                    return True
+            return depth != 0
+        if too_deep in brackets:
+            return True
+        shorter = brackets.replace(b"[]", b"")
+        if len(shorter) == len(brackets):
+            return True  # nothing pairs up: not JSON
+        brackets = shorter
+    return True
+
+
+def parse_json(data: bytes, what: str, *, max_size: int = MAX_CONTROL, max_depth: int = MAX_DEPTH) -> Any:
+    """``json.loads`` for bytes from a peer: size and depth checked first, every failure
+    (including a RecursionError) a ProtocolError."""
+    if len(data) > max_size:
+        raise ProtocolError(f"{what} of {len(data)} bytes exceeds {max_size}")
+    if json_depth_exceeds(data, max_depth):
+        raise ProtocolError(f"{what} nests deeper than {max_depth}")
+    try:
+        return json.loads(data)
+    except (ValueError, RecursionError) as exc:
+        raise ProtocolError(f"bad {what}: {str(exc)[:200]}") from exc
+
+
+def decode_message(data: bytes, *, max_control: int = MAX_CONTROL) -> JupyterMessage | ControlMessage:
     """Parse one reassembled message; raises ProtocolError on anything malformed."""
     if not data:
         raise ProtocolError("empty message")
     kind = data[0]
     if kind == KIND_CONTROL:
-        try:
-            body = json.loads(data[1:])
-        except ValueError as exc:
-            raise ProtocolError(f"bad control message: {exc}") from exc
+        body = parse_json(data[1:], "control message", max_size=max_control)
         if not isinstance(body, dict):
             raise ProtocolError("control message is not an object")
         return ControlMessage(body)
@@ -213,12 +306,19 @@ class Endpoint:
     Callers: the host's ``kernelmanager.channel`` and the guest's ``agent``. They feed
     received bytes to :meth:`receive`, write whatever :meth:`outgoing` returns, and
     call :meth:`connection_lost` when the stream breaks. The endpoint never does I/O.
+
+    The host's endpoint trusts nothing the guest sends: its decoder is strict, every
+    frame must fit the state of the session (see the module docstring), and messages
+    over ``max_message`` are discarded as they stream in and counted in
+    :attr:`oversized` (sizes the caller drains and reports).
     """
 
     is_host: bool
     session: str | None = None
     #: the sender holds back new messages while this many bytes are unacknowledged
     window: int = 32 << 20
+    #: the largest message accepted from the peer (bigger ones are discarded, see oversized)
+    max_message: int = MAX_MESSAGE
 
     next_seq: int = 1
     recv_seq: int = 0
@@ -226,31 +326,47 @@ class Endpoint:
     unacked: deque[_Sent] = field(default_factory=deque)
     unacked_bytes: int = 0
     established: bool = False
+    #: guest: the largest message the host said it accepts (from its HELLO)
+    peer_max_message: int = MAX_MESSAGE
+    #: sizes of messages from the peer discarded for exceeding max_message (caller drains)
+    oversized: list[int] = field(default_factory=list)
     _out: list[bytes] = field(default_factory=list)
     _decoder: FrameDecoder = field(default_factory=FrameDecoder)
     _partial: list[bytes] = field(default_factory=list)
     _partial_size: int = 0
+    _discarding: bool = False
     _delivered: list[bytes] = field(default_factory=list)
+    _conn: int = 0  # host: number of this connection, echoed in HELLO_ACK
+    _stale_acks: int = 0
     fresh_session: bool = False  # guest: set when a HELLO started a new session
+
+    def __post_init__(self) -> None:
+        self._decoder.strict = self.is_host
 
     # -- connection lifecycle -------------------------------------------------
 
     def connection_made(self) -> None:
         """The stream is (re)connected. The host speaks first."""
         self._out.clear()  # everything unacknowledged is resent after the handshake
-        self._decoder.reset()
-        self._partial.clear()
-        self._partial_size = 0
+        self._reset_receiver()
         self.established = False
         if self.is_host:
-            hello = {"session": self.session, "recv": self.recv_seq, "version": PROTOCOL_VERSION}
+            self._conn += 1
+            self._stale_acks = 0
+            hello = {"session": self.session, "recv": self.recv_seq, "version": PROTOCOL_VERSION,
+                     "conn": self._conn, "max_message": self.max_message}
             self._out.append(Frame(HELLO, payload=json.dumps(hello).encode()).encode())
 
     def connection_lost(self) -> None:
         self.established = False
+        self._reset_receiver()
+
+    def _reset_receiver(self) -> None:
         self._decoder.reset()
+        self._decoder.skipped = 0
         self._partial.clear()
         self._partial_size = 0
+        self._discarding = False
 
     # -- sending ----------------------------------------------------------------
 
@@ -291,9 +407,15 @@ class Endpoint:
     # -- receiving --------------------------------------------------------------
 
     def receive(self, data: bytes) -> list[bytes]:
-        """Feed received bytes; returns the complete messages now deliverable, in order."""
+        """Feed received bytes; returns the complete messages now deliverable, in order.
+
+        Raises ProtocolError (host: the connection must be dropped) on a violation;
+        messages completed before it are kept for the next call's return value.
+        """
         for frame in self._decoder.feed(data):
             self._on_frame(frame)
+        if self.is_host and self.established and self._decoder.skipped:
+            raise ProtocolError(f"{self._decoder.skipped} bytes of garbage after the handshake")
         out, self._delivered = self._delivered, []
         return out
 
@@ -310,18 +432,30 @@ class Endpoint:
         if frame.type != DATA:
             return
         if frame.seq != self.recv_seq + 1:
-            return  # duplicate (<=) or a gap after a loss (>): the handshake resends in order
+            if self.is_host and frame.seq > self.recv_seq + 1:
+                # within one connection nothing is lost: a gap is a lie
+                raise ProtocolError(f"DATA frame {frame.seq} after {self.recv_seq}")
+            return  # a duplicate (a retransmission after a reconnect)
         self.recv_seq = frame.seq
-        self._partial.append(frame.payload)
         self._partial_size += len(frame.payload)
-        if self._partial_size > MAX_MESSAGE:
-            raise ProtocolError(f"peer message exceeds {MAX_MESSAGE} bytes")
+        if self._partial_size > self.max_message:
+            # discard as it streams in: an oversized message is never buffered whole
+            self._discarding = True
+            self._partial.clear()
+        if not self._discarding:
+            self._partial.append(frame.payload)
         if not frame.flags & FLAG_MORE:
-            self._delivered.append(b"".join(self._partial))
+            if self._discarding:
+                self.oversized.append(self._partial_size)
+            else:
+                self._delivered.append(b"".join(self._partial))
             self._partial.clear()
             self._partial_size = 0
+            self._discarding = False
 
     def _on_ack(self, ack: int) -> None:
+        if self.is_host and ack >= self.next_seq:
+            raise ProtocolError(f"ack {ack} for a frame never sent (last sent {self.next_seq - 1})")
         while self.unacked and self.unacked[0].seq <= ack:
             self.unacked_bytes -= len(self.unacked.popleft().frame.payload)
 
@@ -329,9 +463,13 @@ class Endpoint:
         if self.is_host:
             raise ProtocolError("guest sent HELLO")
         hello = json.loads(frame.payload)
+        max_message = hello.get("max_message")
+        if isinstance(max_message, int) and max_message > 0:
+            self.peer_max_message = max_message
+        reply: dict[str, Any] = {"session": hello.get("session"), "recv": 0, "fresh": True,
+                                 "version": PROTOCOL_VERSION, "conn": hello.get("conn")}
         if hello.get("version") != PROTOCOL_VERSION:
             # answer anyway so the host can report the mismatch clearly
-            reply = {"session": hello.get("session"), "recv": 0, "fresh": True, "version": PROTOCOL_VERSION}
             self._out.append(Frame(HELLO_ACK, payload=json.dumps(reply).encode()).encode())
             return
         fresh = hello["session"] != self.session
@@ -340,25 +478,38 @@ class Endpoint:
             self.fresh_session = True
         else:
             self._on_ack(int(hello["recv"]))
-        reply = {"session": self.session, "recv": self.recv_seq, "fresh": fresh, "version": PROTOCOL_VERSION}
+        reply.update(session=self.session, recv=self.recv_seq, fresh=fresh)
         self._out.append(Frame(HELLO_ACK, payload=json.dumps(reply).encode()).encode())
         self._establish()
 
     def _on_hello_ack(self, frame: Frame) -> None:
         if not self.is_host:
             raise ProtocolError("host sent HELLO_ACK")
-        reply = json.loads(frame.payload)
+        if self.established:
+            raise ProtocolError("HELLO_ACK after the handshake")
+        reply = parse_json(frame.payload, "HELLO_ACK", max_size=MAX_HANDSHAKE)
+        if not isinstance(reply, dict):
+            raise ProtocolError("HELLO_ACK is not an object")
         if reply.get("version") != PROTOCOL_VERSION:
             raise ProtocolError(
-                f"guest agent speaks protocol {reply.get('version')}, host speaks {PROTOCOL_VERSION}"
+                f"guest agent speaks protocol {str(reply.get('version'))[:20]}, host speaks {PROTOCOL_VERSION}"
             )
-        if reply["session"] != self.session:
+        if reply.get("conn") != self._conn:
+            # left over from an earlier connection of this session: ignore a few
+            self._stale_acks += 1
+            if self._stale_acks > MAX_STALE_HELLO_ACKS:
+                raise ProtocolError("too many HELLO_ACKs for other connections")
+            return
+        if reply.get("session") != self.session:
             raise ProtocolError("guest answered for another session")
-        if reply["fresh"] and (self.recv_seq or self.acked_sent):
+        recv, fresh = reply.get("recv"), reply.get("fresh")
+        if not isinstance(recv, int) or isinstance(recv, bool) or recv < 0 or not isinstance(fresh, bool):
+            raise ProtocolError("malformed HELLO_ACK")
+        if fresh and (self.recv_seq or self.acked_sent):
             # The guest lost our session (it was restored behind our back): nothing it
             # sent before can be trusted to line up with our counters.
             raise ProtocolError("guest forgot the session; it was reset or restored")
-        self._on_ack(int(reply["recv"]))
+        self._on_ack(recv)
         self._establish()
 
     def _new_session(self, session: str) -> None:
@@ -371,6 +522,6 @@ class Endpoint:
 
     def _establish(self) -> None:
         self.established = True
+        self._decoder.skipped = 0  # stale bytes before the handshake are expected; after it, none
         for sent in self.unacked:  # retransmit, in order, whatever the peer has not got
             self._emit(sent.frame)
-

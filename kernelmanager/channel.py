@@ -9,6 +9,27 @@ request/reply control operations (restore, signal, files, ...).
 The stream can be torn down and reopened at any time (every restore does it; so can
 :meth:`AgentChannel.reconnect`): unacknowledged messages are retransmitted and
 duplicates dropped, so no Jupyter message is lost or delivered twice.
+
+The guest is not trusted (kernel code may be root in it and write anything to the
+port), and every channel of a process shares one event loop, so everything a guest
+can make this end hold or do is bounded (``GuestLimits``):
+
+- bytes held per kernel: what the guest has not acknowledged (the send window,
+  ``kernel_buffer``), the socket's write buffer (``HIGH_WATER``: past it the read loop
+  stops reading the guest until the guest reads, so a guest that floods without
+  reading is simply stalled), one frame being decoded, one message of at most
+  ``max_message`` being reassembled (bigger ones are discarded while they stream in),
+  and what the relay has handed to ZMQ (it throttles the read loop, see
+  ``KernelRelay``). All kernels together: ``total_buffer`` (``BUDGET``).
+- work per guest byte: constant (no retry after a payload checksum failure, no
+  re-queuing on a HELLO_ACK, JSON only after size and depth checks).
+- a protocol violation drops the connection and *fails* the channel: ``failure`` is
+  set and ``on_failure`` callbacks run (the kernel is then marked dead, the relay stops
+  answering heartbeats and tells its clients). So does any other exception in the read
+  loop: a read loop never dies silently. Violations that harm nobody but the guest's
+  own output (an oversized message) are dropped and reported through ``on_violation``.
+- every violation counts in the ``vmkg_guest_violations_total{kind}`` metric and is
+  logged at most once per ``LOG_INTERVAL`` per kernel and kind, guest text truncated.
 """
 
 from __future__ import annotations
@@ -16,10 +37,16 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
+import os
+import time
 from abc import ABC, abstractmethod
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
+
+from prometheus_client import Counter
+from traitlets import Integer, default
+from traitlets.config import SingletonConfigurable
 
 from guest.protocol import (
     ControlMessage,
@@ -36,7 +63,115 @@ from .exceptions import AgentError, ChannelError
 log = logging.getLogger(__name__)
 
 READ_SIZE = 1 << 20
+#: the write buffer towards one guest: past it, stop reading that guest until it reads
 HIGH_WATER = 8 << 20
+#: a kernel may always hold this much, even when all kernels together are at their total
+FAIR_SHARE = 1 << 20
+#: seconds between two log lines of one kind about one kernel
+LOG_INTERVAL = 10.0
+#: how much guest-supplied text a log line or notice quotes
+QUOTE = 200
+
+GUEST_VIOLATIONS = Counter(
+    "vmkg_guest_violations", "Messages or connections from guests refused for breaking a bound "
+    "or the protocol", ["kind"])
+
+
+def _env_int(name: str, fallback: int) -> int:
+    try:
+        return int(os.environ.get(name, "") or fallback)
+    except ValueError:
+        log.warning("ignoring %s=%r: not an integer", name, os.environ.get(name))
+        return fallback
+
+
+class GuestLimits(SingletonConfigurable):
+    """What the host accepts from a guest and holds for it. One instance per process
+    (``GuestLimits.instance()``); configure it as ``c.GuestLimits.max_message = ...``."""
+
+    max_message = Integer(32 << 20, config=True,
+                          help="Largest Jupyter message (all frames and buffers) a kernel may send, in "
+                               "bytes; bigger ones are dropped with a notice in the kernel's output "
+                               "($VMKG_GUEST_MAX_MESSAGE).")
+    max_header = Integer(1 << 20, config=True,
+                         help="Largest header, parent header or metadata frame of a kernel's message, "
+                              "in bytes, checked before anything parses it ($VMKG_GUEST_MAX_HEADER).")
+    max_depth = Integer(64, config=True,
+                        help="Deepest JSON nesting accepted in a kernel's message; deeper ones are "
+                             "dropped unparsed ($VMKG_GUEST_MAX_DEPTH).")
+    kernel_buffer = Integer(64 << 20, config=True,
+                            help="Bytes the host holds for one kernel in each direction (unacknowledged "
+                                 "input for the guest; output not yet written to clients); past it the "
+                                 "sender waits ($VMKG_KERNEL_BUFFER).")
+    total_buffer = Integer(1 << 30, config=True,
+                           help="Bytes held for all kernels of this process together; past it a kernel "
+                                "holding more than 1 MiB waits ($VMKG_TOTAL_BUFFER).")
+
+    @default("max_message")
+    def _max_message_default(self) -> int:
+        return _env_int("VMKG_GUEST_MAX_MESSAGE", 32 << 20)
+
+    @default("max_header")
+    def _max_header_default(self) -> int:
+        return _env_int("VMKG_GUEST_MAX_HEADER", 1 << 20)
+
+    @default("max_depth")
+    def _max_depth_default(self) -> int:
+        return _env_int("VMKG_GUEST_MAX_DEPTH", 64)
+
+    @default("kernel_buffer")
+    def _kernel_buffer_default(self) -> int:
+        return _env_int("VMKG_KERNEL_BUFFER", 64 << 20)
+
+    @default("total_buffer")
+    def _total_buffer_default(self) -> int:
+        return _env_int("VMKG_TOTAL_BUFFER", 1 << 30)
+
+
+class ByteBudget:
+    """Bytes held for all kernels of the process (both directions), against a limit.
+
+    Holders add and subtract their own bytes; :meth:`allows` lets a holder grow while the
+    total is under the limit, or while it holds less than its fair share, so one kernel
+    filling the total does not stall the others.
+    """
+
+    def __init__(self) -> None:
+        self.used = 0
+
+    def allows(self, own: int, limit: int | None = None) -> bool:
+        limit = GuestLimits.instance().total_buffer if limit is None else limit
+        return own < FAIR_SHARE or self.used < limit
+
+
+BUDGET = ByteBudget()
+
+
+def clip(text: object, n: int = QUOTE) -> str:
+    """Guest-supplied text, cut to ``n`` characters and with control characters escaped."""
+    s = str(text)
+    s = s if len(s) <= n else s[:n] + f"... ({len(s) - n} more characters)"
+    return s.encode("unicode_escape", "backslashreplace").decode("ascii", "replace")
+
+
+class RateLimitedLog:
+    """One log line per kind per ``interval`` for one subject; the rest are counted and
+    the count is told in the next line."""
+
+    def __init__(self, subject: str, interval: float = LOG_INTERVAL) -> None:
+        self.subject = subject
+        self.interval = interval
+        self._last: dict[str, float] = {}
+        self._suppressed: dict[str, int] = {}
+
+    def __call__(self, level: int, kind: str, msg: str) -> None:
+        now = time.monotonic()
+        if now - self._last.get(kind, -1e9) < self.interval:
+            self._suppressed[kind] = self._suppressed.get(kind, 0) + 1
+            return
+        self._last[kind] = now
+        more = self._suppressed.pop(kind, 0)
+        log.log(level, "%s: %s%s", self.subject, msg, f" ({more} more like it since the last report)" if more else "")
 
 
 class Transport(ABC):
@@ -76,6 +211,8 @@ class HybridVsockTransport(Transport):
 
 JupyterHandler = Callable[[str, list[bytes]], None]
 EventHandler = Callable[[dict[str, Any]], None]
+FailureHandler = Callable[[BaseException], None]
+ViolationHandler = Callable[[str, str], None]
 
 
 class AgentChannel:
@@ -84,15 +221,26 @@ class AgentChannel:
     Callers: ``kernelmanager.vmkernel`` creates it after starting/restoring a VM; the
     relay sends Jupyter messages with :meth:`send_jupyter` and receives them through
     ``on_jupyter``. Unsolicited agent events (``kernel_exit``) go to ``on_event``.
+
+    Hooks the relay sets when it attaches: ``throttle`` (awaited by the read loop after
+    each batch: the relay's output backpressure), ``on_violation(kind, detail)`` (a
+    message was dropped) and callbacks in ``on_failure`` (the channel failed for good).
     """
 
     def __init__(self, transport: Transport, session: str, *, name: str,
-                 on_jupyter: JupyterHandler, on_event: EventHandler) -> None:
+                 on_jupyter: JupyterHandler, on_event: EventHandler,
+                 limits: GuestLimits | None = None) -> None:
         self.transport = transport
         self.name = name
-        self.endpoint = Endpoint(is_host=True, session=session)
+        self.limits = limits or GuestLimits.instance()
+        self.endpoint = Endpoint(is_host=True, session=session, window=self.limits.kernel_buffer,
+                                 max_message=self.limits.max_message)
         self.on_jupyter = on_jupyter
         self.on_event = on_event
+        self.on_failure: list[FailureHandler] = []
+        self.on_violation: ViolationHandler | None = None
+        self.throttle: Callable[[], Awaitable[None]] | None = None
+        self.log = RateLimitedLog(name)
         self._writer: asyncio.StreamWriter | None = None
         self._reader_task: asyncio.Task[None] | None = None
         self._established = asyncio.Event()
@@ -101,6 +249,7 @@ class AgentChannel:
         self._ids = itertools.count(1)
         self._pending: dict[int, asyncio.Future[Any]] = {}
         self._closed = False
+        self._accounted = 0  # our share of BUDGET.used
         self.failure: BaseException | None = None
         self.lost = asyncio.Event()  # set when the stream broke and was not reopened by us
 
@@ -112,19 +261,27 @@ class AgentChannel:
             reader, writer = await asyncio.wait_for(self.transport.open(), timeout)
         except (OSError, asyncio.TimeoutError) as exc:
             raise ChannelError(f"{self.name}: cannot reach the guest agent: {exc}") from exc
+        writer.transport.set_write_buffer_limits(high=HIGH_WATER)
         self._writer = writer
         self._established.clear()
         self.lost.clear()
         self.endpoint.connection_made()
         self._reader_task = asyncio.ensure_future(self._read_loop(reader, writer))
         self._flush()
+        established = asyncio.ensure_future(self._established.wait())
         try:
-            await asyncio.wait_for(self._established.wait(), timeout)
-        except asyncio.TimeoutError as exc:
+            await asyncio.wait({established, self._reader_task}, timeout=timeout,
+                               return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            established.cancel()
+        if not self._established.is_set():
+            ended = self._reader_task is not None and self._reader_task.done()
             await self._drop_stream()
             if self.failure:
-                raise ChannelError(f"{self.name}: {self.failure}") from self.failure
-            raise ChannelError(f"{self.name}: guest agent did not answer the handshake in {timeout:.0f} s") from exc
+                raise ChannelError(f"{self.name}: {clip(self.failure)}") from self.failure
+            if ended:
+                raise ChannelError(f"{self.name}: the guest end closed the connection during the handshake")
+            raise ChannelError(f"{self.name}: guest agent did not answer the handshake in {timeout:.0f} s")
 
     async def reconnect(self, timeout: float = 10.0) -> None:
         """Tear the stream down and open it again, as a restore does. Nothing is lost."""
@@ -151,6 +308,8 @@ class AgentChannel:
             if not fut.done():
                 fut.set_exception(ChannelError(f"{self.name}: channel closed"))
         self._pending.clear()
+        self._window.set()  # senders waiting for the window wake up and see the channel closed
+        self._release_budget()
 
     # -- I/O --------------------------------------------------------------------------
 
@@ -160,30 +319,72 @@ class AgentChannel:
                 data = await reader.read(READ_SIZE)
                 if not data:
                     break
-                messages = self.endpoint.receive(data)
+                try:
+                    messages = self.endpoint.receive(data)
+                finally:
+                    self._account()
                 if self.endpoint.established and not self._established.is_set():
                     self._established.set()
                 for raw in messages:
                     self._dispatch(raw)
+                if self.endpoint.oversized:
+                    sizes, self.endpoint.oversized = self.endpoint.oversized, []
+                    for size in sizes:
+                        self.violation("oversized", f"a message of {size} bytes exceeds the limit of "
+                                                    f"{self.limits.max_message} bytes")
                 self._flush()
                 if self.endpoint.can_send:
                     self._window.set()
+                if writer.transport.get_write_buffer_size() > HIGH_WATER:
+                    await writer.drain()  # the guest does not read: stop reading it too
+                if self.throttle is not None:
+                    await self.throttle()
         except ProtocolError as exc:
-            log.error("%s: protocol error: %s", self.name, exc)
-            self.failure = exc
+            GUEST_VIOLATIONS.labels("protocol").inc()
+            self.fail(exc, f"protocol error, connection dropped: {clip(exc)}")
         except (ConnectionError, OSError) as exc:
             log.debug("%s: stream error: %s", self.name, exc)
+        except Exception as exc:  # noqa: BLE001 - a read loop never dies silently
+            GUEST_VIOLATIONS.labels("read_loop_error").inc()
+            log.exception("%s: the read loop failed", self.name)
+            self.fail(exc, f"read loop failed: {type(exc).__name__}: {clip(exc)}")
         if self._writer is writer:
             self._writer = None
             writer.close()
             self.endpoint.connection_lost()
             self.lost.set()
 
+    def fail(self, exc: BaseException, why: str) -> None:
+        """The channel is unusable for good: tell whoever registered (relay, VM owner).
+        Called by the read loop, and by the relay when it found the kernel dead."""
+        if self.failure is not None or self._closed:
+            return
+        self.failure = exc.with_traceback(None)  # its frames may hold a guest's megabytes
+        log.error("%s: %s", self.name, why)
+        self._window.set()
+        for fut in self._pending.values():
+            if not fut.done():
+                fut.set_exception(ChannelError(f"{self.name}: {why}"))
+        self._pending.clear()
+        for callback in list(self.on_failure):
+            try:
+                callback(exc)
+            except Exception:  # noqa: BLE001 - one failing observer must not hide the others
+                log.exception("%s: failure callback raised", self.name)
+
+    def violation(self, kind: str, detail: str) -> None:
+        """A message from the guest was dropped: count it, log it (rate-limited), and let
+        the relay tell the kernel's user."""
+        GUEST_VIOLATIONS.labels(kind).inc()
+        self.log(logging.WARNING, kind, f"dropped a message from the guest: {detail}")
+        if self.on_violation is not None:
+            self.on_violation(kind, detail)
+
     def _dispatch(self, raw: bytes) -> None:
         try:
-            msg = decode_message(raw)
+            msg = decode_message(raw, max_control=self.limits.max_message)
         except ProtocolError as exc:
-            log.warning("%s: dropping malformed message from guest: %s", self.name, exc)
+            self.violation("malformed", clip(exc))
             return
         if isinstance(msg, JupyterMessage):
             self.on_jupyter(msg.channel, msg.parts)
@@ -191,12 +392,20 @@ class AgentChannel:
         body = msg.body
         rid = body.get("id")
         if rid is not None:
-            fut = self._pending.pop(rid, None)
+            fut = self._pending.pop(rid, None) if isinstance(rid, int) else None
             if fut is not None and not fut.done():
                 if body.get("ok"):
                     fut.set_result(body.get("result"))
                 else:
-                    fut.set_exception(AgentError(str(body.get("error")), body.get("kind")))
+                    kind = body.get("kind")
+                    fut.set_exception(AgentError(clip(body.get("error"), 2000),
+                                                 kind[:100] if isinstance(kind, str) else None))
+            return
+        if body.get("event") == "dropped":
+            # the agent refused a kernel message over our max_message before sending it
+            self.violation("oversized", f"the kernel sent a {clip(body.get('channel'), 20)} message of "
+                                        f"{clip(body.get('size'), 20)} bytes, over the limit of "
+                                        f"{self.limits.max_message} bytes")
             return
         if "event" in body:
             self.on_event(body)
@@ -208,14 +417,40 @@ class AgentChannel:
         if data:
             self._writer.write(data)
 
+    def _account(self) -> None:
+        """Keep BUDGET.used in step with what this channel holds unacknowledged."""
+        now = self.endpoint.unacked_bytes
+        BUDGET.used += now - self._accounted
+        self._accounted = now
+
+    def _release_budget(self) -> None:
+        BUDGET.used -= self._accounted
+        self._accounted = 0
+
     @property
     def connected(self) -> bool:
         return self._writer is not None and self.endpoint.established
 
+    def _check_usable(self) -> None:
+        if self._closed:
+            raise ChannelError(f"{self.name}: channel closed")
+        if self.failure is not None:
+            raise ChannelError(f"{self.name}: channel failed: {clip(self.failure)}")
+
     async def _wait_window(self) -> None:
-        while not self.endpoint.can_send:
-            self._window.clear()
-            await self._window.wait()
+        """Wait while the guest has not acknowledged kernel_buffer bytes, while all kernels
+        together hold total_buffer (and this one more than its fair share), and while the
+        write buffer is past its high-water mark."""
+        while True:
+            self._check_usable()
+            if not self.endpoint.can_send:
+                self._window.clear()
+                await self._window.wait()
+                continue
+            if not BUDGET.allows(self.endpoint.unacked_bytes):
+                await asyncio.sleep(0.01)  # other kernels' acks free the total: poll
+                continue
+            break
         if self._writer is not None and self._writer.transport.get_write_buffer_size() > HIGH_WATER:
             try:
                 await self._writer.drain()
@@ -228,19 +463,20 @@ class AgentChannel:
         """Queue a Jupyter message for the kernel; waits while the guest is behind."""
         await self._wait_window()
         self.endpoint.send(encode_jupyter(channel, parts))
+        self._account()
         self._flush()
 
     async def request(self, op: str, timeout: float | None = 30.0, **args: Any) -> Any:
         """Ask the agent to do ``op``; returns its result or raises AgentError/ChannelError."""
-        if self._closed:
-            raise ChannelError(f"{self.name}: channel closed")
+        self._check_usable()
         rid = next(self._ids)
         fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         self._pending[rid] = fut
-        await self._wait_window()
-        self.endpoint.send(encode_control({"op": op, "id": rid, **args}))
-        self._flush()
         try:
+            await self._wait_window()
+            self.endpoint.send(encode_control({"op": op, "id": rid, **args}))
+            self._account()
+            self._flush()
             return await asyncio.wait_for(fut, timeout)
         except asyncio.TimeoutError as exc:
             raise ChannelError(f"{self.name}: agent did not answer {op!r} within {timeout} s") from exc
@@ -248,4 +484,5 @@ class AgentChannel:
             self._pending.pop(rid, None)
 
 
-__all__ = ["AgentChannel", "Transport", "UnixSocketTransport", "HybridVsockTransport", "ControlMessage"]
+__all__ = ["AgentChannel", "Transport", "UnixSocketTransport", "HybridVsockTransport", "ControlMessage",
+           "GuestLimits", "BUDGET"]

@@ -11,6 +11,28 @@ The relay outlives the VM behind it: a restart swaps the VM (``attach``/``detach
 while clients stay connected to the same ports with the same key, as they would to a
 restarted local kernel. Heartbeats are answered here while the VM is alive, so idle
 kernels cost the guest no wake-ups.
+
+What a guest sends is checked before any client (the gateway included) parses it:
+the header, parent header and metadata frames are at most ``GuestLimits.max_header``
+bytes, and no JSON frame nests deeper than ``max_depth`` (checked without parsing). A
+message that fails is dropped; the kernel's user then sees a notice, a signed
+``stream`` message on stderr (at most one a second, parented to the last request so
+it lands in the cell that caused it), besides the metric and the rate-limited log line
+``AgentChannel.violation`` writes.
+
+Output is bounded in bytes: messages of ``TRACK_FROM`` bytes or more are handed to ZMQ
+without copying and tracked until ZMQ has written them; while the tracked bytes of this
+kernel exceed ``kernel_buffer`` (or all kernels' exceed ``total_buffer``), the channel's
+read loop waits (``throttle``), so the backlog stays in the guest, whose agent stops
+reading the kernel. Smaller messages are bounded by the sockets' message high-water
+marks (``OUT_HWM``: past it, PUB drops for that slow subscriber as ZMQ always does).
+Input is bounded the same way: a ROUTER holds at most ``IN_HWM`` messages per client
+before ZMQ stops reading it, and the channel's window bounds what waits for the guest.
+
+A kernel whose channel fails, or any of whose loops here raises, is *dead*: the relay
+tells the clients (a notice and an ``execution_state: dead`` status on iopub), drops
+their further input and stops answering heartbeats, so jupyter_client reports the
+death; ``on_dead`` callbacks run (the owner stops the VM).
 """
 
 from __future__ import annotations
@@ -20,16 +42,20 @@ import hashlib
 import hmac
 import json
 import logging
+import time
 import uuid
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from datetime import datetime, timezone
 from typing import Any
 
 import zmq
 import zmq.asyncio
 
-from .channel import AgentChannel
+from guest.protocol import json_depth_exceeds
+
+from .channel import BUDGET, GUEST_VIOLATIONS, AgentChannel, GuestLimits, clip
+from .exceptions import ChannelError
 
 log = logging.getLogger(__name__)
 
@@ -39,31 +65,50 @@ PORT_NAMES = {"shell": "shell_port", "control": "control_port", "stdin": "stdin_
 #: messages held while no VM is attached (between the two halves of a restart)
 HOLD_LIMIT = 1000
 REPLAY_WINDOW = 1 << 16
+#: messages at least this big are sent without a copy and tracked until ZMQ wrote them
+TRACK_FROM = 4096
+#: per-subscriber message high-water marks (messages under TRACK_FROM bytes: <= 40 MiB)
+OUT_HWM = 10_000
+IN_HWM = 1000
+#: at most one notice per this many seconds in a kernel's output
+NOTICE_INTERVAL = 1.0
 
 
 class KernelRelay:
     def __init__(self, ctx: zmq.asyncio.Context, *, name: str, ip: str = "127.0.0.1",
                  transport: str = "tcp", key: bytes, signature_scheme: str = "hmac-sha256",
-                 ports: dict[str, int] | None = None) -> None:
+                 ports: dict[str, int] | None = None, limits: GuestLimits | None = None) -> None:
         self.ctx = ctx
         self.name = name
         self.ip = ip
         self.transport = transport
         self.key = key
         self.signature_scheme = signature_scheme
+        self.limits = limits or GuestLimits.instance()
         algo = signature_scheme.split("-", 1)[1] if "-" in signature_scheme else "sha256"
         self._digestmod = getattr(hashlib, algo)
         self.ports: dict[str, int] = dict(ports or {})
         self.sockets: dict[str, zmq.asyncio.Socket] = {}
         self._tasks: list[asyncio.Task[None]] = []
-        self._channel: AgentChannel | None = None
+        self._channel: AgentChannel | None = None  # where client messages go now
+        self._current: AgentChannel | None = None  # the attached VM's channel (even while flushing)
         self._held: deque[tuple[str, list[bytes]]] = deque()
+        self._held_bytes = 0
         self._seen: set[bytes] = set()
         self._seen_order: deque[bytes] = deque()
         self.alive: Callable[[], bool] = lambda: False
         self.on_activity: Callable[[str, list[bytes]], None] | None = None
+        #: called once when the kernel is found dead here (its owner stops the VM)
+        self.on_dead: list[Callable[[str], None]] = []
         self.dropped = 0
+        #: why this kernel is dead (None while it is not)
+        self.dead: str | None = None
         self._session_id = uuid.uuid4().hex
+        self._inflight: deque[tuple[zmq.MessageTracker, int]] = deque()
+        self.inflight_bytes = 0
+        self._last_request_header = b"{}"
+        self._last_notice = -1e9
+        self._notices_suppressed = 0
 
     # -- lifecycle --------------------------------------------------------------------
 
@@ -74,12 +119,13 @@ class KernelRelay:
         for name, kind in kinds.items():
             sock = self.ctx.socket(kind)
             sock.linger = 0
+            sock.sndhwm = OUT_HWM
             if name == "iopub":
-                sock.sndhwm = 100_000
                 sock.setsockopt(zmq.XPUB_VERBOSE, 1)  # hear every subscriber, not just the first
             elif kind == zmq.ROUTER:
                 sock.router_handover = 1  # a client reconnecting with its identity takes over
-            sock.rcvhwm = 0 if name != "hb" else 1000
+            # inbound: past the mark ZMQ stops reading that client (it never drops input)
+            sock.rcvhwm = IN_HWM
             port = self.ports.get(name, 0)
             if self.transport == "tcp":
                 if port:
@@ -92,10 +138,24 @@ class KernelRelay:
             self.ports[name] = port
             self.sockets[name] = sock
         for name in ("shell", "control", "stdin"):
-            self._tasks.append(asyncio.ensure_future(self._pump_client(name)))
-        self._tasks.append(asyncio.ensure_future(self._heartbeat()))
-        self._tasks.append(asyncio.ensure_future(self._welcome_subscribers()))
+            self._spawn(f"{name} pump", self._pump_client(name))
+        self._spawn("heartbeat", self._heartbeat())
+        self._spawn("iopub welcome", self._welcome_subscribers())
         return self.connection_info()
+
+    def _spawn(self, what: str, coro: Coroutine[Any, Any, None]) -> None:
+        self._tasks.append(asyncio.ensure_future(self._guarded(what, coro)))
+
+    async def _guarded(self, what: str, coro: Coroutine[Any, Any, None]) -> None:
+        """Run one of the relay's loops: if it raises, the kernel is dead, not half-alive."""
+        try:
+            await coro
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - any failure of a loop kills the kernel loudly
+            GUEST_VIOLATIONS.labels("relay_loop_error").inc()
+            log.exception("kernel %s: the relay's %s failed", self.name, what)
+            self.mark_dead(f"the relay's {what} failed: {type(exc).__name__}: {clip(exc)}")
 
     def connection_info(self) -> dict[str, Any]:
         info: dict[str, Any] = {PORT_NAMES[n]: p for n, p in self.ports.items()}
@@ -104,13 +164,31 @@ class KernelRelay:
         return info
 
     def attach(self, channel: AgentChannel) -> None:
+        """Route to and from ``channel`` (a new VM): messages held meanwhile go first, in
+        order; the channel's failures and dropped messages are reported from here on."""
+        channel.throttle = self._throttle
+        channel.on_violation = self._guest_violation
+        channel.on_failure.append(lambda exc: self._channel_failed(channel, exc))
+        self._current = channel
+        self.dead = None  # a restart brings a dead kernel back
+        if not self._held:
+            self._channel = channel
+            return
+        self._spawn("held-message flush", self._flush_held(channel))
+
+    async def _flush_held(self, channel: AgentChannel) -> None:
+        while self._held:  # the pumps keep holding until this is done, so order is kept
+            name, parts = self._held.popleft()
+            self._held_bytes -= sum(len(p) for p in parts)
+            try:
+                await channel.send_jupyter(name, parts)
+            except ChannelError:
+                return  # the channel failed or closed: that is reported on its own
         self._channel = channel
-        held, self._held = self._held, deque()
-        for name, parts in held:
-            asyncio.ensure_future(channel.send_jupyter(name, parts))
 
     def detach(self) -> None:
         self._channel = None
+        self._current = None
 
     async def close(self) -> None:
         for t in self._tasks:
@@ -124,6 +202,37 @@ class KernelRelay:
         for sock in self.sockets.values():
             sock.close(linger=0)
         self.sockets.clear()
+        self._held.clear()
+        self._held_bytes = 0
+        BUDGET.used -= self.inflight_bytes
+        self._inflight.clear()
+        self.inflight_bytes = 0
+
+    # -- death ----------------------------------------------------------------------------
+
+    def _channel_failed(self, channel: AgentChannel, exc: BaseException) -> None:
+        if channel is self._current:
+            self.mark_dead(f"the link to the VM failed: {clip(exc)}")
+
+    def mark_dead(self, why: str) -> None:
+        """The kernel is dead: tell its clients, stop its heartbeat, tell the owner."""
+        if self.dead is not None:
+            return
+        self.dead = why
+        log.error("kernel %s: marked dead: %s", self.name, why)
+        self._channel = None
+        self._held.clear()
+        self._held_bytes = 0
+        if self._current is not None:
+            self._current.fail(RuntimeError(why), why)  # its owner stops the VM
+        self._last_notice = -1e9
+        self.notice(f"[vmkg] The kernel was stopped: {why}\n")
+        self._publish("status", {"execution_state": "dead"})
+        for callback in list(self.on_dead):
+            try:
+                callback(why)
+            except Exception:  # noqa: BLE001
+                log.exception("kernel %s: on_dead callback raised", self.name)
 
     # -- signing ------------------------------------------------------------------------
 
@@ -154,6 +263,8 @@ class KernelRelay:
         sock = self.sockets[name]
         while True:
             parts = await sock.recv_multipart(copy=True)
+            if self.dead is not None:
+                continue  # a dead kernel takes no input (its clients were told)
             try:
                 i = parts.index(DELIM)
             except ValueError:
@@ -163,13 +274,29 @@ class KernelRelay:
                 self._drop(name, "bad signature or short message")
                 continue
             parts[i + 1] = b""
+            if name == "shell":
+                self._last_request_header = parts[i + 2]  # the parent of our notices
             if self.on_activity:
                 self.on_activity(name, parts)
-            if self._channel is None:
-                if len(self._held) < HOLD_LIMIT:
-                    self._held.append((name, parts))
+            channel = self._channel
+            if channel is None:
+                self._hold(name, parts)
                 continue
-            await self._channel.send_jupyter(name, parts)
+            try:
+                await channel.send_jupyter(name, parts)
+            except ChannelError:
+                if channel is self._channel and self.dead is None:
+                    raise
+                if self.dead is None:
+                    self._hold(name, parts)  # the VM was swapped (a restart) meanwhile
+
+    def _hold(self, name: str, parts: list[bytes]) -> None:
+        size = sum(len(p) for p in parts)
+        if len(self._held) >= HOLD_LIMIT or self._held_bytes + size > self.limits.kernel_buffer:
+            self._drop(name, "too much input held while the kernel restarts")
+            return
+        self._held.append((name, parts))
+        self._held_bytes += size
 
     def _drop(self, name: str, why: str) -> None:
         self.dropped += 1
@@ -179,7 +306,7 @@ class KernelRelay:
         sock = self.sockets["hb"]
         while True:
             msg = await sock.recv_multipart()
-            while not self.alive():
+            while self.dead is not None or not self.alive():
                 await asyncio.sleep(0.5)  # a dead VM's heart does not beat
             await sock.send_multipart(msg)
 
@@ -196,30 +323,118 @@ class KernelRelay:
             if not frame or frame[0] != 1:
                 continue
             topic = frame[1:]
-            header = {"msg_id": uuid.uuid4().hex, "msg_type": "iopub_welcome", "username": "vmkg",
-                      "session": self._session_id, "version": "5.4",
-                      "date": datetime.now(timezone.utc).isoformat().replace("+00:00", "Z")}
+            header = self._header("iopub_welcome")
             body = [json.dumps(header).encode(), b"{}", b"{}",
                     json.dumps({"subscription": topic.decode("utf-8", "replace")}).encode()]
             parts = ([topic] if topic else []) + [DELIM, self.sign(body), *body]
             await sock.send_multipart(parts)
 
+    # -- notices (the relay's own iopub messages) ----------------------------------------------
+
+    def _header(self, msg_type: str) -> dict[str, Any]:
+        return {"msg_id": uuid.uuid4().hex, "msg_type": msg_type, "username": "vmkg",
+                "session": self._session_id, "version": "5.4",
+                "date": datetime.now(timezone.utc).isoformat().replace("+00:00", "Z")}
+
+    def _publish(self, msg_type: str, content: dict[str, Any]) -> None:
+        sock = self.sockets.get("iopub")
+        if sock is None:
+            return
+        body = [json.dumps(self._header(msg_type)).encode(), self._last_request_header, b"{}",
+                json.dumps(content).encode()]
+        parts = [f"kernel.vmkg.{msg_type}".encode(), DELIM, self.sign(body), *body]
+        try:
+            sock.send_multipart(parts)
+        except zmq.ZMQError as exc:
+            log.warning("kernel %s: could not publish a %s message: %s", self.name, msg_type, exc)
+
+    def notice(self, text: str) -> None:
+        """Tell the kernel's user something on stderr (at most once per NOTICE_INTERVAL)."""
+        now = time.monotonic()
+        if now - self._last_notice < NOTICE_INTERVAL:
+            self._notices_suppressed += 1
+            return
+        self._last_notice = now
+        if self._notices_suppressed:
+            text += f"[vmkg] ({self._notices_suppressed} similar notices suppressed)\n"
+            self._notices_suppressed = 0
+        self._publish("stream", {"name": "stderr", "text": text})
+
+    def _guest_violation(self, kind: str, detail: str) -> None:
+        self.dropped += 1
+        self.notice(f"[vmkg] Output dropped: {detail}.\n")
+
     # -- guest -> client ------------------------------------------------------------------
 
     def from_guest(self, channel: str, parts: list[bytes]) -> None:
         """Called by the AgentChannel for every Jupyter message the kernel sent."""
-        try:
-            i = parts.index(DELIM)
-        except ValueError:
-            log.warning("kernel %s: malformed %s message from guest dropped", self.name, channel)
+        if self.dead is not None:
             return
-        if len(parts) < i + 6:
-            log.warning("kernel %s: short %s message from guest dropped", self.name, channel)
+        why = self._refuse(parts)
+        if why is not None:
+            ch = self._current
+            if ch is not None:  # counts, logs (rate-limited) and calls _guest_violation
+                ch.violation(why[0], f"a {channel} message: {why[1]}")
+            else:
+                GUEST_VIOLATIONS.labels(why[0]).inc()
+                self._guest_violation(why[0], why[1])
             return
+        i = parts.index(DELIM)
         parts[i + 1] = self.sign(parts[i + 2:i + 6])
         if self.on_activity:
             self.on_activity(channel, parts)
         sock = self.sockets.get(channel)
         if sock is None:
             return
-        sock.send_multipart(parts, copy=False)
+        size = sum(len(p) for p in parts)
+        if size < TRACK_FROM:
+            sock.send_multipart(parts)
+            return
+        frames = [zmq.Frame(p, copy=False, track=True) for p in parts]
+        sock.send_multipart(frames, copy=False)
+        self._inflight.append((zmq.MessageTracker(*frames), size))
+        self.inflight_bytes += size
+        BUDGET.used += size
+
+    def _refuse(self, parts: list[bytes]) -> tuple[str, str] | None:
+        """Why a message from the guest must not reach clients (kind, detail), or None."""
+        try:
+            i = parts.index(DELIM)
+        except ValueError:
+            return "malformed", "no delimiter"
+        if len(parts) < i + 6:
+            return "malformed", f"{len(parts) - i - 1} frames after the delimiter"
+        lim = self.limits
+        for name, frame in zip(("header", "parent header", "metadata"), parts[i + 2:i + 5], strict=True):
+            if len(frame) > lim.max_header:
+                return "oversized_header", f"its {name} has {len(frame)} bytes, over the limit of {lim.max_header}"
+        size = sum(len(p) for p in parts)
+        if size > lim.max_message:
+            return "oversized", f"{size} bytes, over the limit of {lim.max_message} bytes"
+        for name, frame in zip(("header", "parent header", "metadata", "content"), parts[i + 2:i + 6],
+                               strict=True):
+            if json_depth_exceeds(frame, lim.max_depth):
+                return "too_deep", f"its {name} nests deeper than {lim.max_depth} levels"
+        return None
+
+    def _settle(self) -> None:
+        """Forget tracked messages ZMQ has finished with."""
+        while self._inflight and self._inflight[0][0].done:
+            _, size = self._inflight.popleft()
+            self.inflight_bytes -= size
+            BUDGET.used -= size
+
+    async def _throttle(self) -> None:
+        """Awaited by the channel's read loop: wait while this kernel's output not yet
+        written by ZMQ exceeds its buffer (or all kernels' their total and this kernel
+        holds more than its share). The guest is not read meanwhile: that is the
+        backpressure that reaches the kernel."""
+        delay = 0.001
+        while True:
+            self._settle()
+            if self.inflight_bytes <= self.limits.kernel_buffer and BUDGET.allows(self.inflight_bytes):
+                return
+            if self.dead is not None:
+                return
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 0.05)

@@ -101,6 +101,7 @@ class VMKernel:
         self.channel = AgentChannel(
             UnixSocketTransport(self.vm.agent_socket), uuid.uuid4().hex,
             name=f"kernel {self.kernel_id}", on_jupyter=self.on_jupyter, on_event=self._on_event)
+        self.channel.on_failure.append(self._channel_failed)
         self._watch = asyncio.ensure_future(self._watch_process())
         connect = asyncio.ensure_future(self.channel.connect(timeout))
         await asyncio.wait({connect, self._watch}, return_when=asyncio.FIRST_COMPLETED)
@@ -125,6 +126,17 @@ class VMKernel:
             log.warning("kernel %s: VM exited unexpectedly (status %s): %s", self.kernel_id, code,
                         self.vm.failure_detail())
         self.exited.set()
+
+    def _channel_failed(self, exc: BaseException) -> None:
+        """The link to the guest failed for good (a protocol violation, a dead relay):
+        the kernel is dead; stop its VM, keeping its logs."""
+        if self._closing:
+            return
+        log.error("kernel %s: the link to the guest failed; stopping the VM", self.kernel_id)
+        if self.exit_code is None:
+            self.exit_code = 1
+        self._crashed = True
+        asyncio.ensure_future(self.close())
 
     def _on_event(self, event: dict[str, Any]) -> None:
         if event.get("event") == "kernel_exit":

@@ -7,13 +7,17 @@ VM is tested in test_vm_runtime.py.
 
 from __future__ import annotations
 
+import json
 import random
 
 import pytest
 
 from guest.protocol import (
+    ACK,
     DATA,
+    HELLO,
     MAX_FRAME_PAYLOAD,
+    PROTOCOL_VERSION,
     ControlMessage,
     Endpoint,
     Frame,
@@ -23,6 +27,7 @@ from guest.protocol import (
     decode_message,
     encode_control,
     encode_jupyter,
+    json_depth_exceeds,
 )
 
 
@@ -145,3 +150,76 @@ def test_version_mismatch_is_reported() -> None:
         p.PROTOCOL_VERSION = old
     with pytest.raises(ProtocolError, match="protocol"):
         host.receive(reply)
+
+
+# ---------------------------------------------------------------------------
+# A hostile peer (the guest may be root and write anything): the host end is strict
+
+
+def test_strict_decoder_refuses_bad_payload_after_valid_header() -> None:
+    frame = bytearray(Frame(DATA, 1, 0, b"x" * 1000).encode())
+    frame[-1] ^= 1
+    lenient, strict = FrameDecoder(), FrameDecoder(strict=True)
+    good = Frame(DATA, 2, 0, b"ok").encode()
+    assert [f.payload for f in lenient.feed(bytes(frame) + good)] == [b"ok"]  # the guest resyncs
+    with pytest.raises(ProtocolError, match="checksum"):
+        strict.feed(bytes(frame) + good)
+
+
+def test_host_refuses_out_of_state_frames() -> None:
+    host, guest = Endpoint(is_host=True, session="s"), Endpoint(is_host=False)
+    handshake(host, guest)
+    host.send(b"unacked" * 1000)
+    host.outgoing()
+    # a HELLO_ACK after the handshake used to re-queue every unacknowledged frame
+    guest.connection_made()
+    guest.receive(Frame(HELLO, payload=json.dumps(
+        {"session": "s", "recv": 0, "version": PROTOCOL_VERSION, "conn": 1}).encode()).encode())
+    with pytest.raises(ProtocolError, match="after the handshake"):
+        host.receive(guest.outgoing())
+
+
+@pytest.mark.parametrize("frame", [Frame(DATA, 5, 0, b"\x02{}"), Frame(ACK, 0, 99)])
+def test_host_refuses_gaps_and_acks_for_frames_never_sent(frame: Frame) -> None:
+    host, guest = Endpoint(is_host=True, session="s"), Endpoint(is_host=False)
+    handshake(host, guest)
+    with pytest.raises(ProtocolError):
+        host.receive(frame.encode())
+
+
+def test_stale_hello_ack_of_an_earlier_connection_is_ignored() -> None:
+    host, guest = Endpoint(is_host=True, session="s"), Endpoint(is_host=False)
+    host.connection_made()
+    guest.connection_made()
+    guest.receive(host.outgoing())
+    stale = guest.outgoing()  # answers connection 1; the host reconnects before reading it
+    host.connection_lost()
+    host.connection_made()
+    guest.connection_made()
+    guest.receive(host.outgoing())
+    assert host.receive(stale + guest.outgoing()) == [] and host.established
+
+
+def test_oversized_message_discarded_while_streaming() -> None:
+    host, guest = Endpoint(is_host=True, session="s", max_message=3 * MAX_FRAME_PAYLOAD), Endpoint(is_host=False)
+    handshake(host, guest)
+    guest.send(b"a" * (10 * MAX_FRAME_PAYLOAD))
+    guest.send(b"after")
+    data = guest.outgoing()
+    got = []
+    for i in range(0, len(data), 1 << 16):
+        got += host.receive(data[i:i + (1 << 16)])
+        assert host._partial_size <= 10 * MAX_FRAME_PAYLOAD
+        assert sum(len(p) for p in host._partial) <= 3 * MAX_FRAME_PAYLOAD
+    assert got == [b"after"] and host.oversized == [10 * MAX_FRAME_PAYLOAD]
+
+
+def test_json_depth_checked_without_recursion() -> None:
+    deep = b"[" * 100_000 + b"]" * 100_000
+    assert json_depth_exceeds(deep, 64)
+    assert not json_depth_exceeds(b'{"a": "' + b"[{" * 10_000 + b'"}', 64)  # brackets in a string
+    assert not json_depth_exceeds(b'{"a": [[1, {"b": "\\"[["}]]}', 4)
+    with pytest.raises(ProtocolError, match="deeper"):
+        decode_message(b"\x02" + deep)
+    with pytest.raises(ProtocolError, match="exceeds"):
+        decode_message(b"\x02{}", max_control=1)
