@@ -68,6 +68,19 @@ def vk_of(km: AsyncKernelManager) -> Any:
     return vk
 
 
+@pytest.fixture
+def private_shm(monkeypatch: pytest.MonkeyPatch) -> Any:
+    """A fork-image directory of this test's own (/dev/shm/vmkg-<uid> is shared by every
+    vmkg process of this user on the host, whose forks would be counted too)."""
+    d = Path(f"/dev/shm/vmkg-test-{os.getpid()}-{time.monotonic_ns()}")
+    monkeypatch.setenv("VMKG_SHM_DIR", str(d))
+    yield d
+    for f in d.glob("*"):
+        f.unlink()
+    if d.exists():
+        d.rmdir()
+
+
 def cgroup_dirs(pid: int) -> dict[str, Path]:
     """controller -> the cgroup directory of ``pid`` (v1 controllers or v2's "")."""
     kind, mounts = cgroups.hierarchy()
@@ -310,7 +323,7 @@ async def test_a_disk_cap_below_the_disk_is_an_io_error_in_the_guest_not_host_gr
 
 @vm
 @jailed
-async def test_fork_files_are_private_and_the_budget_is_enforced(template: Any,
+async def test_fork_files_are_private_and_the_budget_is_enforced(template: Any, private_shm: Path,
                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
     km = await start()
     children: list[AsyncKernelManager] = []
@@ -343,11 +356,11 @@ async def test_fork_files_are_private_and_the_budget_is_enforced(template: Any,
 
 @vm
 @jailed
-async def test_forks_of_forks_of_deleted_parents_keep_one_ram_image(template: Any) -> None:
+async def test_forks_of_forks_of_deleted_parents_keep_one_ram_image(template: Any, private_shm: Path) -> None:
     km = await start()
     await run(km, "x = 1")
-    shm = paths.shm_dir()
-    before = {f for f in os.listdir(shm) if f.startswith("fork-")} if shm.exists() else set()
+    shm = private_shm
+    before: set[str] = set()
     try:
         for gen in range(3):
             (child,) = await fork(km, 1)
