@@ -108,6 +108,8 @@ def test_the_commands_exit_2_with_the_reason(future_gateway: FakeGateway, comman
     assert run.returncode == 2, run.stderr
     assert "error: the gateway at" in run.stderr and "vmkg API version 99" in run.stderr
     assert "Traceback" not in run.stderr
+    if command[1] == "gateway.app":
+        return  # the same code as below (importing the server takes seconds: once is enough)
     fork = subprocess.run([sys.executable, *command, "fork", "--url", future_gateway.url,
                            "0000-kernel"], capture_output=True, text=True, env=client_env(), timeout=60)
     assert fork.returncode == 1 and "vmkg API version 99" in fork.stderr, fork.stderr
