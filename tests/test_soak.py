@@ -593,7 +593,6 @@ async def test_soak_many_clients_with_faults(gw_soak: Gateway) -> None:
     told = [t - kill["killed_at"] for s in stats if s.kernel == kernels[3] for t in s.told
             if t >= kill["killed_at"]]
     assert told and max(told) < TOLD_WITHIN, (told, kill)
-    assert kill["idle_after"] is not None, f"kernel stayed {kill['states']} after its QEMU was killed"
     # nobody else was closed by the gateway
     closed = {r: gw.metric("vmkg_websocket_closed_total", reason=r) for r in
               ("ping_timeout", "slow_client", "bad_frame", "kernel_gone", "shutdown")}
@@ -605,16 +604,25 @@ async def test_soak_many_clients_with_faults(gw_soak: Gateway) -> None:
     gw.wait_pool(1)
     gw.wait_for(lambda: len(qemu_pids(gw.state_dir)) == N_KERNELS + 1, 30, "kernels + pool QEMUs")
     assert gw.metric("vmkg_vms") == N_KERNELS + 1
-    for k in kernels:
-        assert kernel_state(gw, k) == "idle", (k, kernel_state(gw, k))
     lat = sorted(x for s in stats for x in s.latencies)
     lag = gw.metric("vmkg_event_loop_lag_max_seconds")
     print(f"\nsoak: {cells} cells in {elapsed:.0f} s ({cells / elapsed:.1f}/s), latency p50 "
           f"{lat[len(lat) // 2]:.2f} s p99 {lat[int(len(lat) * 0.99)]:.2f} s; RSS "
           f"{rss[0][1] / MB:.0f} -> {warm[0] / MB:.0f} -> {max(warm) / MB:.0f} MB; slow reader cut "
           f"after {slow.cut_after:.1f} s (code {slow.close_code}); told of the QEMU kill after "
-          f"{max(told):.1f} s; idle {kill['idle_after']:.0f} s after the kill (states {kill['states']}); "
+          f"{max(told):.1f} s; idle {kill['idle_after']} s after the kill (states {kill['states']}); "
           f"vanish {vanish}; (cells, last completion after the kill) per client {carried}; "
           f"loop lag max (last 10 s) {lag:.3f} s; closes {closed}")
+    # the models show the true state: idle once nothing runs, the restarted kernel too
+    probe = await Channels.open(gw, kernels[3])
+    answered = (await probe.execute("print('alive')", timeout=120)).stdout == "alive\n"
+    await probe.close()
+    await asyncio.sleep(2)
+    states = {k: kernel_state(gw, k) for k in kernels}
     for k in kernels:
         gw.delete_kernel(k)
+    assert kill["idle_after"] is not None and states[kernels[3]] == "idle", (
+        f"after its QEMU was killed and the kernel restarted, its model said {kill['states']} for "
+        f"90 s and says {states[kernels[3]]!r} now, while the kernel answers a cell "
+        f"({answered}): a stale execution_state")
+    assert all(v == "idle" for v in states.values()), states
