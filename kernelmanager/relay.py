@@ -165,7 +165,10 @@ class KernelRelay:
             parts[i + 1] = b""
             if self.on_activity:
                 self.on_activity(name, parts)
-            if self._channel is None:
+            # held, not sent, also while the kernel behind the channel is dead (its process
+            # exited, the VM is about to be replaced): a local kernel's client would have the
+            # message wait in its socket for the restarted kernel, not vanish
+            if self._channel is None or not self.alive():
                 if len(self._held) < HOLD_LIMIT:
                     self._held.append((name, parts))
                 continue
