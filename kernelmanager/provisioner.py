@@ -193,8 +193,8 @@ class MicroVMProvisioner(KernelProvisionerBase):
             rt.register(kernel)  # before starting: a shutdown also stops starts under way
             await kernel.start(timeout=self.launch_timeout)
             assert kernel.channel is not None
+            relay.alive = lambda: kernel.poll() is None  # before attach: the pumps read it
             relay.attach(kernel.channel)
-            relay.alive = lambda: kernel.poll() is None
             return kernel
 
         self._kernel = await rt.run(launch())

@@ -279,7 +279,10 @@ class KernelRelay:
             if self.on_activity:
                 self.on_activity(name, parts)
             channel = self._channel
-            if channel is None:
+            # held, not sent, also while the kernel behind the channel is dead (its process
+            # exited, the VM is about to be replaced): a local kernel's client would have the
+            # message wait in its socket for the restarted kernel, not vanish
+            if channel is None or not self.alive():
                 self._hold(name, parts)
                 continue
             try:

@@ -67,7 +67,8 @@ class KernelGatewayRef:
             except requests.ConnectionError:
                 pass
             if self.proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"Kernel Gateway did not start:\n{self.log()}")
+                self.stop()  # never leave it running
+                raise RuntimeError(f"Kernel Gateway did not start:\n{self.log_path.read_text()}")
             time.sleep(0.2)
 
     def log(self) -> str:
