@@ -9,7 +9,7 @@ walks every path component with ``O_NOFOLLOW``).
 
 The VM is reached only through the kernel's ``kernelmanager.VMHandle`` (its file
 operations run on the runtime loop by themselves); the agent's refusals come back as
-``AgentError`` with a ``kind``, mapped to 403/404/400/507 here.
+``AgentError`` with a ``kind``, mapped to 403/404/400/507 by ``gateway.errors``.
 """
 
 from __future__ import annotations
@@ -22,7 +22,6 @@ from jupyter_server.base.handlers import APIHandler
 from tornado import web
 
 from kernelmanager import FILE_CHUNK, VMHandle, vm_handle
-from kernelmanager.exceptions import AgentError, VMDied
 
 from . import errors
 from .handlers import GatewayHandlerMixin, _finish_json
@@ -31,9 +30,6 @@ CHUNK = FILE_CHUNK
 T = TypeVar("T")
 DEFAULT_MAX_FILE_SIZE = 100 << 20
 #: the agent's refusal kinds (guest/files.py) and what they mean over HTTP
-_AGENT_KIND_STATUS = {"forbidden": 403, "not_found": 404, "invalid": 400, "no_space": 507}
-
-
 def check_path(path: str) -> str:
     if not path or path.strip("/") == "":
         return ""
@@ -80,16 +76,8 @@ class FileHandler(GatewayHandlerMixin, APIHandler):
     @staticmethod
     async def _op(op: Awaitable[T]) -> T:
         """Await one of the handle's file operations, its errors as HTTP errors."""
-        try:
-            with errors.translated():
-                return await op
-        except web.HTTPError as exc:
-            cause = exc.__cause__
-            if isinstance(cause, AgentError) and cause.kind in _AGENT_KIND_STATUS:
-                raise web.HTTPError(_AGENT_KIND_STATUS[cause.kind], "%s", str(cause)) from cause
-            if isinstance(cause, VMDied):
-                raise web.HTTPError(409, "%s", str(cause)) from cause
-            raise
+        with errors.translated():  # agent refusals by kind (403/404/400/507), a dead VM 409
+            return await op
 
     @web.authenticated
     async def get(self, kernel_id: str, path: str) -> None:
