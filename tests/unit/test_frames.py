@@ -202,14 +202,16 @@ def test_fragments_use_consecutive_sequence_numbers_and_are_acked_together() -> 
     assert not guest.unacked
 
 
-def test_duplicates_and_gaps_are_ignored_and_the_retransmission_fills_in() -> None:
+def test_duplicates_are_ignored_a_gap_drops_the_link_and_the_retransmission_fills_in() -> None:
     host, guest = connected()
     for m in (b"one", b"two", b"three"):
         guest.send(m)
     one, two, three = frames(guest.outgoing())
     assert host.receive(one.encode()) == [b"one"]
     assert host.receive(one.encode()) == []  # duplicate
-    assert host.receive(three.encode()) == []  # gap: two was lost
+    # within one connection nothing is lost, so a gap is a lie: the host drops the link
+    with pytest.raises(ProtocolError, match="DATA frame 3 after 1"):
+        host.receive(three.encode())
     assert host.recv_seq == 1
     # a reconnect: the guest retransmits everything not acknowledged, in order
     host.connection_lost()
@@ -227,7 +229,8 @@ def test_nothing_is_written_before_the_handshake_and_everything_after_it() -> No
     host.connection_made()
     (hello,) = frames(host.outgoing())
     assert hello.type == HELLO
-    assert json.loads(hello.payload) == {"session": "s", "recv": 0, "version": PROTOCOL_VERSION}
+    assert json.loads(hello.payload) == {"session": "s", "recv": 0, "version": PROTOCOL_VERSION,
+                                         "conn": 1, "max_message": host.max_message}
     guest = Endpoint(is_host=False)
     guest.connection_made()
     guest.receive(hello.encode())
@@ -255,7 +258,7 @@ def test_hellos_from_the_wrong_side_are_protocol_errors() -> None:
 def test_an_answer_for_another_session_is_refused() -> None:
     host = Endpoint(is_host=True, session="mine")
     host.connection_made()
-    reply = {"session": "other", "recv": 0, "fresh": True, "version": PROTOCOL_VERSION}
+    reply = {"session": "other", "recv": 0, "fresh": True, "version": PROTOCOL_VERSION, "conn": 1}
     with pytest.raises(ProtocolError, match="another session"):
         host.receive(Frame(HELLO_ACK, payload=json.dumps(reply).encode()).encode())
 
@@ -292,15 +295,20 @@ def test_the_same_host_coming_back_keeps_the_session() -> None:
     assert b.seq == 2 and host.receive(b.encode()) == [b"b"]
 
 
-def test_oversized_messages_are_refused_on_both_ends(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_oversized_messages_are_refused_by_the_sender_and_discarded_by_the_host(
+        monkeypatch: pytest.MonkeyPatch) -> None:
     # the limit made small (4 frames) so the test need not allocate 256 MiB
     monkeypatch.setattr(protocol, "MAX_MESSAGE", 4 * MAX_FRAME_PAYLOAD)
     host, guest = connected()
+    host.max_message = 4 * MAX_FRAME_PAYLOAD
     host.send(bytes(4 * MAX_FRAME_PAYLOAD))  # exactly the limit is fine
     with pytest.raises(ProtocolError, match="exceeds"):
         host.send(bytes(4 * MAX_FRAME_PAYLOAD + 1))
-    # a peer that never ends its fragments is stopped at the limit
+    # a peer's message over the limit is discarded as it streams in, never held whole,
+    # and its size is reported once it ends
     chunk = bytes(MAX_FRAME_PAYLOAD)
-    with pytest.raises(ProtocolError, match="exceeds"):
-        for seq in range(1, 6):
-            host.receive(Frame(DATA, seq, 0, chunk, FLAG_MORE).encode())
+    for seq in range(1, 6):
+        assert host.receive(Frame(DATA, seq, 0, chunk, FLAG_MORE).encode()) == []
+        assert sum(len(p) for p in host._partial) <= 4 * MAX_FRAME_PAYLOAD
+    assert host.receive(Frame(DATA, 6, 0, b"end").encode()) == []
+    assert host.oversized == [5 * MAX_FRAME_PAYLOAD + 3]

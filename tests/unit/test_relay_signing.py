@@ -33,6 +33,10 @@ class Sink:
 
     def __init__(self) -> None:
         self.got: list[tuple[str, list[bytes]]] = []
+        # what KernelRelay.attach sets or appends to on a real channel
+        self.on_failure: list[object] = []
+        self.throttle: object = None
+        self.on_violation: object = None
 
     async def send_jupyter(self, channel: str, parts: list[bytes]) -> None:
         self.got.append((channel, parts))
@@ -46,6 +50,7 @@ async def running_relay() -> AsyncIterator[tuple[KernelRelay, Sink, zmq.asyncio.
     r = KernelRelay(ctx, name="unit", key=KEY)
     r.start()
     sink = Sink()
+    r.alive = lambda: True  # the kernel behind the channel is running (else input is held)
     r.attach(cast(AgentChannel, sink))
     try:
         yield r, sink, ctx
