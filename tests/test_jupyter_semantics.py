@@ -33,7 +33,9 @@ from gateway_helpers import Channels, Gateway, Msg
 
 pytestmark = pytest.mark.vm
 
-CRASH = "import os; os._exit(1)"
+# the pause lets ipykernel's IOPub thread send the cell's "busy" before the process exits
+# (os._exit skips every flush: without it whether "busy" gets out is a race, on either side)
+CRASH = "import os, time; time.sleep(0.5); os._exit(1)"
 SPIN = "while True: pass"
 
 
