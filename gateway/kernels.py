@@ -311,15 +311,7 @@ class VMMappingKernelManager(ReplayBufferMixin, AsyncMappingKernelManager):
     def _announce(self, kernel_id: str, state: str) -> None:
         for hook in self.status_hooks:
             hook(kernel_id, state)
-        # and to the client that is away right now: JupyterLab closes its websocket on
-        # "restarting" and reconnects (same session) while the kernel restarts; without
-        # this its reconnected page would wait in "unknown" (it ignores the statuses of
-        # kernel_info requests) where a local kernel's page gets the new kernel's "starting"
-        info = self._kernel_buffers.get(kernel_id) if kernel_id in self._kernel_buffers else None
-        km = self._kernels.get(kernel_id)
-        if info and info.get("buffer") is not None and km is not None:
-            msg = km.session.msg("status", content={"execution_state": state})
-            info["buffer"].append(("iopub", km.session.serialize(msg)))
+        self.buffer_status(kernel_id, state)  # and to the client that is away right now
 
     def kernel_restarted(self, kernel_id: str) -> None:
         """Called by ``VMServerKernelManager`` once a restart of ``kernel_id`` is done (the new

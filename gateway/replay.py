@@ -376,6 +376,19 @@ class ReplayBufferMixin(LoggingConfigurable):
             self.log.info("kernel %s: discarding %d buffered messages of session %s", kernel_id,
                           len(info["buffer"]), info["session_key"])
 
+    def buffer_status(self, kernel_id: str, state: str) -> None:
+        """Keep a ``status: <state>`` (said for the kernel by the gateway) for the client
+        that is away right now, if messages are being kept for one: JupyterLab closes its
+        websocket on ``restarting`` and reconnects while the kernel restarts; without this
+        its reconnected page would wait in "unknown" (it ignores the statuses of its
+        kernel_info requests) where a local kernel's page gets the new kernel's statuses."""
+        info = self._replay.get(kernel_id)
+        if info is None or kernel_id not in self:  # type: ignore[operator]
+            return
+        session = self.get_kernel(kernel_id).session  # type: ignore[attr-defined]
+        msg = session.msg("status", content={"execution_state": state})
+        self._buffer_msg(info, "iopub", session.serialize(msg))
+
     def _notice(self, kernel_id: str, text: str) -> list[bytes] | None:
         """A signed iopub stderr message, as if from the kernel (for the replay buffer)."""
         if kernel_id not in self:  # type: ignore[operator]

@@ -44,6 +44,7 @@ from gateway.app import ServeApp
 
 KERNEL = "python3-microvm"
 CLIENT_BUFFER = 2 * 1024 * 1024
+SLOW_TEST_CLIENT_BUFFER = 8 * 1024 * 1024
 HIGH_WATER = 256 * 1024
 SOAK_SECONDS = float(os.environ.get("VMKG_SOAK_SECONDS", "110"))
 MB = 1024 * 1024
@@ -316,11 +317,13 @@ async def test_a_stopped_client_process_is_closed(gw: Gateway, kernel: str) -> N
 
 @pytest.fixture(scope="module")
 def gw_slow(template: Any, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
-    """Default pings (a reader that stalls for seconds is not a dead peer), a 2 MiB
+    """Default pings (a reader that stalls for seconds is not a dead peer), an 8 MiB
     slow-client bound."""
+    # an 8 MiB bound: the neighbour reads in this same test process, which on a fast host
+    # can fall a couple of MiB behind a VM printing at full speed without being slow
     g = Gateway(tmp_path_factory.mktemp("gw-slow"), "--pool-size=0",
                 f"--VMKGWebsocketConnection.write_high_water={HIGH_WATER}",
-                env={"VMKG_MAX_CLIENT_BUFFER": str(CLIENT_BUFFER)})
+                env={"VMKG_MAX_CLIENT_BUFFER": str(SLOW_TEST_CLIENT_BUFFER)})
     try:
         yield g
     finally:
@@ -334,7 +337,7 @@ async def test_a_slow_reader_is_cut_off_without_stalling_its_neighbour(gw_slow: 
     kernel = gw.start_kernel()["id"]
     closes = gw.metric("vmkg_websocket_closed_total", reason="slow_client")
     neighbour = await Channels.open(gw, kernel, v1=False)
-    n, width = 120_000, 90  # ~11 MB
+    n, width = 300_000, 90  # ~27 MB: well past the bound plus what the sockets hold
     task = asyncio.ensure_future(run_slow_reader(gw, kernel, "slow", n, width, closes))
     # the neighbour hears the slow reader's cell on iopub, whole and in order, meanwhile
     got: list[str] = []
