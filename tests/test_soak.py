@@ -38,7 +38,7 @@ from typing import Any
 
 import pytest
 import websockets
-from gateway_helpers import V1, Channels, Gateway, Msg, qemu_pids
+from gateway_helpers import V1, Channels, Gateway, Msg, qemu_pids, serving
 
 from gateway.app import ServeApp
 
@@ -203,14 +203,10 @@ def test_ping_timeout_defaults_to_three_intervals(monkeypatch: pytest.MonkeyPatc
 @pytest.fixture(scope="module")
 def gw(template: Any, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
     """Pings every second (timeout: the default three), a 2 MiB slow-client bound."""
-    g = Gateway(tmp_path_factory.mktemp("gw-keepalive"), "--pool-size=0", "--ws-ping-interval=1",
-                f"--VMKGWebsocketConnection.write_high_water={HIGH_WATER}",
-                env={"VMKG_MAX_CLIENT_BUFFER": str(CLIENT_BUFFER)})
-    try:
+    with serving(tmp_path_factory.mktemp("gw-keepalive"), "--pool-size=0", "--ws-ping-interval=1",
+                      f"--VMKGWebsocketConnection.write_high_water={HIGH_WATER}",
+                      env={"VMKG_MAX_CLIENT_BUFFER": str(CLIENT_BUFFER)}) as g:
         yield g
-    finally:
-        assert g.stop() == 0, g.log()[-3000:]
-        g.assert_clean()
 
 
 @pytest.fixture(scope="module")
@@ -321,14 +317,10 @@ def gw_slow(template: Any, tmp_path_factory: pytest.TempPathFactory) -> Iterator
     slow-client bound."""
     # an 8 MiB bound: the neighbour reads in this same test process, which on a fast host
     # can fall a couple of MiB behind a VM printing at full speed without being slow
-    g = Gateway(tmp_path_factory.mktemp("gw-slow"), "--pool-size=0",
-                f"--VMKGWebsocketConnection.write_high_water={HIGH_WATER}",
-                env={"VMKG_MAX_CLIENT_BUFFER": str(SLOW_TEST_CLIENT_BUFFER)})
-    try:
+    with serving(tmp_path_factory.mktemp("gw-slow"), "--pool-size=0",
+                      f"--VMKGWebsocketConnection.write_high_water={HIGH_WATER}",
+                      env={"VMKG_MAX_CLIENT_BUFFER": str(SLOW_TEST_CLIENT_BUFFER)}) as g:
         yield g
-    finally:
-        assert g.stop() == 0, g.log()[-3000:]
-        g.assert_clean()
 
 
 @pytest.mark.vm
@@ -539,14 +531,10 @@ async def sample_rss(gw: Gateway, soak: Soak, out: list[tuple[float, int]]) -> N
 def gw_soak(template: Any, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
     # the slow-client bound must stay above what the (loaded) test process itself lags
     # behind on the slow reader's flood, which every client of that kernel receives
-    g = Gateway(tmp_path_factory.mktemp("gw-soak"), "--pool-size=1",
-                f"--VMKGWebsocketConnection.write_high_water={HIGH_WATER}",
-                env={"VMKG_MAX_CLIENT_BUFFER": str(CLIENT_BUFFER)})
-    try:
+    with serving(tmp_path_factory.mktemp("gw-soak"), "--pool-size=1",
+                      f"--VMKGWebsocketConnection.write_high_water={HIGH_WATER}",
+                      env={"VMKG_MAX_CLIENT_BUFFER": str(CLIENT_BUFFER)}) as g:
         yield g
-    finally:
-        assert g.stop() == 0, g.log()[-3000:]
-        g.assert_clean()
 
 
 @pytest.mark.vm
