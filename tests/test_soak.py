@@ -53,9 +53,9 @@ MB = 1024 * 1024
 # -- helpers -------------------------------------------------------------------------------------
 
 
-def lines_code(tag: str, n: int, width: int = 0, delay: float = 0.0) -> str:
-    """A cell printing lines ``tag:0 xx..`` .. ``tag:n-1 xx..`` (in chunks, or one per
-    ``delay`` seconds)."""
+def lines_code(tag: str, n: int, width: int = 0, delay: float = 0.0, rate: float = 0.0) -> str:
+    """A cell printing lines ``tag:0 xx..`` .. ``tag:n-1 xx..`` (in chunks, at most ``rate``
+    bytes a second if given, or one line per ``delay`` seconds)."""
     if delay:
         return textwrap.dedent(f"""\
             import time
@@ -65,8 +65,13 @@ def lines_code(tag: str, n: int, width: int = 0, delay: float = 0.0) -> str:
     return textwrap.dedent(f"""\
         import sys
         _pad = 'x' * {width}
+        import time
         for _s in range(0, {n}, 4000):
-            sys.stdout.write(''.join(f'{tag}:{{_i}} {{_pad}}\\n' for _i in range(_s, min({n}, _s + 4000))))
+            _chunk = ''.join(f'{tag}:{{_i}} {{_pad}}\\n' for _i in range(_s, min({n}, _s + 4000)))
+            sys.stdout.write(_chunk)
+            if {rate}:
+                sys.stdout.flush()
+                time.sleep(len(_chunk) / {rate})
         sys.stdout.flush()""")
 
 
@@ -129,13 +134,15 @@ class SlowReaderOutcome:
 
 
 async def run_slow_reader(gw: Gateway, kernel_id: str, tag: str, n: int, width: int,
-                          closes_before: float, cut_timeout: float = 120) -> SlowReaderOutcome:
+                          closes_before: float, cut_timeout: float = 120,
+                          rate: float = 0.0) -> SlowReaderOutcome:
     """Ask for a large output, read nothing until the gateway cuts the client off, then
     drain, reconnect with the same session and ``vmkg_resume`` and collect the rest."""
     session = uuid.uuid4().hex
     ch = await open_slow_reader(gw, kernel_id, session)
     t0 = time.monotonic()
-    msg_id = await ch.send("execute_request", {"code": lines_code(tag, n, width), "silent": False})
+    msg_id = await ch.send("execute_request", {"code": lines_code(tag, n, width, rate=rate),
+                                              "silent": False})
     deadline = t0 + cut_timeout
     while await asyncio.to_thread(gw.metric, "vmkg_websocket_closed_total",
                                   reason="slow_client") <= closes_before:
@@ -330,7 +337,9 @@ async def test_a_slow_reader_is_cut_off_without_stalling_its_neighbour(gw_slow: 
     closes = gw.metric("vmkg_websocket_closed_total", reason="slow_client")
     neighbour = await Channels.open(gw, kernel, v1=False)
     n, width = 300_000, 90  # ~27 MB: well past the bound plus what the sockets hold
-    task = asyncio.ensure_future(run_slow_reader(gw, kernel, "slow", n, width, closes))
+    # paced at 4 MB/s: any client that reads keeps up (the neighbour, in this very test
+    # process, must never be the slow one), one that reads nothing passes the bound
+    task = asyncio.ensure_future(run_slow_reader(gw, kernel, "slow", n, width, closes, rate=4e6))
     # the neighbour hears the slow reader's cell on iopub, whole and in order, meanwhile
     got: list[str] = []
     idle = False
