@@ -48,6 +48,7 @@ from .envvars import env_trait
 from .kernels import VMMappingKernelManager
 from .kernelspecs import TemplateKernelSpecManager
 from .routes import routes
+from .users import UserApp, UsersFileError
 from .websocket import VMKGWebsocketConnection
 
 
@@ -69,6 +70,7 @@ class ServeApp(Application):
         "log-level": "Application.log_level",
         "max-kernels": "VMMappingKernelManager.max_kernels",
         "max-kernels-per-user": "VMMappingKernelManager.max_kernels_per_user",
+        "users-file": "TokenIdentityProvider.users_file",
         "pool-size": "VMMappingKernelManager.pool_size",
         "max-fork-count": "ServeApp.max_fork_count",
         "default-kernel-name": "VMMappingKernelManager.default_kernel_name",
@@ -250,7 +252,11 @@ class ServeApp(Application):
                 self.log.critical("kernelspec %r (default/forced kernel name) is not one of %s",
                                   name, ", ".join(names))
                 self.exit(1)
-        self.identity_provider = self.identity_provider_class(parent=self, log=self.log, token=token)
+        try:
+            self.identity_provider = self.identity_provider_class(parent=self, log=self.log, token=token)
+        except UsersFileError as exc:
+            self.log.critical("%s", exc)
+            self.exit(1)
         metrics.register(lambda: self.kernel_manager)
         lag_monitor = metrics.start_loop_lag_monitor()
         app = web.Application(routes(self.base_url), **self.web_settings())
@@ -334,6 +340,7 @@ class VMKGApp(Application):
         "fork": (cli.ForkApp, cli.ForkApp.description.split(":")[0] + "."),
         "run": (cli.RunApp, cli.RunApp.description.split(":")[0] + "."),
         "cache": (cli.CacheApp, cli.CacheApp.description),
+        "user": (UserApp, UserApp.description.split(":")[0] + "."),
     }
 
     def start(self) -> None:

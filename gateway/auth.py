@@ -8,8 +8,14 @@ One exception, for the kernel channels websocket only and only when no credentia
 is presented (``kernel_id_ws_auth``): jupyter_server's ``GatewayKernelClient`` - what
 nbclient and papermill use through a gateway - opens that websocket without any
 Authorization header. There the kernel's id, a random UUID4 the gateway only ever gives
-to token-authenticated clients, serves as the credential for that kernel alone. A wrong
-token is still refused.
+to token-authenticated clients, serves as the credential for that kernel alone (its user
+is ``kernel-id:<id>``, which ``gateway.users.may_act`` lets act on that kernel and no
+other). A wrong token is still refused.
+
+**Users.** With a users file (``users_file``, ``$VMKG_USERS_FILE``; format and ownership
+rules in ``gateway.users``) a token may also be a user's: the request's user is then that
+user name, and the kernel manager's ``check_owner`` limits them to their own kernels. The
+gateway's token (``auth_token``) is the admin's (user ``gateway``), who sees every kernel.
 """
 
 from __future__ import annotations
@@ -19,16 +25,33 @@ from typing import Any
 
 from jupyter_server.auth.identity import IdentityProvider, User
 from tornado import web
+from traitlets import Unicode
 
+from . import users
+from .envvars import env_trait
 from .internals import mark_token_authenticated
 
-TOKEN_USER = User("gateway", display_name="Gateway client")
-KERNEL_USER = User("kernel-id", display_name="Kernel-id websocket client")
-ANONYMOUS = User("anonymous", display_name="Anonymous (auth disabled)")
+TOKEN_USER = User(users.ADMIN, display_name="Gateway client (admin)")
+ANONYMOUS = User(users.ANONYMOUS, display_name="Anonymous (auth disabled)")
 
 
 class TokenIdentityProvider(IdentityProvider):
     """Token-only identity for ``vmkg serve``; the app sets ``token`` ("" disables auth)."""
+
+    users_file = env_trait(Unicode, "VMKG_USERS_FILE", "",
+                           help="A JSON file mapping user names to the SHA-256 of their tokens, "
+                                "{\"alice\": \"sha256:<hex>\"} (`vmkg user add NAME` makes an entry). "
+                                "Each user sees and acts on only the kernels they started or "
+                                "forked; the gateway's own token (auth_token) is the admin's, who "
+                                "sees all. Re-read when it changes.")
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        #: raises users.UsersFileError (a clear message) if the file cannot be used
+        self.users = users.UsersFile(self.users_file) if self.users_file else None
+        if self.users is not None and not self.token:
+            self.log.warning("users file %s is ignored: authentication is disabled (--no-auth), "
+                             "so every client acts as the admin", self.users_file)
 
     @property
     def auth_enabled(self) -> bool:
@@ -49,10 +72,15 @@ class TokenIdentityProvider(IdentityProvider):
             if hmac.compare_digest(presented.encode(), str(self.token).encode()):
                 mark_token_authenticated(handler)
                 return TOKEN_USER
+            name = self.users.lookup(presented) if self.users is not None else None
+            if name is not None:
+                mark_token_authenticated(handler)
+                return User(name)
             return None
         capability = getattr(handler, "kernel_id_credential", None)
         if capability is not None and capability():
-            return KERNEL_USER
+            kernel_id = handler.path_kwargs.get("kernel_id", "")
+            return User(users.KERNEL_ID_PREFIX + kernel_id, display_name="Kernel-id websocket client")
         return None
 
     def is_token_authenticated(self, handler: web.RequestHandler) -> bool:

@@ -24,7 +24,7 @@ from tornado import web
 from kernelmanager import FILE_CHUNK, VMHandle, vm_handle
 
 from . import errors
-from .handlers import GatewayHandlerMixin, _finish_json
+from .handlers import GatewayHandlerMixin, _finish_json, check_owner
 
 CHUNK = FILE_CHUNK
 T = TypeVar("T")
@@ -67,7 +67,7 @@ class FileHandler(GatewayHandlerMixin, APIHandler):
 
     def _vm(self, kernel_id: str) -> VMHandle:
         km = self.kernel_manager
-        km._check_kernel_id(kernel_id)
+        check_owner(self, kernel_id)
         handle = vm_handle(km.get_kernel(kernel_id))
         if handle is None or not handle.running:
             raise web.HTTPError(409, f"kernel {kernel_id} has no running VM")

@@ -5,7 +5,7 @@ the dirty pages, resumes it) and starts ``count`` new kernels of the gateway fro
 snapshot. The orchestration is ``kernelmanager.fork``'s (the only one): this module
 checks the limits, gives it a ``start_child`` that starts each child through the
 gateway's kernel manager (so the children enter its map, with the parent's user), and
-maps errors to HTTP. The children are ordinary kernels in every way (listed, websockets,
+maps errors to HTTP. The children belong to the user who forked (``gateway.users``). The children are ordinary kernels in every way (listed, websockets,
 interrupt, restart, delete, culling, limits), and their models carry their lineage,
 which the runtime records (``kernelmanager.Lineage``): ``parent_id`` and ``forked_at``.
 
@@ -25,8 +25,8 @@ from tornado import web
 
 from kernelmanager import ForkSource, Lineage, fork, vm_handle
 
-from . import errors
-from .handlers import GatewayHandlerMixin, _finish_json
+from . import errors, users
+from .handlers import GatewayHandlerMixin, _finish_json, check_owner
 
 DEFAULT_MAX_FORK_COUNT = 64
 STAMP_FORMAT = "%Y-%m-%dT%H:%M:%S.%fZ"  # what jupyter_server's GatewayClient parses
@@ -46,18 +46,22 @@ def lineage_fields(mkm: Any, kernel_id: str) -> dict[str, Any]:
     return {"parent_id": rec.parent_id, "forked_at": rec.forked_at.strftime(STAMP_FORMAT)}
 
 
-def children_of(mkm: Any, kernel_id: str) -> list[str]:
-    """The running kernels forked from ``kernel_id``."""
+def children_of(mkm: Any, kernel_id: str, user: Any = None) -> list[str]:
+    """The running kernels forked from ``kernel_id`` (those ``user`` may see, if given)."""
     return [kid for kid in mkm.list_kernel_ids()
-            if (rec := lineage_of(mkm, kid)) is not None and rec.parent_id == kernel_id]
+            if (rec := lineage_of(mkm, kid)) is not None and rec.parent_id == kernel_id
+            and (user is None or users.may_act(user, kid, mkm.owners.get(kid)))]
 
 
 async def fork_kernel(mkm: Any, kernel_id: str, count: int, *, reseed: bool = True,
-                      timeout: float = 30.0) -> list[str]:
-    """Fork ``kernel_id`` into ``count`` new kernels of ``mkm``; returns their ids."""
+                      timeout: float = 30.0, user: Any = None) -> list[str]:
+    """Fork ``kernel_id`` into ``count`` new kernels of ``mkm`` owned by ``user`` (None: the
+    admin); returns their ids."""
+    if user is not None:
+        mkm.check_owner(kernel_id, user)
     mkm._check_kernel_id(kernel_id)
     parent = mkm.get_kernel(kernel_id)
-    username = mkm.usernames.get(kernel_id, "")
+    username = users.tenant(user) or mkm.usernames.get(kernel_id, "")
     mkm._check_limits(username, count)  # before the snapshot: all the children fit, or none start
     env = {"KERNEL_USERNAME": username} if username else {}
 
@@ -65,7 +69,7 @@ async def fork_kernel(mkm: Any, kernel_id: str, count: int, *, reseed: bool = Tr
         kid = str(uuid.uuid4())
         try:
             await mkm.start_kernel(kernel_name=parent.kernel_name, kernel_id=kid, env=env,
-                                   fork_source=source)
+                                   user=user, fork_source=source)
         except BaseException:
             if kid in mkm:
                 await mkm.shutdown_kernel(kid, now=True)
@@ -101,7 +105,8 @@ class ForkHandler(GatewayHandlerMixin, APIHandler):
             raise web.HTTPError(400, "'timeout' must be a number of seconds from 0 to 3600")
         km = self.kernel_manager
         with errors.translated():
-            ids = await fork_kernel(km, kernel_id, count, reseed=reseed, timeout=float(timeout))
+            ids = await fork_kernel(km, kernel_id, count, reseed=reseed, timeout=float(timeout),
+                                    user=self.current_user)
         _finish_json(self, {"kernels": [km.kernel_model(kid) for kid in ids if kid in km]}, 201)
 
 
@@ -109,7 +114,8 @@ class ForksListHandler(GatewayHandlerMixin, APIHandler):
     @web.authenticated
     async def get(self, kernel_id: str) -> None:
         km = self.kernel_manager
-        km._check_kernel_id(kernel_id)
+        check_owner(self, kernel_id)
         _finish_json(self, {"kernel_id": kernel_id, **lineage_fields(km, kernel_id),
-                            "kernels": [km.kernel_model(k) for k in children_of(km, kernel_id)]})
+                            "kernels": [km.kernel_model(k)
+                                        for k in children_of(km, kernel_id, self.current_user)]})
 

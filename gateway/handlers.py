@@ -65,6 +65,12 @@ def unauthorized_message(handler: web.RequestHandler) -> str:
             "'Authorization: Bearer <token>' or '?token=<token>'")
 
 
+def check_owner(handler: Any, kernel_id: str) -> None:
+    """404, as for an unknown kernel, unless the request's user may act on ``kernel_id``
+    (``VMMappingKernelManager.check_owner``; rules in ``gateway.users``)."""
+    handler.kernel_manager.check_owner(kernel_id, handler.current_user)
+
+
 class GatewayHandlerMixin:
     """Token auth (401 with a JSON body), Kernel Gateway's CORS headers, JSON errors."""
 
@@ -123,7 +129,8 @@ class MainKernelHandler(GatewayHandlerMixin, km_handlers.MainKernelHandler):
     async def get(self) -> None:
         if not self.settings.get("vmkg_list_kernels", True):
             raise web.HTTPError(403, "Listing kernels is disabled on this gateway (list_kernels)")
-        _finish_json(self, self.kernel_manager.list_kernels())
+        km: Any = self.kernel_manager
+        _finish_json(self, km.visible_kernels(self.current_user))  # only the user's own
 
     @web.authenticated
     async def post(self) -> None:
@@ -149,7 +156,8 @@ class MainKernelHandler(GatewayHandlerMixin, km_handlers.MainKernelHandler):
         km: Any = self.kernel_manager
         with errors.translated():
             kid = await km.start_kernel(kernel_name=name or None, kernel_id=kernel_id, env=env,
-                                        path=path if isinstance(path, str) else None)
+                                        path=path if isinstance(path, str) else None,
+                                        user=self.current_user)
         self.set_header("Location", url_path_join(self.base_url, "api", "kernels", url_escape(kid)))
         _finish_json(self, km.kernel_model(kid), 201)
 
@@ -157,10 +165,12 @@ class MainKernelHandler(GatewayHandlerMixin, km_handlers.MainKernelHandler):
 class KernelHandler(GatewayHandlerMixin, km_handlers.KernelHandler):
     @web.authenticated
     async def get(self, kernel_id: str) -> None:
+        check_owner(self, kernel_id)
         _finish_json(self, self.kernel_manager.kernel_model(kernel_id))
 
     @web.authenticated
     async def delete(self, kernel_id: str) -> None:
+        check_owner(self, kernel_id)
         with errors.translated():
             await self.kernel_manager.shutdown_kernel(kernel_id)
         self.set_status(204)
@@ -171,7 +181,7 @@ class KernelActionHandler(GatewayHandlerMixin, km_handlers.KernelActionHandler):
     @web.authenticated
     async def post(self, kernel_id: str, action: str) -> None:
         km: Any = self.kernel_manager
-        km._check_kernel_id(kernel_id)
+        check_owner(self, kernel_id)
         if action == "interrupt":
             with errors.translated():
                 await ensure_async(km.interrupt_kernel(kernel_id))

@@ -2,9 +2,13 @@
 activity tracking, message buffering across websocket reconnects) plus what a shared
 gateway needs.
 
-- **Limits.** ``max_kernels`` and ``max_kernels_per_user`` (by ``KERNEL_USERNAME``) are
-  checked, and a slot reserved, before a start begins, so concurrent requests cannot
+- **Limits.** ``max_kernels`` and ``max_kernels_per_user`` (by the authenticated user, or
+  for the admin and in no-auth mode by ``KERNEL_USERNAME``: ``gateway.users.limit_name``)
+  are checked, and a slot reserved, before a start begins, so concurrent requests cannot
   overshoot; a refusal is ``LimitExceeded`` (403 at the web layer).
+- **Owners.** Each kernel records who started or forked it (``owners``); every handler
+  that names a kernel calls :meth:`VMMappingKernelManager.check_owner`, which answers
+  another user's kernel with the 404 of an unknown one (rules in ``gateway.users``).
 - **Environment.** A kernel gets ``KERNEL_*`` variables and the names in ``env_allowlist``
   from the request, and the names in ``env_process_allowlist`` from the gateway's own
   environment; nothing else of the gateway's environment.
@@ -46,12 +50,13 @@ from jupyter_server.services.kernels.kernelmanager import (
     AsyncMappingKernelManager,
     ServerKernelManager,
 )
+from tornado import web
 from traitlets import Bool, Dict, Float, Integer, List, Unicode, default
 
 from kernelmanager import vm_handle
 from kernelmanager.exceptions import LimitExceeded
 
-from . import metrics
+from . import metrics, users
 from .envvars import env_trait, inherited_help
 from .internals import add_started_kernel
 from .pool import WarmPool
@@ -75,9 +80,10 @@ class VMMappingKernelManager(ReplayBufferMixin, AsyncMappingKernelManager):
                             help="Most kernels clients may hold at once; a start beyond it is "
                                  "refused with 403. Unbounded if unset.")
     max_kernels_per_user = env_trait(Integer, "VMKG_MAX_KERNELS_PER_USER", None, allow_none=True,
-                                     help="Most kernels one KERNEL_USERNAME may hold at once; "
-                                          "beyond it 403. Requests without KERNEL_USERNAME are not "
-                                          "counted per user.")
+                                     help="Most kernels one user may hold at once; beyond it "
+                                          "403. A users-file user is counted as authenticated; for "
+                                          "the admin token and --no-auth, by KERNEL_USERNAME "
+                                          "(requests without it are not counted per user).")
     force_kernel_name = env_trait(Unicode, "VMKG_FORCE_KERNEL_NAME", "",
                                   help="Start this kernelspec whatever a request names.")
     default_kernel_name = env_trait(Unicode, "VMKG_DEFAULT_KERNEL_NAME", "python3-microvm",
@@ -149,7 +155,8 @@ class VMMappingKernelManager(ReplayBufferMixin, AsyncMappingKernelManager):
         super().__init__(**kwargs)
         self._reserved: Counter[str] = Counter()  # starts in flight, by username
         self.pool = WarmPool(self)
-        self.usernames: dict[str, str] = {}
+        self.usernames: dict[str, str] = {}  # kernel id -> whom max_kernels_per_user counts
+        self.owners: dict[str, str] = {}  # kernel id -> who started or forked it (gateway.users)
         self.sources: dict[str, str] = {}  # kernel id -> "pool" | "restore"
         self.culled = 0
         #: called with the id of every kernel leaving the map (shut down, culled, died)
@@ -207,6 +214,19 @@ class VMMappingKernelManager(ReplayBufferMixin, AsyncMappingKernelManager):
     def _client_kernels(self) -> list[Any]:
         return [self.get_kernel(kid) for kid in self.list_kernel_ids()]
 
+    # -- owners (gateway.users) ------------------------------------------------------------
+
+    def check_owner(self, kernel_id: str, user: Any) -> None:
+        """Raise the 404 of an unknown kernel unless ``user`` may act on ``kernel_id`` (its
+        owner, the admin, no-auth mode, or the kernel-id credential of that kernel)."""
+        if kernel_id not in self or not users.may_act(user, kernel_id, self.owners.get(kernel_id)):
+            raise web.HTTPError(404, "Kernel does not exist: %s", kernel_id)  # jupyter_server's words
+
+    def visible_kernels(self, user: Any) -> list[dict[str, Any]]:
+        """GET /api/kernels for ``user``: the models of the kernels it may act on."""
+        return [m for m in self.list_kernels()
+                if users.may_act(user, m["id"], self.owners.get(m["id"]))]
+
     # -- starting kernels ----------------------------------------------------------------
 
     def kernel_env(self, requested: dict[str, str]) -> dict[str, str]:
@@ -241,18 +261,25 @@ class VMMappingKernelManager(ReplayBufferMixin, AsyncMappingKernelManager):
 
     async def start_kernel(  # type: ignore[override]  # async, as in jupyter_server
             self, *, kernel_name: str | None = None, kernel_id: str | None = None,
-            path: str | None = None, env: dict[str, str] | None = None, **kwargs: Any) -> str:
+            path: str | None = None, env: dict[str, str] | None = None, user: Any = None,
+            **kwargs: Any) -> str:
         """Start (or take from the pool) a kernel for a client; returns its id.
 
-        ``env`` is what the request brought; it is filtered by :meth:`kernel_env`.
+        ``env`` is what the request brought; it is filtered by :meth:`kernel_env`. ``user``
+        (the request's, None: the admin's) becomes the kernel's owner; a users-file user is
+        also its ``KERNEL_USERNAME``, whatever the request said.
         Raises ``NoSuchKernel`` for an unknown kernelspec and ``LimitExceeded`` at a limit.
         """
         if kernel_id is not None and kernel_id in self:
+            if user is not None:  # a client's: only its own kernel (None: the gateway's own call)
+                self.check_owner(kernel_id, user)
             return kernel_id
         kernel_name = self.resolve_kernel_name(kernel_name)
         self._specs().get_kernel_spec(kernel_name)  # NoSuchKernel before anything else
         kernel_env = self.kernel_env(env or {})
-        username = kernel_env.get("KERNEL_USERNAME", "")
+        username = users.limit_name(user, kernel_env)
+        if username and users.tenant(user):
+            kernel_env["KERNEL_USERNAME"] = username
         self._check_limits(username)
         self._reserved[username] += 1
         self.pool.note_request()
@@ -275,6 +302,7 @@ class VMMappingKernelManager(ReplayBufferMixin, AsyncMappingKernelManager):
             self._reserved[username] -= 1
         elapsed = time.monotonic() - t0
         self.usernames[kid] = username
+        self.owners[kid] = users.owner_name(user)
         self.sources[kid] = source
         metrics.KERNEL_CREATE_SECONDS.labels(source=source).observe(elapsed)
         if source == "restore":
@@ -343,6 +371,7 @@ class VMMappingKernelManager(ReplayBufferMixin, AsyncMappingKernelManager):
 
     def remove_kernel(self, kernel_id: str) -> Any:
         self.usernames.pop(kernel_id, None)
+        self.owners.pop(kernel_id, None)
         self.sources.pop(kernel_id, None)
         km = super().remove_kernel(kernel_id)
         for hook in self.removal_hooks:

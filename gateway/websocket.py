@@ -55,7 +55,7 @@ from traitlets import Bool, Integer
 
 from . import errors, internals, metrics, wire
 from .envvars import env_trait
-from .handlers import unauthorized_message
+from .handlers import check_owner, unauthorized_message
 from .replay import ReconnectMixin
 from .wire import V1, BadFrame, parse_legacy, parse_v1
 
@@ -327,7 +327,8 @@ class VMKGWebsocketConnection(ReconnectMixin, ZMQChannelsWebsocketConnection):
 
 class KernelChannelsHandler(KernelWebsocketHandler):
     """``/api/kernels/{id}/channels``: token auth answered with 401 JSON before the
-    upgrade, the kernel-id credential for token-less clients, TCP_NODELAY."""
+    upgrade, the kernel-id credential for token-less clients, only the kernel's owner
+    (``check_owner``), TCP_NODELAY."""
 
     def kernel_id_credential(self) -> bool:
         """True when no credential was presented, kernel-id auth is on and the kernel exists
@@ -342,6 +343,8 @@ class KernelChannelsHandler(KernelWebsocketHandler):
         if user is None:
             raise web.HTTPError(401, "%s", unauthorized_message(self))
         await super().prepare(*args, **kwargs)
+        # another user's kernel: the 404 of an unknown one, before the upgrade (gateway.users)
+        check_owner(self, self.path_kwargs.get("kernel_id", ""))
 
     def write_error(self, status_code: int, **kwargs: Any) -> None:
         exc = kwargs.get("exc_info", (None, None, None))[1]
