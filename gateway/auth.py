@@ -9,12 +9,17 @@ is presented (``kernel_id_ws_auth``): jupyter_server's ``GatewayKernelClient`` -
 nbclient and papermill use through a gateway - opens that websocket without any
 Authorization header. There the kernel's id, a random UUID4 the gateway only ever gives
 to token-authenticated clients, serves as the credential for that kernel alone. A wrong
-token is still refused.
+token is still refused. Off by default (``VMKG_KERNEL_ID_WS_AUTH``): an id leaks easily.
+
+With auth disabled (``--no-auth``) the Host header must be a localhost name, an IP
+address or one of ``allowed_hosts`` (:func:`check_host`, 403 otherwise), against DNS
+rebinding.
 """
 
 from __future__ import annotations
 
 import hmac
+import ipaddress
 from typing import Any
 
 from jupyter_server.auth.identity import IdentityProvider, User
@@ -25,6 +30,32 @@ from .internals import mark_token_authenticated
 TOKEN_USER = User("gateway", display_name="Gateway client")
 KERNEL_USER = User("kernel-id", display_name="Kernel-id websocket client")
 ANONYMOUS = User("anonymous", display_name="Anonymous (auth disabled)")
+
+
+LOCAL_NAMES = {"localhost", "localhost.localdomain", "ip6-localhost", "ip6-loopback"}
+
+
+def check_host(handler: web.RequestHandler) -> None:
+    """Without a token, refuse (403) a Host header that is not a localhost name, an IP
+    address or one of ``allowed_hosts``: a page whose DNS name an attacker rebound to this
+    address would otherwise drive the gateway from a victim's browser."""
+    host = handler.request.headers.get("Host", "")
+    if host.startswith("["):
+        name = host[1:].split("]", 1)[0]
+    else:
+        name = host.rsplit(":", 1)[0] if host.count(":") == 1 else host
+    name = name.lower().rstrip(".")
+    allowed = {h.lower() for h in handler.settings.get("vmkg_allowed_hosts", [])}
+    if "*" in allowed or name in LOCAL_NAMES or name in allowed or name.endswith(".localhost"):
+        return
+    try:
+        ipaddress.ip_address(name)
+        return
+    except ValueError:
+        pass
+    raise web.HTTPError(403, "Host %r is not allowed: with --no-auth only localhost names, IP "
+                             "addresses and allowed_hosts ($VMKG_ALLOWED_HOSTS) are "
+                             "(DNS rebinding protection)", host[:100])
 
 
 class TokenIdentityProvider(IdentityProvider):
@@ -43,6 +74,7 @@ class TokenIdentityProvider(IdentityProvider):
 
     async def get_user(self, handler: web.RequestHandler) -> User | None:
         if not self.token:
+            check_host(handler)
             return ANONYMOUS
         presented = self.presented_token(handler)
         if presented:
