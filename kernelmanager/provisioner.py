@@ -245,6 +245,12 @@ class MicroVMProvisioner(KernelProvisionerBase):
         if not restart and self._relay is not None:
             relay, self._relay = self._relay, None
             await Runtime.instance().run(relay.close())
+            if relay.transport == "ipc" and relay.ip.startswith(str(paths.state_dir() / "ipc") + "/"):
+                for port in relay.ports.values():  # ZMQ leaves the socket files behind
+                    try:
+                        os.unlink(f"{relay.ip}-{port}")
+                    except OSError:
+                        pass
 
     def get_shutdown_wait_time(self, recommended: float = 5.0) -> float:
         return max(recommended, 3.0)

@@ -218,6 +218,8 @@ def kernel(gw: Gateway) -> Iterator[str]:
     kid = gw.start_kernel(KERNEL)["id"]
     yield kid
     gw.delete_kernel(kid)
+    # its relay's socket files went with it (ZMQ itself leaves them behind)
+    gw.wait_for(lambda: not list((gw.state_dir / "ipc").glob(f"{kid}-*")), 30, "ipc files removed")
 
 
 @pytest.mark.vm
