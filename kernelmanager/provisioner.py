@@ -43,6 +43,7 @@ import posixpath
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, TypeVar, cast
 
+import zmq
 from jupyter_client.connect import KernelConnectionInfo
 from jupyter_client.provisioning.provisioner_base import KernelProvisionerBase
 from traitlets import Bool, Float, List, Unicode
@@ -173,6 +174,10 @@ class MicroVMProvisioner(KernelProvisionerBase):
                 return relay
 
             self._relay = await rt.run(start_relay())
+        elif self._relay.transport == "ipc":
+            # a restart: jupyter_client's cleanup_resources removed the ipc files of the
+            # sockets the relay keeps bound, so new clients could no longer connect
+            await Runtime.instance().run(_rebind_ipc(self._relay))
         kwargs["cmd"] = list(self.kernel_spec.argv) if self.kernel_spec else []
         return kwargs
 
@@ -295,6 +300,20 @@ class MicroVMProvisioner(KernelProvisionerBase):
         if kernel is None or kernel.poll() is not None:
             raise VMDied(f"kernel {self.kernel_id}: the VM is not running")
         await Runtime.instance().run(kernel.adopt(guest, cwd, timeout=self.launch_timeout))
+
+
+async def _rebind_ipc(relay: KernelRelay) -> None:
+    """Bind again the relay's ipc endpoints whose socket files are gone (same paths, same
+    sockets: connected clients stay connected)."""
+    for name, sock in relay.sockets.items():
+        path = f"{relay.ip}-{relay.ports[name]}"
+        if os.path.exists(path):
+            continue
+        try:
+            sock.unbind(f"ipc://{path}")
+        except zmq.ZMQError:
+            pass
+        sock.bind(f"ipc://{path}")
 
 
 def vm_handle(km: Any) -> VMHandle | None:
