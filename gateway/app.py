@@ -18,19 +18,23 @@ cleanly: websockets are closed, then every kernel (pooled ones too) is shut down
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import os
+import re
 import secrets
 import signal
 import socket
 import sys
+import time
 from typing import Any, cast
 
 from jupyter_events import EventLogger
 from jupyter_server.auth.authorizer import AllowAllAuthorizer
 from jupyter_server.log import log_request
-from tornado import httpserver, netutil, web
-from traitlets import Bool, Float, Integer, TraitError, Type, Unicode, default
+from tornado import httpserver, httputil, netutil, web
+from tornado.http1connection import HTTP1Connection
+from traitlets import Bool, Float, Integer, List, TraitError, Type, Unicode, default
 from traitlets.config import Application
 
 from kernelmanager import (
@@ -50,6 +54,93 @@ from .kernelspecs import TemplateKernelSpecManager
 from .routes import routes
 from .users import UserApp, UsersFileError
 from .websocket import VMKGWebsocketConnection
+
+_FILES_PATH = re.compile(r"/api/kernels/[^/]+/files/")
+
+
+class _BodyLimit(httputil.HTTPMessageDelegate):
+    """Checks a request's declared body size before anything else sees the request (auth
+    included): too big gets a JSON 413 and the connection closed unread."""
+
+    def __init__(self, server: LimitedHTTPServer, inner: httputil.HTTPMessageDelegate,
+                 conn: httputil.HTTPConnection) -> None:
+        self.server, self.inner, self.conn = server, inner, conn
+
+    def headers_received(self, start_line: Any, headers: httputil.HTTPHeaders) -> Any:
+        path = getattr(start_line, "path", "").split("?", 1)[0]
+        upload = start_line.method == "PUT" and _FILES_PATH.search(path) is not None
+        if not upload:  # an upload's own limit (max_file_size) is the server's, and checked again
+            limit = self.server.body_limit
+            length = headers.get("Content-Length", "")
+            if length.strip().isdigit() and int(length) > limit:
+                self._refuse(f"a request body of {int(length)} bytes exceeds the limit of "
+                             f"{limit} bytes (max_body_size)")
+                return None
+            if isinstance(self.conn, HTTP1Connection):
+                self.conn.set_max_body_size(limit)
+        return self.inner.headers_received(start_line, headers)
+
+    def _refuse(self, message: str) -> None:
+        assert isinstance(self.conn, HTTP1Connection)
+        stream = self.conn.detach()
+        body = json.dumps({"reason": "Payload Too Large", "message": message}).encode()
+        head = (b"HTTP/1.1 413 Payload Too Large\r\nContent-Type: application/json\r\n"
+                b"Connection: close\r\nContent-Length: %d\r\n\r\n" % len(body))
+        stream.write(head + body).add_done_callback(lambda _: stream.close())
+
+    def data_received(self, chunk: bytes) -> Any:
+        return self.inner.data_received(chunk)
+
+    def finish(self) -> None:
+        self.inner.finish()
+
+    def on_connection_close(self) -> None:
+        self.inner.on_connection_close()
+
+
+class LimitedHTTPServer(httpserver.HTTPServer):
+    """tornado's HTTPServer with the limits that apply before authentication: the request
+    body size (:class:`_BodyLimit`) and a cap on open connections (HTTP and websockets
+    alike): one past ``max_connections`` is answered 503 and closed before its request is
+    read. Header and body timeouts are tornado's own (``idle_connection_timeout``,
+    ``body_timeout``)."""
+
+    body_limit = 1024 * 1024
+    max_connections = 0
+    base_url = "/"
+    _streams: set[Any]
+
+    def handle_stream(self, stream: Any, address: Any) -> None:
+        if not hasattr(self, "_streams"):
+            self._streams = set()
+        self._streams = {s for s in self._streams if not s.closed()}
+        if self.max_connections and len(self._streams) >= self.max_connections:
+            metrics_refused()
+            stream.write(b"HTTP/1.1 503 Service Unavailable\r\nConnection: close\r\n"
+                         b"Content-Type: text/plain\r\nContent-Length: 47\r\n\r\n"
+                         b"too many connections to this gateway: retry\r\n\r\n"
+                         ).add_done_callback(lambda _: stream.close())
+            return
+        self._streams.add(stream)
+        super().handle_stream(stream, address)
+
+    def start_request(self, server_conn: object, request_conn: httputil.HTTPConnection
+                      ) -> httputil.HTTPMessageDelegate:
+        inner = super().start_request(server_conn, request_conn)
+        return _BodyLimit(self, inner, request_conn)
+
+
+_last_refusal_log = [0.0, 0]
+
+
+def metrics_refused() -> None:
+    """Log refused connections at most once a minute (a flood must not flood the log)."""
+    now = time.monotonic()
+    _last_refusal_log[1] += 1
+    if now - _last_refusal_log[0] >= 60:
+        logging.getLogger("vmkg.gateway").warning(
+            "refused %d connection(s): max_connections reached", _last_refusal_log[1])
+        _last_refusal_log[:] = [now, 0]
 
 
 class ServeApp(Application):
@@ -108,11 +199,35 @@ class ServeApp(Application):
                            help="The token clients must present (Authorization: token|Bearer X, or "
                                 "?token=X). Generated and printed at start if empty.")
     kernel_id_ws_auth = env_trait(
-        Bool, "VMKG_KERNEL_ID_WS_AUTH", True,
+        Bool, "VMKG_KERNEL_ID_WS_AUTH", False,
         help="Accept a kernel's channels websocket that presents no credential at all, the "
-             "kernel's id (a random UUID only token holders learn) standing in for the token: "
-             "jupyter_server's GatewayKernelClient (nbclient, papermill through a gateway) sends "
-             "no Authorization header there. A wrong token is still refused.")
+             "kernel's id (a random UUID only token holders learn) standing in for the token. "
+             "Off by default: a kernel id leaks easily (logs, URLs, proxies). Turn it on for "
+             "nbclient and papermill through a gateway: jupyter_server's GatewayKernelClient "
+             "sends no Authorization header there. A wrong token is still refused.")
+    allowed_hosts = env_trait(
+        List, "VMKG_ALLOWED_HOSTS", [], trait=Unicode(),
+        help="With --no-auth only: Host header names (no port) requests may carry, besides "
+             "localhost names and IP addresses (always allowed); '*' allows any. Another Host "
+             "gets 403: a web page whose name was rebound to this address (DNS rebinding) "
+             "cannot drive the gateway.")
+    max_body_size = env_trait(
+        Integer, "VMKG_MAX_BODY_SIZE", 1024 * 1024, zero_is_default=True,
+        help="Largest request body accepted, in bytes, checked before authentication: a "
+             "larger Content-Length gets 413 and the connection is closed without reading "
+             "the body (a chunked body past it is cut off). File uploads (PUT "
+             "/api/kernels/{id}/files/...) have max_file_size instead.")
+    idle_connection_timeout = env_trait(
+        Float, "VMKG_IDLE_CONNECTION_TIMEOUT", 60.0, zero_is_default=True,
+        help="Seconds a connection may take to send a request's headers, and may sit idle "
+             "between requests, before it is closed (slow-header clients hold nothing long).")
+    body_timeout = env_trait(
+        Float, "VMKG_BODY_TIMEOUT", 600.0, zero_is_default=True,
+        help="Seconds a request's body may take to arrive before the connection is closed.")
+    max_connections = env_trait(
+        Integer, "VMKG_MAX_CONNECTIONS", 1000,
+        help="Most client connections open at once (HTTP and websockets); one more is "
+             "answered 503 and closed at once, before its request is read. 0: no limit.")
     allow_origin = env_trait(Unicode, "VMKG_ALLOW_ORIGIN", "", help="Access-Control-Allow-Origin.")
     allow_credentials = env_trait(Unicode, "VMKG_ALLOW_CREDENTIALS", "",
                                   help="Access-Control-Allow-Credentials.")
@@ -228,6 +343,7 @@ class ServeApp(Application):
             vmkg_cors_headers=cors,
             vmkg_list_kernels=self.list_kernels,
             vmkg_kernel_id_ws_auth=self.kernel_id_ws_auth,
+            vmkg_allowed_hosts=list(self.allowed_hosts) + ([self.ip] if self.ip else []),
             vmkg_authenticate_metrics=self.authenticate_metrics,
             vmkg_max_file_size=self.max_file_size,
             vmkg_max_fork_count=self.max_fork_count,
@@ -263,8 +379,15 @@ class ServeApp(Application):
         ssl_options = None
         if self.certfile:
             ssl_options = {"certfile": self.certfile, "keyfile": self.keyfile or None}
-        self.http_server = httpserver.HTTPServer(app, xheaders=self.trust_xheaders,
-                                                 ssl_options=ssl_options)
+        self.http_server = LimitedHTTPServer(
+            app, xheaders=self.trust_xheaders, ssl_options=ssl_options,
+            max_body_size=max(self.max_body_size, self.max_file_size),
+            max_buffer_size=max(self.max_body_size, self.max_message_size) + (1 << 20),
+            idle_connection_timeout=self.idle_connection_timeout, body_timeout=self.body_timeout,
+            decompress_request=False)
+        self.http_server.body_limit = self.max_body_size
+        self.http_server.max_connections = self.max_connections
+        self.http_server.base_url = self.base_url
         sockets = netutil.bind_sockets(self.port, self.ip, family=socket.AF_UNSPEC)
         self.http_server.add_sockets(sockets)
         port = sockets[0].getsockname()[1]

@@ -10,17 +10,23 @@ nbclient and papermill use through a gateway - opens that websocket without any
 Authorization header. There the kernel's id, a random UUID4 the gateway only ever gives
 to token-authenticated clients, serves as the credential for that kernel alone (its user
 is ``kernel-id:<id>``, which ``gateway.users.may_act`` lets act on that kernel and no
-other). A wrong token is still refused.
+other). A wrong token is still refused. Off by default (``VMKG_KERNEL_ID_WS_AUTH``): an
+id leaks easily.
 
 **Users.** With a users file (``users_file``, ``$VMKG_USERS_FILE``; format and ownership
 rules in ``gateway.users``) a token may also be a user's: the request's user is then that
 user name, and the kernel manager's ``check_owner`` limits them to their own kernels. The
 gateway's token (``auth_token``) is the admin's (user ``gateway``), who sees every kernel.
+
+With auth disabled (``--no-auth``) the Host header must be a localhost name, an IP
+address or one of ``allowed_hosts`` (:func:`check_host`, 403 otherwise), against DNS
+rebinding.
 """
 
 from __future__ import annotations
 
 import hmac
+import ipaddress
 from typing import Any
 
 from jupyter_server.auth.identity import IdentityProvider, User
@@ -33,6 +39,32 @@ from .internals import mark_token_authenticated
 
 TOKEN_USER = User(users.ADMIN, display_name="Gateway client (admin)")
 ANONYMOUS = User(users.ANONYMOUS, display_name="Anonymous (auth disabled)")
+
+
+LOCAL_NAMES = {"localhost", "localhost.localdomain", "ip6-localhost", "ip6-loopback"}
+
+
+def check_host(handler: web.RequestHandler) -> None:
+    """Without a token, refuse (403) a Host header that is not a localhost name, an IP
+    address or one of ``allowed_hosts``: a page whose DNS name an attacker rebound to this
+    address would otherwise drive the gateway from a victim's browser."""
+    host = handler.request.headers.get("Host", "")
+    if host.startswith("["):
+        name = host[1:].split("]", 1)[0]
+    else:
+        name = host.rsplit(":", 1)[0] if host.count(":") == 1 else host
+    name = name.lower().rstrip(".")
+    allowed = {h.lower() for h in handler.settings.get("vmkg_allowed_hosts", [])}
+    if "*" in allowed or name in LOCAL_NAMES or name in allowed or name.endswith(".localhost"):
+        return
+    try:
+        ipaddress.ip_address(name)
+        return
+    except ValueError:
+        pass
+    raise web.HTTPError(403, "Host %r is not allowed: with --no-auth only localhost names, IP "
+                             "addresses and allowed_hosts ($VMKG_ALLOWED_HOSTS) are "
+                             "(DNS rebinding protection)", host[:100])
 
 
 class TokenIdentityProvider(IdentityProvider):
@@ -66,6 +98,7 @@ class TokenIdentityProvider(IdentityProvider):
 
     async def get_user(self, handler: web.RequestHandler) -> User | None:
         if not self.token:
+            check_host(handler)
             return ANONYMOUS
         presented = self.presented_token(handler)
         if presented:

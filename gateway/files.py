@@ -10,13 +10,18 @@ walks every path component with ``O_NOFOLLOW``).
 The VM is reached only through the kernel's ``kernelmanager.VMHandle`` (its file
 operations run on the runtime loop by themselves); the agent's refusals come back as
 ``AgentError`` with a ``kind``, mapped to 403/404/400/507 by ``gateway.errors``.
+
+Downloads are always ``application/octet-stream`` with ``Content-Disposition:
+attachment``, ``Content-Security-Policy: default-src 'none'; sandbox`` and
+``X-Content-Type-Options: nosniff`` (:func:`download_headers`): never rendered by a
+browser in the gateway's origin, whatever the file's name or size.
 """
 
 from __future__ import annotations
 
-import mimetypes
 from collections.abc import Awaitable
 from typing import Any, TypeVar
+from urllib.parse import quote
 
 from jupyter_server.base.handlers import APIHandler
 from tornado import web
@@ -30,6 +35,25 @@ CHUNK = FILE_CHUNK
 T = TypeVar("T")
 DEFAULT_MAX_FILE_SIZE = 100 << 20
 #: the agent's refusal kinds (guest/files.py) and what they mean over HTTP
+#: what every download carries: a kernel's files are whatever its code (or anyone who can
+#: PUT) wrote, so a browser must never render them in the gateway's origin
+DOWNLOAD_CSP = "default-src 'none'; sandbox"
+
+
+def download_headers(handler: web.RequestHandler, path: str) -> None:
+    """Serve ``path`` as an opaque attachment, whatever its name or size: an uploaded
+    ``.html`` rendered inline would run script in the gateway's origin (stored XSS that
+    can read a ``?token=`` from the URL)."""
+    name = path.rstrip("/").rsplit("/", 1)[-1] or "download"
+    ascii_name = "".join(c if c.isascii() and c.isprintable() and c not in '"\\;' else "_"
+                         for c in name)
+    handler.set_header("Content-Type", "application/octet-stream")
+    handler.set_header("Content-Disposition",
+                       f"attachment; filename=\"{ascii_name}\"; filename*=UTF-8''{quote(name, safe='')}")
+    handler.set_header("Content-Security-Policy", DOWNLOAD_CSP)
+    handler.set_header("X-Content-Type-Options", "nosniff")
+
+
 def check_path(path: str) -> str:
     if not path or path.strip("/") == "":
         return ""
@@ -88,7 +112,7 @@ class FileHandler(GatewayHandlerMixin, APIHandler):
             return
         first = await self._op(vm.read_file(path, 0, CHUNK))
         size = first.size
-        self.set_header("Content-Type", mimetypes.guess_type(path)[0] or "application/octet-stream")
+        download_headers(self, path)
         self.set_header("Content-Length", str(size))
         self.write(first.data)
         offset = len(first.data)
@@ -99,7 +123,7 @@ class FileHandler(GatewayHandlerMixin, APIHandler):
                 break  # the file shrank while we read it
             self.write(data)
             offset += len(data)
-        self.finish()
+        self.finish(set_content_type="application/octet-stream")
 
     @web.authenticated
     async def put(self, kernel_id: str, path: str) -> None:

@@ -152,6 +152,9 @@ class MainKernelHandler(GatewayHandlerMixin, km_handlers.MainKernelHandler):
         kernel_id = model.get("kernel_id")
         if kernel_id is not None and (not isinstance(kernel_id, str) or not UUID.fullmatch(kernel_id)):
             raise web.HTTPError(400, "'kernel_id' must be a UUID")
+        if kernel_id is not None and kernel_id in self.kernel_manager:
+            raise web.HTTPError(400, "'kernel_id' %s is already in use: leave it out to get a "
+                                     "fresh kernel", kernel_id)
         path = model.get("path")
         km: Any = self.kernel_manager
         with errors.translated():

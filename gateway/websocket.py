@@ -341,7 +341,14 @@ class KernelChannelsHandler(KernelWebsocketHandler):
     async def prepare(self, *args: Any, **kwargs: Any) -> None:
         user = await ensure_async(self.identity_provider.get_user(self))
         if user is None:
-            raise web.HTTPError(401, "%s", unauthorized_message(self))
+            message = unauthorized_message(self)
+            if not self.settings["identity_provider"].presented_token(self) \
+                    and not self.settings.get("vmkg_kernel_id_ws_auth"):
+                message += (". Clients that send no credential on the channels websocket "
+                            "(nbclient/papermill through jupyter_server's GatewayKernelClient) "
+                            "need the gateway started with --ServeApp.kernel_id_ws_auth=True "
+                            "($VMKG_KERNEL_ID_WS_AUTH=1)")
+            raise web.HTTPError(401, "%s", message)
         await super().prepare(*args, **kwargs)
         # another user's kernel: the 404 of an unknown one, before the upgrade (gateway.users)
         check_owner(self, self.path_kwargs.get("kernel_id", ""))

@@ -12,7 +12,11 @@ nbclient, jupyter_server.
 
 How the pieces map: the kernel's ZMQ sockets are bound on the host by a
 ``KernelRelay`` holding the kernel's own key (from the KernelManager's session); the
-VM behind it is a ``VMKernel``. A restart replaces the VM but keeps the relay, so
+VM behind it is a ``VMKernel``. Where a kernel manager asks for tcp on loopback (the
+default, and what the gateway does), the relay binds ipc sockets in a 0700 directory
+instead (``relay_transport``): a loopback port is open to every local user, who could
+subscribe to the kernel's iopub; the connection file then names ipc endpoints, which
+jupyter_client and jupyter_server connect to as they would to ports. A restart replaces the VM but keeps the relay, so
 connected clients keep their ports and key. Interrupt is SIGINT delivered inside the
 guest; kill/terminate stop the VM; ``poll()`` reports a VM that died.
 
@@ -32,17 +36,20 @@ All VM work runs on the process-wide runtime loop (``kernelmanager.runtime``).
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import logging
 import os
 import posixpath
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, TypeVar, cast
 
+import zmq
 from jupyter_client.connect import KernelConnectionInfo
 from jupyter_client.provisioning.provisioner_base import KernelProvisionerBase
 from traitlets import Bool, Float, List, Unicode
 
 from . import accel as accel_mod
+from . import paths
 from .exceptions import ConfigError, VMDied, VMKGError
 from .handle import ForkSource, Lineage, VMHandle
 from .relay import KernelRelay
@@ -54,6 +61,8 @@ from .vmkernel import VMKernel
 log = logging.getLogger(__name__)
 
 GUEST_HOME = "/home/jovyan"
+#: longest Unix socket path (sun_path is 108 bytes with its NUL)
+IPC_PATH_MAX = 107
 
 
 class MicroVMProvisioner(KernelProvisionerBase):
@@ -67,6 +76,15 @@ class MicroVMProvisioner(KernelProvisionerBase):
     launch_timeout = Float(60.0, config=True, help="Seconds a restore may take before it fails.")
     reseed = Bool(True, config=True,
                   help="Reseed Python's and NumPy's global random generators in every restored kernel.")
+
+    relay_transport = Unicode(
+        "ipc", config=True,
+        help="How the kernel's relay binds its five ZMQ sockets when the kernel manager asks for "
+             "tcp on a loopback address: 'ipc' (default) binds Unix sockets in a 0700 directory "
+             "of the state directory (state_dir/ipc/<kernel id>-N), so no other local user can "
+             "connect (on 127.0.0.1 any local user could subscribe to the kernel's iopub); "
+             "'tcp' keeps loopback ports, for clients that cannot use ipc. A non-loopback ip or "
+             "an explicit ipc transport is always used as asked.")
 
     _kernel: VMKernel | None = None
     _relay: KernelRelay | None = None
@@ -145,6 +163,7 @@ class MicroVMProvisioner(KernelProvisionerBase):
             key = km.session.key if km is not None else os.urandom(32).hex().encode()
             ip = km.ip if km is not None and km.ip else "127.0.0.1"
             transport = km.transport if km is not None else "tcp"
+            ip, transport = self._relay_endpoint(ip, transport)
             scheme = km.session.signature_scheme if km is not None else "hmac-sha256"
 
             async def start_relay() -> KernelRelay:
@@ -155,8 +174,32 @@ class MicroVMProvisioner(KernelProvisionerBase):
                 return relay
 
             self._relay = await rt.run(start_relay())
+        elif self._relay.transport == "ipc":
+            # a restart: jupyter_client's cleanup_resources removed the ipc files of the
+            # sockets the relay keeps bound, so new clients could no longer connect
+            await Runtime.instance().run(_rebind_ipc(self._relay))
         kwargs["cmd"] = list(self.kernel_spec.argv) if self.kernel_spec else []
         return kwargs
+
+    def _relay_endpoint(self, ip: str, transport: str) -> tuple[str, str]:
+        """Where the relay binds: ipc in a private directory instead of loopback tcp
+        (``relay_transport``)."""
+        if self.relay_transport not in ("ipc", "tcp"):
+            raise ConfigError(f"relay_transport must be 'ipc' or 'tcp', not {self.relay_transport!r}")
+        if transport != "tcp" or self.relay_transport != "ipc":
+            return ip, transport
+        try:
+            loopback = ipaddress.ip_address(ip).is_loopback
+        except ValueError:
+            loopback = ip == "localhost"
+        if not loopback:
+            return ip, transport
+        base = str(paths.private_dir(paths.state_dir() / "ipc") / self.kernel_id)
+        if len(base) + len("-5") > IPC_PATH_MAX:
+            raise ConfigError(f"kernel {self.kernel_id}: the relay's ipc socket path {base}-N is "
+                              f"longer than a Unix socket allows ({IPC_PATH_MAX}); use a shorter "
+                              "$VMKG_STATE_DIR or MicroVMProvisioner.relay_transport='tcp'")
+        return base, "ipc"
 
     def _guest_env(self, env: dict[str, str]) -> dict[str, str]:
         allowed = set(self.env_allowlist) | set((self.kernel_spec.env or {}) if self.kernel_spec else {})
@@ -207,6 +250,12 @@ class MicroVMProvisioner(KernelProvisionerBase):
         if not restart and self._relay is not None:
             relay, self._relay = self._relay, None
             await Runtime.instance().run(relay.close())
+            if relay.transport == "ipc" and relay.ip.startswith(str(paths.state_dir() / "ipc") + "/"):
+                for port in relay.ports.values():  # ZMQ leaves the socket files behind
+                    try:
+                        os.unlink(f"{relay.ip}-{port}")
+                    except OSError:
+                        pass
 
     def get_shutdown_wait_time(self, recommended: float = 5.0) -> float:
         return max(recommended, 3.0)
@@ -251,6 +300,20 @@ class MicroVMProvisioner(KernelProvisionerBase):
         if kernel is None or kernel.poll() is not None:
             raise VMDied(f"kernel {self.kernel_id}: the VM is not running")
         await Runtime.instance().run(kernel.adopt(guest, cwd, timeout=self.launch_timeout))
+
+
+async def _rebind_ipc(relay: KernelRelay) -> None:
+    """Bind again the relay's ipc endpoints whose socket files are gone (same paths, same
+    sockets: connected clients stay connected)."""
+    for name, sock in relay.sockets.items():
+        path = f"{relay.ip}-{relay.ports[name]}"
+        if os.path.exists(path):
+            continue
+        try:
+            sock.unbind(f"ipc://{path}")
+        except zmq.ZMQError:
+            pass
+        sock.bind(f"ipc://{path}")
 
 
 def vm_handle(km: Any) -> VMHandle | None:

@@ -1,7 +1,8 @@
 """Reaping what a crashed owner left behind.
 
 Every VM directory (and every fork snapshot directory) holds ``owner.json``: the owner's pid and start time, QEMU's pid and
-start time, and the connection file written for the kernel. QEMU runs with
+start time, and the connection file written for the kernel (whose ipc socket files, when
+the relay bound ipc, are removed with it). QEMU runs with
 PR_SET_PDEATHSIG, so it normally dies with its owner, but the directory, its sockets
 and the connection file stay. At the next start of any runtime, directories whose
 owner is gone are reaped: a still-running QEMU of theirs is killed (after checking
@@ -46,6 +47,31 @@ def _read(path: Path) -> str | None:
         return None
 
 
+def _reap_ipc_sockets(connection_file: str | None) -> None:
+    """Remove the ipc socket files a dead kernel's relay bound (named by its connection
+    file; only ever inside the state directory's ``ipc`` directory)."""
+    if not connection_file:
+        return
+    try:
+        info = json.loads(Path(connection_file).read_text())
+    except (OSError, ValueError):
+        return
+    if not isinstance(info, dict) or info.get("transport") != "ipc":
+        return
+    from .paths import state_dir
+    ipc_dir = os.path.realpath(state_dir() / "ipc")
+    base = str(info.get("ip", ""))
+    if os.path.dirname(os.path.realpath(base)) != ipc_dir:
+        return
+    for key in ("shell_port", "iopub_port", "stdin_port", "control_port", "hb_port"):
+        port = info.get(key)
+        if isinstance(port, int):
+            try:
+                os.unlink(f"{base}-{port}")
+            except OSError:
+                pass
+
+
 def reap_orphans(vms_dir: Path, min_age: float = 30.0) -> list[str]:
     """Remove VM directories whose owner process is gone. Returns the names reaped.
 
@@ -83,6 +109,7 @@ def reap_orphans(vms_dir: Path, min_age: float = 30.0) -> list[str]:
                 os.kill(qpid, signal.SIGKILL)
             except ProcessLookupError:
                 pass
+        _reap_ipc_sockets(info.get("connection_file"))
         for leftover in (info.get("connection_file"), _read(d / "mem.path")):
             if leftover:  # a kernel's connection file; a fork's RAM image on tmpfs
                 try:

@@ -40,7 +40,10 @@ def gateway_options() -> tuple[list[str], dict[str, str]]:
         "VMKG_ALLOW_HEADERS": "Authorization,Content-Type", "VMKG_MAX_AGE": "600",
         "VMKG_ENV_ALLOWLIST": "MY_ALLOWED", "VMKG_ENV_PROCESS_ALLOWLIST": "VMKG_TEST_PROC_VAR",
         "VMKG_TEST_PROC_VAR": "from-the-gateway", "VMKG_TEST_NOT_ALLOWED": "secret",
-        "VMKG_MAX_MESSAGE_SIZE": str(1024 * 1024)}
+        "VMKG_MAX_MESSAGE_SIZE": str(1024 * 1024),
+        # nbclient through GatewayKernelManager opens the channels websocket with no
+        # credential (jupyter_server's GatewayKernelClient): the allowance is off by default
+        "VMKG_KERNEL_ID_WS_AUTH": "1"}
 
 
 @pytest.fixture
