@@ -141,6 +141,9 @@ class ReconnectMixin(LoggingConfigurable):
     def __init__(self, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self._undelivered: list[tuple[str | None, list[Any]]] = []
+        #: bytes replayed to this connection when it connected (a resume window, a kept
+        #: buffer): they were held already, so they do not count as the client falling behind
+        self.replay_allowance = 0
 
     # -- resume ------------------------------------------------------------------------
 
@@ -194,11 +197,13 @@ class ReconnectMixin(LoggingConfigurable):
     def connect(self) -> Any:
         last = self._resume_arg()
         self._resumable = last is not None
+        mkm = self.multi_kernel_manager
+        self.replay_allowance = mkm.buffered_bytes(self.kernel_id)
         if last is None:
             return super().connect()  # type: ignore[misc]
         ring = self._ring(create=True)
         lost = ring.after(last) if ring is not None else []
-        mkm = self.multi_kernel_manager
+        self.replay_allowance += sum(len(p) for _, parts in lost for p in parts)
         into_buffer = bool(lost) and mkm.buffered_session(self.kernel_id) == self.session_key
         if into_buffer:
             mkm.prepend_buffered(self.kernel_id, self.session_key, lost)
@@ -319,6 +324,11 @@ class ReplayBufferMixin(LoggingConfigurable):
         """The session whose messages are being buffered for ``kernel_id``, if any."""
         info = self._replay.get(kernel_id)
         return info["session_key"] if info else None
+
+    def buffered_bytes(self, kernel_id: str) -> int:
+        """Bytes kept for ``kernel_id`` (what the next client connecting is replayed)."""
+        info = self._replay.get(kernel_id)
+        return int(info["bytes"]) if info else 0
 
     def prepend_buffered(self, kernel_id: str, session_key: str, messages: list[tuple[str | None, list[Any]]]) -> None:
         """Put messages a closing websocket could not deliver in front of the buffer."""

@@ -20,7 +20,8 @@ protocol, and replays what its kernel manager buffered while the client was away
   What it had not received is kept: the held messages go to its session's replay buffer
   (started for it even while other websockets of the kernel stay open), and the resume
   window of a client that asked for one (``vmkg_resume=``) stays, so reconnecting with
-  the same ``session_id`` continues where it stopped. A client that reads nothing at all
+  the same ``session_id`` continues where it stopped (what is replayed to it then does
+  not count against the bound until it has been written). A client that reads nothing at all
   sees the 4008 close frame only if it reads within tornado's 5 s close handshake;
   after that the connection is aborted (1006 on its side).
 - **Keepalive.** jupyter_server's pinger (``ws_ping_interval``/``ws_ping_timeout`` of
@@ -192,6 +193,7 @@ class VMKGWebsocketConnection(ReconnectMixin, ZMQChannelsWebsocketConnection):
         if not fut.cancelled():
             fut.exception()  # a closed stream: nothing to do, but retrieve it
         self._queued -= n
+        self.replay_allowance = max(0, self.replay_allowance - n)
         if self._paused and self._queued <= self.write_high_water // 2:
             self._resume()
 
@@ -205,7 +207,7 @@ class VMKGWebsocketConnection(ReconnectMixin, ZMQChannelsWebsocketConnection):
         self._held.append((stream, msg_list))
         self._held_bytes += sum(len(p) for p in msg_list)
         waiting = self._queued + self._held_bytes
-        if waiting > self.max_client_buffer:
+        if waiting > self.max_client_buffer + self.replay_allowance:
             self.drop_slow_client(waiting)
 
     def _release_held(self) -> None:

@@ -289,11 +289,11 @@ async def test_relay_sockets_are_private_ipc(gw: Gateway, kernel: str) -> None:
     sockets = [f"{info['ip']}-{info[n]}" for n in names]
     assert all(stat.S_ISSOCK(os.lstat(p).st_mode) for p in sockets)
     # we (the gateway's uid) can connect; nobody (uid 65534) cannot
-    out = await asyncio.to_thread(subprocess.run, ["python3", "-c", NOBODY_CONNECT, *sockets],
+    out = await asyncio.to_thread(subprocess.run, ["/usr/bin/python3", "-c", NOBODY_CONNECT, *sockets],
                                   capture_output=True, text=True, timeout=30)
     assert out.stdout.split() == ["connected"] * 5, out
     out = await asyncio.to_thread(subprocess.run, ["setpriv", "--reuid=65534", "--regid=65534",
-                                                   "--clear-groups", "python3", "-c", NOBODY_CONNECT,
+                                                   "--clear-groups", "/usr/bin/python3", "-c", NOBODY_CONNECT,
                                                    *sockets],
                                   capture_output=True, text=True, timeout=30, cwd="/")
     assert out.stdout.split() == ["denied"] * 5, out

@@ -327,7 +327,9 @@ async def died_for_good(srv: Server) -> dict[str, Any]:
     await asyncio.sleep(0.5)
     code = srv.request("GET", f"/api/kernels/{kid}").status_code
     listed = [k["id"] for k in srv.request("GET", "/api/kernels").json()]
-    sts = statuses(msgs)  # from the cell on (the connection's own kernel_info nudges before)
+    # from the cell on; the statuses of the connection's own kernel_info nudges are left out:
+    # their replies may come before or (on a loaded machine) after the cell's "busy"
+    sts = [s for s in statuses(msgs) if s[1] != "kernel_info_request"]
     return {"statuses": sts[sts.index(("busy", "execute_request")):], "closed": closed, "get": code,
             "listed": kid in listed}
 
