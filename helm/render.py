@@ -14,10 +14,10 @@ is exactly what a cluster would receive, and the release's ``manifest`` is what
 ``helm template`` prints.
 
 Each object sent is then validated offline by ``kubernetes_validate`` (strict: unknown
-fields are errors) against the Kubernetes version given; kinds it has no schema for
+fields are errors) against each Kubernetes version given (the API server reports the last); kinds it has no schema for
 (``ServiceMonitor``, a CRD) are reported as such.
 
-Input (stdin): ``{"chart": DIR, "kube_version": "1.33.0", "cases": [{"name": N,
+Input (stdin): ``{"chart": DIR, "kube_versions": ["1.30.0", "1.33.0"], "cases": [{"name": N,
 "values": {...}}, ...], "lint": true}``. Output (stdout): one JSON object with per case
 ``ok``, ``error``, ``objects`` (what was POSTed), ``manifest``, ``invalid`` (validation
 errors by object) and ``unvalidated`` (kinds without a schema); ``lint`` is Helm's lint
@@ -58,7 +58,9 @@ class Recorder:
         return out
 
 
-def make_handler(rec: Recorder) -> type[BaseHTTPRequestHandler]:
+def make_handler(rec: Recorder, kube_version: str) -> type[BaseHTTPRequestHandler]:
+    major, minor = kube_version.split(".")[:2]
+
     class Handler(BaseHTTPRequestHandler):
         protocol_version = "HTTP/1.1"
 
@@ -80,7 +82,7 @@ def make_handler(rec: Recorder) -> type[BaseHTTPRequestHandler]:
         def do_GET(self) -> None:  # noqa: N802
             path = self.path.split("?", 1)[0].rstrip("/")
             if path == "/version":
-                return self.send(200, {"major": "1", "minor": "33", "gitVersion": "v1.33.0",
+                return self.send(200, {"major": major, "minor": minor, "gitVersion": f"v{kube_version}",
                                        "platform": "linux/amd64"})
             if path == "/api":
                 return self.send(200, {"kind": "APIVersions", "versions": ["v1"],
@@ -123,7 +125,7 @@ def make_handler(rec: Recorder) -> type[BaseHTTPRequestHandler]:
     return Handler
 
 
-def validate(objects: list[dict[str, Any]], kube_version: str) -> tuple[list[str], list[str]]:
+def validate(objects: list[dict[str, Any]], kube_versions: list[str]) -> tuple[list[str], list[str]]:
     import kubernetes_validate
     from kubernetes_validate.utils import SchemaNotFoundError, ValidationError
 
@@ -131,12 +133,14 @@ def validate(objects: list[dict[str, Any]], kube_version: str) -> tuple[list[str
     unvalidated: list[str] = []
     for obj in objects:
         name = f"{obj.get('kind')}/{obj.get('metadata', {}).get('name')}"
-        try:
-            kubernetes_validate.validate(obj, kube_version, strict=True)
-        except SchemaNotFoundError:
-            unvalidated.append(name)
-        except ValidationError as exc:
-            invalid.append(f"{name}: {exc.message} at {'.'.join(str(p) for p in exc.path)}")
+        for version in kube_versions:
+            try:
+                kubernetes_validate.validate(obj, version, strict=True)
+            except SchemaNotFoundError:
+                unvalidated.append(name)
+                break
+            except ValidationError as exc:
+                invalid.append(f"{name} ({version}): {exc.message} at {'.'.join(str(p) for p in exc.path)}")
     return invalid, unvalidated
 
 
@@ -146,7 +150,7 @@ def main() -> int:
         os.execve(sys.executable, [sys.executable, *sys.argv], {**os.environ, "HELM_DRIVER": "memory"})
     req = json.load(sys.stdin)
     rec = Recorder()
-    server = ThreadingHTTPServer(("127.0.0.1", 0), make_handler(rec))
+    server = ThreadingHTTPServer(("127.0.0.1", 0), make_handler(rec, req["kube_versions"][-1]))
     threading.Thread(target=server.serve_forever, daemon=True).start()
     port = server.server_address[1]
     kubeconfig = f"""apiVersion: v1
@@ -172,7 +176,7 @@ current-context: fake
         except helm_sdkpy.HelmError as exc:
             result["error"] = str(exc)
         result["objects"] = rec.take()
-        result["invalid"], result["unvalidated"] = validate(result["objects"], req["kube_version"])
+        result["invalid"], result["unvalidated"] = validate(result["objects"], req["kube_versions"])
         out["cases"][case["name"]] = result
     server.shutdown()
     json.dump(out, sys.stdout)
