@@ -66,6 +66,8 @@ app.kubernetes.io/component: {{ .component }}
 - name: {{ $k }}
   value: {{ $v | quote }}
 {{- end }}
+- name: HOME
+  value: /tmp
 - name: VMKG_IP
   value: "0.0.0.0"
 - name: VMKG_JSON_LOGS
