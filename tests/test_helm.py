@@ -30,7 +30,7 @@ sys.path.insert(0, str(ROOT / "helm"))
 import toolchain  # noqa: E402
 
 KUBE_VERSIONS = ["1.30.0", "1.33.0"]  # the chart's kubeVersion floor and a current release
-HOST_CAPS = ["SYS_ADMIN", "SETUID", "SETGID", "SETPCAP", "CHOWN", "FOWNER", "DAC_OVERRIDE", "KILL"]
+HOST_CAPS = ["SYS_ADMIN", "SETUID", "SETGID", "SETPCAP", "CHOWN", "FOWNER", "DAC_OVERRIDE", "KILL", "SYS_PTRACE"]
 SHA = "sha256:" + "ab" * 32
 
 GOOD: dict[str, dict[str, Any]] = {
@@ -343,3 +343,62 @@ def test_pod_disruption_budgets(rendered: dict[str, Any]) -> None:
     router = one(rendered, "default", "Deployment")
     assert pdbs["router"]["selector"]["matchLabels"] == router["spec"]["selector"]["matchLabels"]
     assert not [o for o in objects(rendered, "tcg-minimal").values() if o["kind"] == "PodDisruptionBudget"]
+
+
+# ---------------------------------------------------------------------------
+# with real VMs: the capability set is enough for the jail
+
+# the capabilities of a root process that kept only these in its bounding set, then exec'd
+CAPS_EXEC = """
+import ctypes, os, sys
+names = {"CHOWN": 0, "DAC_OVERRIDE": 1, "DAC_READ_SEARCH": 2, "FOWNER": 3, "FSETID": 4, "KILL": 5,
+         "SETGID": 6, "SETUID": 7, "SETPCAP": 8, "NET_BIND_SERVICE": 10, "NET_ADMIN": 12,
+         "NET_RAW": 13, "SYS_CHROOT": 18, "SYS_PTRACE": 19, "SYS_ADMIN": 21, "SYS_RESOURCE": 24,
+         "MKNOD": 27}
+keep = {names[c] for c in sys.argv[1].split(",")}
+libc = ctypes.CDLL(None, use_errno=True)
+for cap in range(int(open("/proc/sys/kernel/cap_last_cap").read()) + 1):
+    if cap not in keep and libc.prctl(24, cap, 0, 0, 0) != 0:  # PR_CAPBSET_DROP
+        sys.exit(f"cannot drop capability {cap}: errno {ctypes.get_errno()}")
+os.execv(sys.executable, [sys.executable, *sys.argv[2:]])
+"""
+
+
+def chart_capabilities() -> list[str]:
+    m = re.search(r"^\s+add: \[(.*)\]$", (CHART / "templates" / "hosts.yaml").read_text(), re.M)
+    assert m is not None
+    return [c.strip() for c in m.group(1).split(",")]
+
+
+def jail_tests_with(caps: list[str], *selection: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-c", CAPS_EXEC, ",".join(caps), "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider",
+         str(ROOT / "tests" / "test_jail.py"), "-m", "vm", "-k", " or ".join(selection)],
+        cwd=ROOT, capture_output=True, text=True, timeout=1800)
+
+
+@pytest.mark.vm
+@pytest.mark.skipif(os.geteuid() != 0, reason="the jail needs root")
+def test_the_jail_works_with_exactly_the_charts_capabilities() -> None:
+    """tests/test_jail.py's VM tests (a jailed QEMU and its limits, a fork and its files, the
+    reaper after the owner dies) in a process whose capability bounding set is the chart's
+    list and nothing else, as in the host pod."""
+    caps = chart_capabilities()
+    assert caps == HOST_CAPS
+    out = jail_tests_with(caps, "runs_jailed", "fork_files_are_private", "dies_with_its_owner")
+    assert out.returncode == 0, out.stdout[-6000:] + out.stderr[-2000:]
+    assert "3 passed" in out.stdout, out.stdout[-3000:]
+    assert "skipped" not in out.stdout.splitlines()[-1]
+
+
+@pytest.mark.vm
+@pytest.mark.skipif(os.geteuid() != 0, reason="the jail needs root")
+@pytest.mark.parametrize("cap", HOST_CAPS)
+def test_each_capability_of_the_chart_is_needed(cap: str) -> None:
+    """Without any one of them a jailed start, a fork or the reaper fails (measured: the
+    mount/uid/bounding-set/chown/chmod ones at the jailed start, DAC_OVERRIDE at the fork's
+    qemu-img of the VM's own disk, SYS_PTRACE at the fork's /proc/<pid>/mem, KILL at the
+    reaper)."""
+    out = jail_tests_with([c for c in HOST_CAPS if c != cap], "dies_with_its_owner", "fork_files_are_private")
+    last = out.stdout.strip().splitlines()[-1] if out.stdout.strip() else out.stderr[-500:]
+    assert out.returncode != 0 and ("failed" in last or "error" in last), last
