@@ -72,6 +72,7 @@ BAD: dict[str, dict[str, Any]] = {
     "privileged-knob": {"host": {"securityContext": {"privileged": True}}},
     "bad-store-url": {"store": {"url": "http://bucket"}},
     "bad-user-entry": {"users": {"entries": {"alice": "plaintext-token"}}},
+    "reserved-user-name": {"users": {"entries": {"gateway": SHA}}},
     "kvm-without-device": {"host": {"kvm": {"mode": "none"}, "accel": "kvm"}},
     "chart-owned-env": {"env": {"VMKG_AUTH_TOKEN": "x"}},
     "bad-pull-policy": {"image": {"pullPolicy": "Sometimes"}},
