@@ -14,6 +14,7 @@ reach PyPI); under CI=true a pip failure fails instead.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import re
@@ -26,8 +27,10 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 CHART = ROOT / "helm" / "vm-kernel-gateway"
-sys.path.insert(0, str(ROOT / "helm"))
-import toolchain  # noqa: E402
+_spec = importlib.util.spec_from_file_location("vmkg_helm_toolchain", ROOT / "helm" / "toolchain.py")
+assert _spec is not None and _spec.loader is not None
+toolchain = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(toolchain)
 
 KUBE_VERSIONS = ["1.30.0", "1.33.0"]  # the chart's kubeVersion floor and a current release
 HOST_CAPS = ["SYS_ADMIN", "SETUID", "SETGID", "SETPCAP", "CHOWN", "FOWNER", "DAC_OVERRIDE", "KILL", "SYS_PTRACE"]
