@@ -38,6 +38,7 @@ from traitlets import Bool, Float, Integer, List, TraitError, Type, Unicode, def
 from traitlets.config import Application
 
 from kernelmanager import (
+    GuestLimits,
     MicroVMProvisioner,
     bake_template,
     catalog,
@@ -152,7 +153,7 @@ class ServeApp(Application):
                    "At start it reaps VMs a crashed predecessor left behind; SIGTERM shuts every "
                    "VM down cleanly.")
     classes = [VMMappingKernelManager, VMKGWebsocketConnection, TemplateKernelSpecManager,
-               TokenIdentityProvider, MicroVMProvisioner]
+               TokenIdentityProvider, MicroVMProvisioner, GuestLimits]
     aliases = {
         "ip": "ServeApp.ip",
         "port": "ServeApp.port",
@@ -351,6 +352,7 @@ class ServeApp(Application):
 
     async def serve(self) -> None:
         start_runtime()  # reaps what a crashed predecessor left, first of all
+        GuestLimits.instance().update_config(self.config)  # --GuestLimits.* and c.GuestLimits
         token = self.auth_token if self.auth_enabled else ""
         generated = self.auth_enabled and not token
         if generated:

@@ -397,6 +397,21 @@ class VMMappingKernelManager(ReplayBufferMixin, AsyncMappingKernelManager):
             self.culled += 1
             metrics.KERNELS_CULLED.inc()
 
+    async def _async_shutdown_kernel(self, kernel_id: str, now: bool | None = False,
+                                     restart: bool | None = False) -> None:
+        """jupyter_client's, once an auto-restart in progress is over: during one the
+        kernel's ``ready`` future is pending, and jupyter_client's shutdown asks it for its
+        exception (``InvalidStateError``: a 500 for the DELETE of a kernel that just died,
+        e.g. cut off for breaking the guest protocol, and a failed gateway shutdown)."""
+        km = self._kernels.get(kernel_id)
+        if km is not None and kernel_id not in self._pending_kernels:
+            ready = km.ready
+            if not ready.done():
+                await asyncio.wait([ready if asyncio.isfuture(ready) else asyncio.wrap_future(ready)])
+        await super()._async_shutdown_kernel(kernel_id, now=now, restart=restart)
+
+    shutdown_kernel = _async_shutdown_kernel  # type: ignore[assignment]  # both paths: DELETE and shutdown_all
+
     async def shutdown_all(self, now: bool = False) -> None:  # type: ignore[override]  # async, as in jupyter_server
         """Stop every kernel, pooled ones included (gateway shutdown)."""
         await asyncio.gather(self.pool.close(), super().shutdown_all(now=now))

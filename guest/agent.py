@@ -24,6 +24,7 @@ import base64
 import collections
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -51,7 +52,20 @@ from guest.protocol import (
 from guest.system import init_system, log
 
 RUN_DIR = "/run/vmkg"
-KERNEL_USER = 1000
+
+
+def _kernel_uid(cmdline: str = "/proc/cmdline") -> int:
+    """1000 (jovyan), or ``vmkg.kernel_uid=N`` from the kernel command line: a template can
+    set it (``TemplateSpec.kernel_uid``; 0 only in hostile-guest tests, never by default)."""
+    try:
+        with open(cmdline) as f:
+            m = re.search(r"(?:^|\s)vmkg\.kernel_uid=(\d+)(?:\s|$)", f.read())
+    except OSError:
+        return 1000
+    return int(m.group(1)) if m else 1000
+
+
+KERNEL_USER = _kernel_uid()
 KERNEL_HOME = "/home/jovyan"
 DELIM = b"<IDS|MSG>"
 READ_SIZE = 1 << 20

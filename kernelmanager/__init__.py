@@ -35,6 +35,11 @@ Operator functions (CLI, server start and stop)
     ``detect_accelerator()`` (``AccelChoice``), ``install_kernelspecs()``,
     ``prune_cache()`` (``PruneReport``).
 
+Settings
+    ``GuestLimits`` (what the host accepts from a guest and holds for it: a singleton
+    configurable the server configures as ``c.GuestLimits.*``), ``env_trait`` and
+    ``inherited_help`` (a trait whose default reads a ``$VMKG_*`` variable).
+
 Exceptions
     The tree of ``kernelmanager.exceptions`` (``VMKGError`` and below), re-exported.
     Lower-level errors (QMP, OS) are translated into it inside; nothing here knows HTTP.
@@ -51,6 +56,8 @@ from .admin import (
     stop_runtime,
 )
 from .cache import PruneReport
+from .channel import GuestLimits
+from .envvars import env_trait, inherited_help
 from .exceptions import (
     AgentError,
     ChannelError,
@@ -99,6 +106,10 @@ __all__ = [
     "install_kernelspecs",
     "prune_cache",
     "PruneReport",
+    # settings
+    "GuestLimits",
+    "env_trait",
+    "inherited_help",
     # exceptions
     "VMKGError",
     "ConfigError",

@@ -37,7 +37,6 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
-import os
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Awaitable, Callable
@@ -45,7 +44,7 @@ from pathlib import Path
 from typing import Any
 
 from prometheus_client import Counter
-from traitlets import Integer, default
+from traitlets import Integer
 from traitlets.config import SingletonConfigurable
 
 from guest.protocol import (
@@ -58,6 +57,7 @@ from guest.protocol import (
     encode_jupyter,
 )
 
+from .envvars import env_trait
 from .exceptions import AgentError, ChannelError
 
 log = logging.getLogger(__name__)
@@ -77,55 +77,29 @@ GUEST_VIOLATIONS = Counter(
     "or the protocol", ["kind"])
 
 
-def _env_int(name: str, fallback: int) -> int:
-    try:
-        return int(os.environ.get(name, "") or fallback)
-    except ValueError:
-        log.warning("ignoring %s=%r: not an integer", name, os.environ.get(name))
-        return fallback
-
-
 class GuestLimits(SingletonConfigurable):
     """What the host accepts from a guest and holds for it. One instance per process
-    (``GuestLimits.instance()``); configure it as ``c.GuestLimits.max_message = ...``."""
+    (``GuestLimits.instance()``); ``vmkg serve`` configures it from its command line and
+    config file (``--GuestLimits.max_message=...``, ``c.GuestLimits.max_message = ...``),
+    else each limit's ``$VMKG_*`` variable."""
 
-    max_message = Integer(32 << 20, config=True,
-                          help="Largest Jupyter message (all frames and buffers) a kernel may send, in "
-                               "bytes; bigger ones are dropped with a notice in the kernel's output "
-                               "($VMKG_GUEST_MAX_MESSAGE).")
-    max_header = Integer(1 << 20, config=True,
-                         help="Largest header, parent header or metadata frame of a kernel's message, "
-                              "in bytes, checked before anything parses it ($VMKG_GUEST_MAX_HEADER).")
-    max_depth = Integer(64, config=True,
-                        help="Deepest JSON nesting accepted in a kernel's message; deeper ones are "
-                             "dropped unparsed ($VMKG_GUEST_MAX_DEPTH).")
-    kernel_buffer = Integer(64 << 20, config=True,
-                            help="Bytes the host holds for one kernel in each direction (unacknowledged "
-                                 "input for the guest; output not yet written to clients); past it the "
-                                 "sender waits ($VMKG_KERNEL_BUFFER).")
-    total_buffer = Integer(1 << 30, config=True,
-                           help="Bytes held for all kernels of this process together; past it a kernel "
-                                "holding more than 1 MiB waits ($VMKG_TOTAL_BUFFER).")
-
-    @default("max_message")
-    def _max_message_default(self) -> int:
-        return _env_int("VMKG_GUEST_MAX_MESSAGE", 32 << 20)
-
-    @default("max_header")
-    def _max_header_default(self) -> int:
-        return _env_int("VMKG_GUEST_MAX_HEADER", 1 << 20)
-
-    @default("max_depth")
-    def _max_depth_default(self) -> int:
-        return _env_int("VMKG_GUEST_MAX_DEPTH", 64)
-
-    @default("kernel_buffer")
-    def _kernel_buffer_default(self) -> int:
-        return _env_int("VMKG_KERNEL_BUFFER", 64 << 20)
-
-    @default("total_buffer")
-    def _total_buffer_default(self) -> int:
-        return _env_int("VMKG_TOTAL_BUFFER", 1 << 30)
+    max_message = env_trait(Integer, "VMKG_GUEST_MAX_MESSAGE", 32 << 20, zero_is_default=True,
+                            help="Largest Jupyter message (all frames and buffers) a kernel may send, "
+                                 "in bytes; bigger ones are dropped with a notice in the kernel's "
+                                 "output.")
+    max_header = env_trait(Integer, "VMKG_GUEST_MAX_HEADER", 1 << 20, zero_is_default=True,
+                           help="Largest header, parent header or metadata frame of a kernel's "
+                                "message, in bytes, checked before anything parses it.")
+    max_depth = env_trait(Integer, "VMKG_GUEST_MAX_DEPTH", 64, zero_is_default=True,
+                          help="Deepest JSON nesting accepted in a kernel's message; deeper ones are "
+                               "dropped unparsed.")
+    kernel_buffer = env_trait(Integer, "VMKG_KERNEL_BUFFER", 64 << 20, zero_is_default=True,
+                              help="Bytes the host holds for one kernel in each direction "
+                                   "(unacknowledged input for the guest; output not yet written to "
+                                   "clients); past it the sender waits.")
+    total_buffer = env_trait(Integer, "VMKG_TOTAL_BUFFER", 1 << 30, zero_is_default=True,
+                             help="Bytes held for all kernels of this process together; past it a "
+                                  "kernel holding more than 1 MiB waits.")
 
 
 class ByteBudget:

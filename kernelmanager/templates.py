@@ -33,14 +33,19 @@ class TemplateSpec:
     memory_mb: int = 1024
     vcpus: int = 1
     preload: tuple[str, ...] = ()
+    #: the guest uid kernel code runs as: 1000 (``jovyan``). 0 lets kernel code act as root in
+    #: the guest (write any bytes to the host-guest port): only for tests of hostile guests
+    #: (tests/test_root_guest.py), never in a default template
+    kernel_uid: int = 1000
 
     def recipe(self) -> ImageRecipe:
         return ImageRecipe(packages=self.packages)
 
     def machine(self, accel: str) -> MachineSpec:
         # under TCG the kernel is told the TSC rate: calibrating it on a busy host can hang the boot
+        extra = f"vmkg.kernel_uid={self.kernel_uid}" if self.kernel_uid != 1000 else ""
         return MachineSpec(memory_mb=self.memory_mb, vcpus=self.vcpus, accel=accel,
-                           cmdline=kernel_cmdline(tcg=accel == "tcg"))
+                           cmdline=kernel_cmdline(tcg=accel == "tcg", extra=extra))
 
 
 def catalog() -> dict[str, TemplateSpec]:
@@ -58,6 +63,9 @@ def catalog() -> dict[str, TemplateSpec]:
                 raise ConfigError(f"template {name!r}: unknown fields {sorted(bad)}")
             d = {k: tuple(v) if isinstance(v, list) else v for k, v in d.items()}
             specs[name] = TemplateSpec(**{"name": name, **d})
+            if specs[name].kernel_uid == 0:
+                log.warning("template %s: kernel code runs as root in the guest (kernel_uid 0; "
+                            "meant for hostile-guest tests only)", name)
     return specs
 
 

@@ -638,6 +638,39 @@ async def test_fragment_flags_cannot_grow_a_message_without_bound(env: Callable[
 # Real VMs: what any notebook user can do, no root needed
 
 
+# ---------------------------------------------------------------------------
+# The limits are settings of `vmkg serve` (no VM)
+
+
+def test_guest_limits_come_from_the_command_line_config_file_or_environment(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from traitlets import TraitError
+
+    from gateway.app import ServeApp
+
+    def serve_limits(*argv: str) -> GuestLimits:
+        app = ServeApp()
+        app.initialize(list(argv))
+        assert GuestLimits in app.classes  # listed in `vmkg serve --help-all`
+        limits = GuestLimits()
+        limits.update_config(app.config)  # what ServeApp.serve does to the process's instance
+        return limits
+
+    for var in ("VMKG_GUEST_MAX_MESSAGE", "VMKG_GUEST_MAX_DEPTH", "VMKG_CONFIG"):
+        monkeypatch.delenv(var, raising=False)
+    assert serve_limits().max_message == 32 * MiB
+    monkeypatch.setenv("VMKG_GUEST_MAX_MESSAGE", str(8 * MiB))
+    assert serve_limits().max_message == 8 * MiB
+    config = tmp_path / "vmkg_config.py"
+    config.write_text("c.GuestLimits.max_message = 2 * 1024 * 1024\nc.GuestLimits.max_depth = 20\n")
+    limits = serve_limits(f"--config={config}")
+    assert (limits.max_message, limits.max_depth) == (2 * MiB, 20)
+    assert serve_limits(f"--config={config}", "--GuestLimits.max_message=12345").max_message == 12345
+    monkeypatch.setenv("VMKG_GUEST_MAX_DEPTH", "deep")
+    with pytest.raises(TraitError, match="VMKG_GUEST_MAX_DEPTH"):
+        GuestLimits().max_depth  # noqa: B018 - reading the default parses the variable
+
+
 def _rss() -> int:
     with open("/proc/self/status") as f:
         for line in f:

@@ -153,6 +153,16 @@ jailed = pytest.mark.skipif(os.geteuid() != 0 or not JailSettings.from_env().ena
                             reason="the jail needs root and VMKG_JAIL on")
 
 
+def mount_options(pid: int, path: Path) -> list[str]:
+    """The options of the mount that holds ``path`` in process ``pid``'s mount namespace."""
+    best, opts = "", []
+    for line in Path(f"/proc/{pid}/mountinfo").read_text().splitlines():
+        point = line.split()[4]
+        if (str(path) == point or str(path).startswith(point.rstrip("/") + "/")) and len(point) > len(best):
+            best, opts = point, line.split()[5].split(",")
+    return opts
+
+
 @vm
 @jailed
 async def test_qemu_runs_jailed_with_its_limits(template: Any) -> None:
@@ -179,6 +189,14 @@ async def test_qemu_runs_jailed_with_its_limits(template: Any) -> None:
         vms = os.listdir(root / str(paths.vms_dir()).lstrip("/"))
         assert vms == [vk.workdir.name]                          # no other VM's directory
         assert (root / str(template.mem_file).lstrip("/")).exists()
+        # the template's files are mounted read-only there, its VM directory read-write
+        assert "ro" in mount_options(pid, template.mem_file)
+        assert "rw" in mount_options(pid, vk.disk_path)
+        # QEMU's own seccomp filter, with the dangerous classes denied
+        argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+        sandbox = argv[argv.index(b"-sandbox") + 1].decode()
+        for opt in ("on", "obsolete=deny", "elevateprivileges=deny", "spawn=deny", "resourcecontrol=deny"):
+            assert opt in sandbox.split(","), sandbox
         # the VM directory: root's 0710; only the overlay is QEMU's; owner.json root's 0600
         wd = vk.workdir.stat()
         assert (wd.st_uid, stat.S_IMODE(wd.st_mode)) == (0, 0o710)
