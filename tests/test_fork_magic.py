@@ -4,8 +4,8 @@ A cell of alice's kernel runs ``%fork 2``: the magic answers at once with a disp
 updated in place (``update_display_data``, same ``display_id``) with the branch ids; the
 branches are ordinary kernels listed by GET /api/kernels for alice (and the admin), not
 for bob; each has ``__fork__`` = {index, parent_id}; they start from the state right after
-the forking cell (a cell queued behind it is not in them); a branch's changes stay in the
-branch. Then the refusals, each shown in the cell: alice's kernel limit, the per-kernel
+the forking cell (a cell sent while it still ran is held, and is not in them); a branch's
+changes stay in the branch. Then the refusals, each shown in the cell: alice's kernel limit, the per-kernel
 rate limit, and (a second gateway) the fork-image budget.
 """
 
@@ -34,7 +34,7 @@ def gateway_options(tmp_path_factory: pytest.TempPathFactory) -> tuple[list[str]
     path = tmp_path_factory.mktemp("users") / "users.json"
     path.write_text(json.dumps({"alice": hash_token(ALICE), "bob": hash_token(BOB)}))
     return (["--pool-size=0", "--max-kernels-per-user=3", f"--users-file={path}"],
-            {"VMKG_GUEST_FORKS_PER_MINUTE": "2"})
+            {"VMKG_GUEST_FORKS_PER_MINUTE": "1"})
 
 
 async def send_cell(ch: Channels, code: str) -> str:
@@ -43,11 +43,22 @@ async def send_cell(ch: Channels, code: str) -> str:
         "allow_stdin": False, "stop_on_error": True})
 
 
-async def fork_outcome(ch: Channels, msg_id: str, timeout: float = 600) -> tuple[str, str, list[Any]]:
+async def first_display(ch: Channels, msg_id: str, timeout: float = 120) -> tuple[str, str]:
+    """Read until the cell ``msg_id`` shows its %fork display; (display_id, text)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        m = await ch.recv(max(0.1, deadline - time.monotonic()))
+        transient = m.content.get("transient") or {}
+        if m.msg_type == "display_data" and m.parent.get("msg_id") == msg_id and transient.get("display_id"):
+            return transient["display_id"], m.content["data"]["text/plain"]
+
+
+async def fork_outcome(ch: Channels, msg_id: str, timeout: float = 600, display_id: str | None = None,
+                       first: str = "") -> tuple[str, str, list[Any]]:
     """Read until the cell ``msg_id`` is done and its %fork display got its final update.
     Returns (the first display's text, the final text, every message seen)."""
     deadline = time.monotonic() + timeout
-    display_id, first, final = None, "", ""
+    final = ""
     reply = idle = False
     seen: list[Any] = []
     while not (reply and idle and final):
@@ -94,9 +105,12 @@ async def test_fork_from_a_cell(gw: Gateway) -> None:
     ch = await Channels.open(gw, parent, token=ALICE)
     try:
         t0 = time.monotonic()
-        forking = await send_cell(ch, "x = 41\n%fork 2 --timeout 120\nimport time; time.sleep(2)\ny = x + 1")
-        queued = await send_cell(ch, "w = 'queued behind the forking cell'")
-        first, final, _ = await fork_outcome(ch, forking)
+        forking = await send_cell(ch, "x = 41\n%fork 2 --timeout 120\nimport time; time.sleep(3)\ny = x + 1")
+        # %fork has run (its display is out) and the cell still sleeps: a cell sent now is
+        # held by the agent until the snapshot, so it runs in the parent only
+        display_id, first = await first_display(ch, forking)
+        queued = await send_cell(ch, "w = 'sent while the forking cell ran'")
+        first, final, _ = await fork_outcome(ch, forking, display_id=display_id, first=first)
         elapsed = time.monotonic() - t0
         assert "forking once this cell finishes" in first, first
         branches = [kid for _, kid in sorted((int(i), k) for i, k in BRANCH.findall(final))]
@@ -120,19 +134,32 @@ async def test_fork_from_a_cell(gw: Gateway) -> None:
         finally:
             await bch.close()
         assert await ch.value("[x, y, w, '__fork__' in globals()]") == \
-            [41, 42, "queued behind the forking cell", False]
+            [41, 42, "sent while the forking cell ran", False]
         assert await value(gw, branches[1], "x", ALICE) == 41
 
-        # alice holds 3 kernels, her limit: the next fork is refused, in the cell
+        # alice holds 3 kernels, her limit: refused (or rate-limited, if her first request
+        # was less than a minute ago: the rate is checked first); the one right after it
+        # is rate-limited (one request a minute per kernel in this module)
         _, final, _ = await fork_outcome(ch, await send_cell(ch, "%fork 1"))
-        assert "refused" in final and "max_kernels_per_user" in final, final
-        # two requests this minute already: rate-limited (before any limit is looked at)
+        assert "refused" in final and ("max_kernels_per_user" in final or "rate limit" in final), final
         _, final, _ = await fork_outcome(ch, await send_cell(ch, "%fork 1"))
-        assert "refused" in final and "rate limit" in final, final
+        assert "refused" in final and "rate limit" in final and "1 times a minute" in final, final
         # bad arguments are the magic's usage error, nothing reaches the host
         r = await ch.execute("%fork 0")
         assert r.reply["status"] == "error" and "1 to 64" in r.reply["evalue"], r.reply
         assert set(listed(gw, ALICE)) == {parent, *branches}
+
+        # the limit is the owner's: bob's kernel asks for 3 branches, bob may hold 3 kernels
+        r = gw.request("POST", "/api/kernels", token=BOB, json={"name": "python3-microvm"})
+        assert r.status_code == 201, r.text
+        bobs = r.json()["id"]
+        bc = await Channels.open(gw, bobs, token=BOB)
+        try:
+            _, final, _ = await fork_outcome(bc, await send_cell(bc, "%fork 3"))
+        finally:
+            await bc.close()
+        assert "refused" in final and "user 'bob' may hold at most 3 kernels" in final, final
+        assert set(listed(gw, BOB)) == {bobs}
     finally:
         await ch.close()
         for kid in list(listed(gw)):
