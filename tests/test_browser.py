@@ -4,7 +4,11 @@
 One gateway, one JupyterLab and one browser serve the whole module (module fixtures);
 the scenarios share one notebook on one microVM kernel, in order: run a cell, interrupt a
 runaway loop, restart (no "appears to have died" dialog), reload the page while a cell is
-printing, crash the kernel (the died notice, then a working kernel). Every dialog
+printing, crash the kernel (the died notice, then a working kernel); then ``%fork`` from a
+cell and a second notebook attached to the branch (the kernel selector JupyterLab shows,
+as Kernel > Change Kernel... does), and the gateway's dashboard (``GET /``: the tree of
+kernels, fork and delete from the page; ``VMKG_DOCS_SCREENSHOTS=1`` also saves its
+screenshot as docs/dashboard.png). Every dialog
 JupyterLab shows is recorded in the page (a MutationObserver), so a dialog that flashes
 by is still seen. A failing scenario leaves a screenshot and the page's HTML in the folder
 printed at the start of the module.
@@ -18,6 +22,7 @@ from __future__ import annotations
 import functools
 import json
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -28,7 +33,7 @@ from typing import Any
 
 import pytest
 import requests
-from gateway_helpers import Gateway
+from gateway_helpers import REPO, Gateway
 
 pytestmark = [pytest.mark.vm, pytest.mark.browser]
 
@@ -38,6 +43,7 @@ from selenium import webdriver  # noqa: E402
 from selenium.common.exceptions import StaleElementReferenceException, WebDriverException  # noqa: E402
 from selenium.webdriver.common.by import By  # noqa: E402
 from selenium.webdriver.common.keys import Keys  # noqa: E402
+from selenium.webdriver.support.ui import Select  # noqa: E402
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 CHROMEDRIVER = shutil.which("chromedriver") or "/usr/bin/chromedriver"
@@ -209,8 +215,8 @@ class Page:
     def js(self, script: str) -> Any:
         return self.driver.execute_script(script)
 
-    def open(self) -> None:
-        self.driver.get(f"{self.url}/lab/tree/{NOTEBOOK}?token={LAB_TOKEN}")
+    def open(self, notebook: str = NOTEBOOK) -> None:
+        self.driver.get(f"{self.url}/lab/tree/{notebook}?token={LAB_TOKEN}")
         self.js(WATCH_DIALOGS)
         self.wait("the notebook's editor", lambda: self.driver.find_elements(
             By.CSS_SELECTOR, ".jp-NotebookPanel .jp-Cell .cm-content"), 120)
@@ -221,6 +227,12 @@ class Page:
             const w = window.jupyterapp && window.jupyterapp.shell.currentWidget;
             const k = w && w.sessionContext && w.sessionContext.session && w.sessionContext.session.kernel;
             return k ? k.status : null;""")
+
+    def kernel_id(self) -> str | None:
+        return self.js("""
+            const w = window.jupyterapp && window.jupyterapp.shell.currentWidget;
+            const k = w && w.sessionContext && w.sessionContext.session && w.sessionContext.session.kernel;
+            return k ? k.id : null;""")
 
     def kernel_name(self) -> str | None:
         return self.js("""
@@ -335,3 +347,72 @@ def test_crash_shows_the_died_notice_then_a_working_kernel(page: Page, shots: Pa
     page.dismiss_dialogs()
     page.wait("the kernel to be back", lambda: page.kernel_status() == "idle", 120)
     page.run("print('alive', 'doomed' in dir())", "alive False", timeout=120)
+
+
+@keep_evidence
+def test_fork_from_a_cell_and_attach_a_notebook_to_a_branch(page: Page, shots: Path, lab: str) -> None:
+    page.open()
+    parent = page.kernel_id()
+    cell = page.run("shared = 'from the parent'\n%fork 1", "1 branch(es) of kernel", timeout=300)
+    assert parent in page.output(cell) and "Change Kernel" in page.output(cell)
+    m = re.search(r"branch 0\s+([0-9a-f-]{36})", page.output(cell))  # the display's HTML table
+    assert m, page.output(cell)
+    branch = m.group(1)
+    # a second notebook, with no kernel yet: JupyterLab asks which kernel (the selector of
+    # Kernel > Change Kernel...), and the branch is among the running kernels it offers
+    r = requests.put(f"{lab}/api/contents/branch.ipynb?token={LAB_TOKEN}", timeout=30, json={
+        "type": "notebook", "format": "json", "content": {
+            "cells": [{"cell_type": "code", "execution_count": None, "id": "b0", "metadata": {},
+                       "outputs": [], "source": ""}],
+            "metadata": {}, "nbformat": 4, "nbformat_minor": 5}})
+    assert r.status_code in (200, 201), r.text
+    page.driver.get(f"{lab}/lab/tree/branch.ipynb?token={LAB_TOKEN}")
+    page.js(WATCH_DIALOGS)
+    choice = json.dumps({"id": branch}, separators=(",", ":"))
+    select = page.wait("the kernel selector listing the branch", lambda: [
+        el for el in page.driver.find_elements(By.CSS_SELECTOR, ".jp-Dialog select")
+        if any(o.get_attribute("value") == choice for o in el.find_elements(By.TAG_NAME, "option"))], 60)[0]
+    Select(select).select_by_value(choice)
+    page.driver.find_element(By.CSS_SELECTOR, ".jp-Dialog .jp-mod-accept").click()
+    page.wait("the notebook on the branch", lambda: page.kernel_id() == branch, 60)
+    page.wait("the branch to be idle", lambda: page.kernel_status() == "idle", 60)
+    page.run("print(shared, __fork__['index'], __fork__['parent_id'])", f"from the parent 0 {parent}")
+    page.run("shared = 'changed in the branch'; print(shared)", "changed in the branch")
+    page.open()  # back to the parent's notebook
+    assert page.kernel_id() == parent
+    page.run("print('parent has', shared)", "parent has from the parent")
+
+
+@keep_evidence
+def test_dashboard_tree_fork_and_delete(page: Page, shots: Path, gw: Gateway) -> None:
+    driver = page.driver
+    driver.get(f"{gw.url}/?token={gw.token}")
+    page.wait("the token dropped from the address", lambda: driver.current_url == f"{gw.url}/", 30)
+
+    def rows() -> dict[str, Any]:
+        return {tr.get_attribute("data-id"): tr for tr in driver.find_elements(By.CSS_SELECTOR, "#kernels tbody tr")}
+
+    listed = {k["id"]: k for k in gw.request("GET", "/api/kernels").json()}
+    page.wait("every kernel in the tree", lambda: set(rows()) == set(listed), 30)
+    root = next(k for k, m in listed.items() if m["parent_id"] is None)
+    rows()[root].find_element(By.CSS_SELECTOR, "button.fork").click()
+
+    def new_branch() -> str | None:
+        for kid, tr in rows().items():
+            if kid not in listed and tr.get_attribute("data-parent") == root:
+                return kid
+        return None
+
+    child = page.wait("the new branch under its parent", new_branch, 300)
+    tr = rows()[child]
+    assert tr.get_attribute("data-depth") == str(int(rows()[root].get_attribute("data-depth")) + 1)
+    page.wait("the branch idle with its memory shown", lambda: "idle" in rows()[child].text
+              and "MB" in rows()[child].find_element(By.CSS_SELECTOR, ".memory").text, 60)
+    driver.save_screenshot(str(shots / "dashboard.png"))
+    if os.environ.get("VMKG_DOCS_SCREENSHOTS"):
+        driver.save_screenshot(str(REPO / "docs" / "dashboard.png"))
+    rows()[child].find_element(By.CSS_SELECTOR, "button.delete").click()
+    page.wait("the delete confirmation", lambda: rows()[child].find_elements(By.CSS_SELECTOR, "button.confirm"), 10)
+    rows()[child].find_element(By.CSS_SELECTOR, "button.confirm").click()
+    page.wait("the branch gone from the tree", lambda: child not in rows(), 60)
+    assert child not in {k["id"] for k in gw.request("GET", "/api/kernels").json()}
