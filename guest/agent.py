@@ -508,8 +508,9 @@ class Agent:
 
         The host decides (limits, budget, rate, owner) and answers with the
         ``fork_result`` op. Until then, or until the fork's snapshot is taken (``thaw``),
-        shell input is held, so the snapshot is of the state right after the cell that
-        ran ``%fork``. One request at a time; whatever the kernel sends is bounded.
+        shell input that arrives is held, so a cell sent after ``%fork`` ran is not in the
+        branches (cells ipykernel had already queued are). One request at a time;
+        whatever the kernel sends is bounded.
         """
         path = magic.FORK_SOCKET
         try:

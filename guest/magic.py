@@ -12,9 +12,10 @@ run directory), which forwards it to the host over the host-guest channel (a
 budget, rate, owner) and answers with the branch ids or a refusal.
 
 The cell running ``%fork`` is busy, so the host snapshots the kernel only once it is idle:
-the branches start from the state right after that cell finished, never mid-cell (the
-agent holds back shell requests that arrive meanwhile, so a queued next cell runs after
-the snapshot). ``--timeout`` bounds how long the host waits for that idle moment. So the
+never mid-cell. Shell requests that reach the agent after ``%fork`` ran are held until the
+snapshot, so the branches start from the state right after that cell; cells that were
+already queued in ipykernel before it ran (Run All) run first and are in the branches
+too. ``--timeout`` bounds how long the host waits for that idle moment. So the
 magic returns at once with a display (with a ``display_id``) that a background thread
 updates in place once the answer comes: the branch ids and how to open one.
 
@@ -104,8 +105,10 @@ class ForkStatus:
                     f"within {self.request['timeout']:g} s) ..."]
         lines = [f"%fork {n}: {len(self.kernels)} branch(es) of kernel {self.parent_id} are running:"]
         lines += [f"  branch {i}: {kid}" for i, kid in enumerate(self.kernels)]
-        lines.append("Open one in JupyterLab: Kernel > Change Kernel... and pick it under "
-                     "\"Connect to Existing ... Kernel\" (listed by the first part of its id). "
+        lines.append("Attach a notebook to one: they are running kernels of the gateway, but "
+                     "JupyterLab in gateway mode lists only kernels it started, so open the "
+                     "notebook on a session with its id (JupyterLab's POST /api/sessions with "
+                     "\"kernel\": {\"id\": ...}); then Kernel > Change Kernel... lists it too. "
                      "In a branch, __fork__ says which one it is.")
         return lines
 

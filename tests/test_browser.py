@@ -5,8 +5,8 @@ One gateway, one JupyterLab and one browser serve the whole module (module fixtu
 the scenarios share one notebook on one microVM kernel, in order: run a cell, interrupt a
 runaway loop, restart (no "appears to have died" dialog), reload the page while a cell is
 printing, crash the kernel (the died notice, then a working kernel); then ``%fork`` from a
-cell and a second notebook attached to the branch (the kernel selector JupyterLab shows,
-as Kernel > Change Kernel... does), and the gateway's dashboard (``GET /``: the tree of
+cell and a second notebook opened on the branch (JupyterLab in gateway mode lists only
+kernels it started, so through a session made with the branch's id), and the gateway's dashboard (``GET /``: the tree of
 kernels, fork and delete from the page; ``VMKG_DOCS_SCREENSHOTS=1`` also saves its
 screenshot as docs/dashboard.png). Every dialog
 JupyterLab shows is recorded in the page (a MutationObserver), so a dialog that flashes
@@ -43,7 +43,6 @@ from selenium import webdriver  # noqa: E402
 from selenium.common.exceptions import StaleElementReferenceException, WebDriverException  # noqa: E402
 from selenium.webdriver.common.by import By  # noqa: E402
 from selenium.webdriver.common.keys import Keys  # noqa: E402
-from selenium.webdriver.support.ui import Select  # noqa: E402
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 CHROMEDRIVER = shutil.which("chromedriver") or "/usr/bin/chromedriver"
@@ -358,24 +357,29 @@ def test_fork_from_a_cell_and_attach_a_notebook_to_a_branch(page: Page, shots: P
     m = re.search(r"branch 0\s+([0-9a-f-]{36})", page.output(cell))  # the display's HTML table
     assert m, page.output(cell)
     branch = m.group(1)
-    # a second notebook, with no kernel yet: JupyterLab asks which kernel (the selector of
-    # Kernel > Change Kernel...), and the branch is among the running kernels it offers
+    # a second notebook on the branch: JupyterLab in gateway mode lists only the kernels it
+    # started itself, so the notebook is opened on a session made with the branch's id (what
+    # the %fork display tells a user to do); JupyterLab then attaches the page to it, and
+    # its Kernel > Change Kernel... selector offers the branch from then on
     r = requests.put(f"{lab}/api/contents/branch.ipynb?token={LAB_TOKEN}", timeout=30, json={
         "type": "notebook", "format": "json", "content": {
             "cells": [{"cell_type": "code", "execution_count": None, "id": "b0", "metadata": {},
                        "outputs": [], "source": ""}],
-            "metadata": {}, "nbformat": 4, "nbformat_minor": 5}})
+            "metadata": {"kernelspec": {"name": KERNEL, "display_name": "Python 3 (microVM)",
+                                        "language": "python"}},
+            "nbformat": 4, "nbformat_minor": 5}})
     assert r.status_code in (200, 201), r.text
-    page.driver.get(f"{lab}/lab/tree/branch.ipynb?token={LAB_TOKEN}")
-    page.js(WATCH_DIALOGS)
+    r = requests.post(f"{lab}/api/sessions?token={LAB_TOKEN}", timeout=60, json={
+        "path": "branch.ipynb", "name": "branch.ipynb", "type": "notebook", "kernel": {"id": branch}})
+    assert r.status_code == 201 and r.json()["kernel"]["id"] == branch, r.text
+    page.open("branch.ipynb")
+    assert page.kernel_id() == branch
+    page.js("window.jupyterapp.commands.execute('notebook:change-kernel')")
     choice = json.dumps({"id": branch}, separators=(",", ":"))
-    select = page.wait("the kernel selector listing the branch", lambda: [
-        el for el in page.driver.find_elements(By.CSS_SELECTOR, ".jp-Dialog select")
-        if any(o.get_attribute("value") == choice for o in el.find_elements(By.TAG_NAME, "option"))], 60)[0]
-    Select(select).select_by_value(choice)
-    page.driver.find_element(By.CSS_SELECTOR, ".jp-Dialog .jp-mod-accept").click()
-    page.wait("the notebook on the branch", lambda: page.kernel_id() == branch, 60)
-    page.wait("the branch to be idle", lambda: page.kernel_status() == "idle", 60)
+    page.wait("Change Kernel offering the branch", lambda: [
+        o for o in page.driver.find_elements(By.CSS_SELECTOR, ".jp-Dialog select option")
+        if o.get_attribute("value") == choice], 30)
+    page.driver.find_element(By.CSS_SELECTOR, ".jp-Dialog .jp-mod-reject").click()
     page.run("print(shared, __fork__['index'], __fork__['parent_id'])", f"from the parent 0 {parent}")
     page.run("shared = 'changed in the branch'; print(shared)", "changed in the branch")
     page.open()  # back to the parent's notebook
