@@ -43,6 +43,7 @@ from kernelmanager import (
     bake_template,
     catalog,
     kernelspec_name,
+    set_fork_request_handler,
     start_runtime,
     stop_runtime,
 )
@@ -50,6 +51,7 @@ from kernelmanager import (
 from . import cli, internals, logs, metrics
 from .auth import TokenIdentityProvider
 from .envvars import env_trait
+from .forks import GuestForks
 from .kernels import VMMappingKernelManager
 from .kernelspecs import TemplateKernelSpecManager
 from .routes import routes
@@ -269,6 +271,11 @@ class ServeApp(Application):
     max_fork_count = env_trait(Integer, "VMKG_MAX_FORK_COUNT", 64, zero_is_default=True,
                                help="Most branches one POST /api/kernels/{id}/fork may ask for "
                                     "(400 beyond it); max_kernels still bounds the total.")
+    guest_forks_per_minute = env_trait(
+        Integer, "VMKG_GUEST_FORKS_PER_MINUTE", 6,
+        help="How often a kernel may ask for forks from inside (the %fork magic), per minute and "
+             "kernel; more are refused with a message in the cell. Its branches count against "
+             "the kernel owner's limits and the fork-image budget like any fork.")
     authenticate_metrics = env_trait(Bool, "VMKG_AUTHENTICATE_METRICS", True,
                                      help="Require the token for /metrics.")
     json_logs = env_trait(Bool, "VMKG_JSON_LOGS", False, help="Log one JSON object per line.")
@@ -364,6 +371,8 @@ class ServeApp(Application):
         km = self.kernel_manager
         km.removal_hooks.append(self.kernel_websocket_connection_class.close_for_kernel)
         km.status_hooks.append(self.kernel_websocket_connection_class.announce)
+        set_fork_request_handler(GuestForks(km, per_minute=self.guest_forks_per_minute,
+                                            max_count=self.max_fork_count))
         names = sorted(self.kernel_spec_manager.find_kernel_specs())
         for name in filter(None, {km.default_kernel_name, km.force_kernel_name}):
             if name not in names:
@@ -435,6 +444,7 @@ class ServeApp(Application):
         km = self.kernel_manager
         self.log.info("shutting down: %d kernels, %d pooled", len(km.list_kernel_ids()),
                       sum(km.pool.pooled().values()))
+        set_fork_request_handler(None)
         self.http_server.stop()
         for conn in internals.open_connections():
             try:

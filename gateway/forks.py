@@ -13,17 +13,31 @@ Request body: ``{"count": N, "reseed": true, "timeout": 30}`` (all optional; cou
 ``max_fork_count``). Answers ``201 {"kernels": [model, ...]}``; 409 when the parent
 stayed busy past ``timeout``; 403 when the new kernels would pass a limit; 503 when the
 snapshot failed (``ForkError``: QEMU or the host refused; the parent keeps running).
+
+**Forks from inside a kernel** (the ``%fork`` magic, ``guest.magic``): ``GuestForks`` is
+this gateway's ``kernelmanager.set_fork_request_handler`` handler. The request comes
+from code in the guest, so it gets no more than its kernel's owner would over HTTP: the
+branches belong to the parent's owner and count against the owner's kernel limits
+(``max_kernels``, ``max_kernels_per_user``) and the fork-image budget, a request may ask
+for at most ``max_fork_count`` branches, and each kernel may ask at most
+``guest_forks_per_minute`` times a minute (sliding window). Every refusal's text goes
+back into the cell that ran ``%fork``. The answer lists the branch ids in branch order
+(``__fork__["index"]`` in each).
 """
 
 from __future__ import annotations
 
+import time
 import uuid
+from collections import deque
 from typing import Any
 
+from jupyter_server.auth.identity import User
 from jupyter_server.base.handlers import APIHandler
 from tornado import web
 
-from kernelmanager import ForkSource, Lineage, fork, vm_handle
+from kernelmanager import ForkRequest, ForkSource, Lineage, fork, vm_handle
+from kernelmanager.exceptions import LimitExceeded
 
 from . import errors, users
 from .handlers import GatewayHandlerMixin, _finish_json, check_owner
@@ -85,6 +99,51 @@ async def fork_kernel(mkm: Any, kernel_id: str, count: int, *, reseed: bool = Tr
                                 start_child=start_child, stop_child=stop_child)
     mkm.log.info("kernel %s: forked into %d (%s)", kernel_id, count, ", ".join(i[:8] for i in ids))
     return ids
+
+
+class GuestForks:
+    """Serves ``%fork`` requests for the kernels of ``mkm`` (see the module docstring)."""
+
+    def __init__(self, mkm: Any, *, per_minute: int = 6, max_count: int = DEFAULT_MAX_FORK_COUNT,
+                 window: float = 60.0) -> None:
+        self.mkm = mkm
+        self.per_minute = per_minute
+        self.max_count = max_count
+        self.window = window
+        self._recent: dict[str, deque[float]] = {}  # kernel id -> times of its last requests
+        mkm.removal_hooks.append(lambda kid: self._recent.pop(kid, None))
+
+    def _check_rate(self, kernel_id: str) -> None:
+        now = time.monotonic()
+        recent = self._recent.setdefault(kernel_id, deque())
+        while recent and now - recent[0] >= self.window:
+            recent.popleft()
+        if len(recent) >= self.per_minute:
+            wait = self.window - (now - recent[0])
+            raise LimitExceeded(f"rate limit: a kernel may ask for forks at most {self.per_minute} "
+                                f"times a minute; try again in {wait:.0f} s")
+        recent.append(now)
+
+    async def __call__(self, req: ForkRequest) -> list[str]:
+        mkm, kid = self.mkm, req.kernel_id
+        if kid not in mkm:
+            raise LimitExceeded(f"kernel {kid} is not a client kernel of this gateway (a warm-pool "
+                                "kernel cannot fork)")
+        if req.count > self.max_count:
+            raise LimitExceeded(f"at most {self.max_count} branches per fork (max_fork_count), "
+                                f"not {req.count}")
+        self._check_rate(kid)
+        owner = mkm.owners.get(kid)
+        user = User(owner) if owner and users.tenant(User(owner)) else None  # None: the admin
+        mkm.log.info("kernel %s: %%fork %d asked from inside the kernel (owner %s)", kid, req.count,
+                     owner or users.ADMIN)
+        ids = await fork_kernel(mkm, kid, req.count, reseed=req.reseed, timeout=req.timeout, user=user)
+
+        def index(k: str) -> int:
+            rec = lineage_of(mkm, k)
+            return rec.index if rec is not None else 0
+
+        return sorted(ids, key=index)
 
 
 class ForkHandler(GatewayHandlerMixin, APIHandler):

@@ -21,6 +21,10 @@ with a JSON 404 (after authentication, so it reveals nothing to strangers).
     GET|PUT|DELETE /api/kernels/{id}/files/{path}
     WS     /api/kernels/{id}/channels
     GET    /metrics                            Prometheus text format
+    GET    /                                   the dashboard (gateway.dashboard; ?token= signs in)
+    GET    /dashboard/static/{file}            its script and stylesheet
+    GET    /dashboard/api/kernels              its JSON (session cookie, not the API's token)
+    POST   /dashboard/api/kernels/{id}/delete|fork   (cookie + CSRF header)
 """
 
 from __future__ import annotations
@@ -28,7 +32,7 @@ from __future__ import annotations
 from jupyter_server.services.kernelspecs.handlers import kernel_name_regex
 from jupyter_server.utils import url_path_join
 
-from . import handlers
+from . import dashboard, handlers
 from .files import FileHandler
 from .forks import ForkHandler, ForksListHandler
 from .websocket import KernelChannelsHandler
@@ -52,6 +56,10 @@ def route_table() -> list[tuple[str, type]]:
         (rf"/api/kernels/{KERNEL_ID}/forks", ForksListHandler),
         (rf"/api/kernels/{KERNEL_ID}/files/(?P<path>.*)", FileHandler),
         (rf"/api/kernels/{KERNEL_ID}/channels", KernelChannelsHandler),
+        (r"/", dashboard.DashboardPageHandler),
+        (r"/dashboard/static/(?P<name>[\w.-]+)", dashboard.DashboardStaticHandler),
+        (r"/dashboard/api/kernels", dashboard.DashboardKernelsHandler),
+        (rf"/dashboard/api/kernels/{KERNEL_ID}/(?P<action>delete|fork)", dashboard.DashboardActionHandler),
         (r"/(.*)", handlers.NotFoundHandler),
     ]
 

@@ -37,7 +37,7 @@ import zmq
 import zmq.asyncio
 from jupyter_client.session import Session
 
-from guest import files
+from guest import files, magic
 from guest.identity import RESTORE_FIFO, RESTORE_FILE, WARMUP_CODE, reseed_crng, set_clock
 from guest.link import HostLink, find_port
 from guest.protocol import (
@@ -71,6 +71,8 @@ DELIM = b"<IDS|MSG>"
 READ_SIZE = 1 << 20
 #: requests served in order with the Jupyter messages around them
 ORDERED_OPS = frozenset({"restore", "thaw"})
+#: seconds the agent holds shell input for a %fork the host never answers, beyond its timeout
+FORK_HOLD_GRACE = 120.0
 
 
 
@@ -113,6 +115,11 @@ class Agent:
         self._pending: dict[str, float] = {}  # shell requests sent to the kernel, not yet answered
         self.frozen = False
         self._held: list[JupyterMessage] = []
+        #: a %fork is waiting for the kernel to go idle: shell input is held meanwhile
+        self.hold_shell = False
+        self._fork_ids = 0
+        #: the %fork request forwarded to the host: (its number, the future of its answer)
+        self._fork_wait: tuple[int, asyncio.Future[dict[str, Any] | None]] | None = None
 
     # -- kernel process ---------------------------------------------------------
 
@@ -344,8 +351,10 @@ class Agent:
             if isinstance(msg, JupyterMessage):
                 if msg.channel == "iopub":
                     continue
-                if self.frozen:
-                    self._held.append(msg)  # a fork is being taken: nothing may start now
+                if self.frozen or (self.hold_shell and msg.channel == "shell"):
+                    # a fork is being taken (frozen), or a %fork waits for the kernel to be
+                    # idle (hold_shell): nothing new may start now
+                    self._held.append(msg)
                     continue
                 self._note_request(msg)
                 await self.sockets[msg.channel].send_multipart(msg.parts)
@@ -363,8 +372,16 @@ class Agent:
             if not fut.done():
                 fut.cancel()
         self.frozen = False
+        self.hold_shell = False
         self._held.clear()
         self._pending.clear()
+        if self._fork_wait is not None:
+            # a fork child: its copy of the %fork connection gets no answer (the magic's
+            # thread in the branch then ends quietly); the parent gets the real one
+            _, answer = self._fork_wait
+            self._fork_wait = None
+            if not answer.done():
+                answer.set_result(None)
 
     def send_control(self, body: dict[str, Any]) -> None:
         self.endpoint.send(encode_control(body))
@@ -410,6 +427,7 @@ class Agent:
             os.chown(RESTORE_FIFO, KERNEL_USER, KERNEL_USER)
         await self.execute(WARMUP_CODE.format(preload=preload, restore_file=RESTORE_FILE,
                                               restore_fifo=RESTORE_FIFO), timeout=timeout)
+        await self.execute(magic.install_code(), timeout=timeout)  # %fork, in every template
         return {"kernel_release": os.uname().release, "python": sys.version.split()[0],
                 "kernel_pid": self.kernel.pid if self.kernel else None}
 
@@ -421,6 +439,9 @@ class Agent:
             socket.sethostname(name)
         req = {"env": {str(k): str(v) for k, v in (body.get("env") or {}).items()},
                "cwd": body.get("cwd") or "", "reseed": bool(body.get("reseed", True))}
+        fork = body.get("fork")
+        if isinstance(fork, dict):  # the first start of a fork child: it sets __fork__
+            req["fork"] = {"index": int(fork.get("index", 0)), "parent_id": str(fork.get("parent_id", ""))}
         await self._ready.wait()
         assert self.kernel is not None
         with open(RESTORE_FILE + ".tmp", "w") as f:
@@ -477,11 +498,110 @@ class Agent:
 
     async def op_thaw(self, body: dict[str, Any]) -> dict[str, Any]:
         self.frozen = False
+        self.hold_shell = False
+        return {"released": await self._release_held()}
+
+    async def _release_held(self) -> int:
+        """Send the input held during a freeze or a %fork's wait, in order."""
+        if self.frozen:
+            return 0
         held, self._held = self._held, []
-        for msg in held:
+        for i, msg in enumerate(held):
+            if self.frozen or (self.hold_shell and msg.channel == "shell"):
+                self._held[:0] = held[i:]  # held again meanwhile: keep the rest, in order
+                break
             self._note_request(msg)
             await self.sockets[msg.channel].send_multipart(msg.parts)
-        return {"released": len(held)}
+        return len(held)
+
+    # -- %fork: requests from the kernel's own code ------------------------------------
+
+    async def serve_fork_requests(self) -> None:
+        """Listen for the ``%fork`` magic (``guest.magic``) on a socket only the kernel
+        user can reach, and forward each request to the host as a ``fork_request`` event.
+
+        The host decides (limits, budget, rate, owner) and answers with the
+        ``fork_result`` op. Until then, or until the fork's snapshot is taken (``thaw``),
+        shell input that arrives is held, so a cell sent after ``%fork`` ran is not in the
+        branches (cells ipykernel had already queued are). One request at a time;
+        whatever the kernel sends is bounded.
+        """
+        path = magic.FORK_SOCKET
+        try:
+            os.unlink(path)
+        except FileNotFoundError:
+            pass
+        server = await asyncio.start_unix_server(self._fork_client, path, limit=magic.MAX_LINE)
+        os.chown(path, KERNEL_USER, KERNEL_USER)
+        os.chmod(path, 0o600)
+        async with server:
+            await server.serve_forever()
+
+    async def _fork_client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            answer = await self._fork_answer(reader)
+            if answer is not None:
+                writer.write(json.dumps(answer).encode() + b"\n")
+                await writer.drain()
+        except Exception as exc:  # noqa: BLE001 - one bad client must not hurt the agent
+            log("%%fork client: %s", exc)
+        finally:
+            writer.close()
+
+    async def _fork_answer(self, reader: asyncio.StreamReader) -> dict[str, Any] | None:
+        try:
+            line = await asyncio.wait_for(reader.readuntil(b"\n"), 10)
+            req = json.loads(line)
+            count, reseed, timeout = req["count"], req["reseed"], req["timeout"]
+            if isinstance(count, bool) or not isinstance(count, int) or not 1 <= count <= magic.MAX_COUNT:
+                raise ValueError(f"count must be from 1 to {magic.MAX_COUNT}")
+            if not isinstance(reseed, bool):
+                raise ValueError("reseed must be true or false")
+            if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) \
+                    or not 0 <= timeout <= magic.MAX_TIMEOUT:
+                raise ValueError(f"timeout must be from 0 to {magic.MAX_TIMEOUT:g} s")
+        except (asyncio.LimitOverrunError, asyncio.IncompleteReadError, asyncio.TimeoutError,
+                ValueError, TypeError, KeyError) as exc:
+            return {"ok": False, "error": f"bad %fork request: {str(exc)[:200] or type(exc).__name__}"}
+        if self._fork_wait is not None:
+            return {"ok": False, "error": "a %fork of this kernel is already under way; wait for its answer"}
+        self._fork_ids += 1
+        n = self._fork_ids
+        fut: asyncio.Future[dict[str, Any] | None] = asyncio.get_running_loop().create_future()
+        self._fork_wait = (n, fut)
+        self.hold_shell = True
+        asyncio.get_running_loop().call_later(timeout + FORK_HOLD_GRACE,
+                                              lambda: self._spawn(self._stop_holding(n)))
+        self.send_control({"event": "fork_request", "request": n, "count": count,
+                           "reseed": reseed, "timeout": timeout})
+        try:
+            return await fut
+        finally:
+            if self._fork_wait is not None and self._fork_wait[0] == n:
+                self._fork_wait = None
+            await self._stop_holding(n)
+
+    async def _stop_holding(self, n: int) -> None:
+        """Release the shell input held for %fork request ``n`` (if it still is)."""
+        if self.hold_shell and (self._fork_wait is None or self._fork_wait[0] == n):
+            self.hold_shell = False
+            await self._release_held()
+
+    async def op_fork_result(self, body: dict[str, Any]) -> dict[str, Any]:
+        """The host's answer to a ``fork_request``: branch ids, or why not."""
+        wait = self._fork_wait
+        if wait is None or wait[0] != body.get("request"):
+            return {"delivered": False}
+        self._fork_wait = None
+        if body.get("ok"):
+            answer = {"ok": True, "kernels": [str(k) for k in body.get("kernels") or []],
+                      "parent_id": str(body.get("parent_id", ""))}
+        else:
+            answer = {"ok": False, "error": str(body.get("error") or "refused")[:2000]}
+        if not wait[1].done():
+            wait[1].set_result(answer)
+        await self._stop_holding(wait[0])
+        return {"delivered": True}
 
     async def op_ping(self, body: dict[str, Any]) -> dict[str, Any]:
         alive = self.kernel is not None and self.kernel.returncode is None
@@ -520,6 +640,7 @@ class Agent:
             self._spawn(self.pump_kernel(channel))
         self._spawn(self.wait_kernel_ready())
         self._spawn(self.inbox_loop())
+        self._spawn(self.serve_fork_requests())
         await asyncio.Event().wait()
 
 

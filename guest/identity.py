@@ -60,6 +60,8 @@ def _vmkg_warmup(preload, restore_file, restore_fifo):
                 np = sys.modules.get("numpy")
                 if np is not None:
                     np.random.seed()
+            if req.get("fork") is not None:  # a fork child's first start: which branch
+                get_ipython().user_ns["__fork__"] = req["fork"]
             get_ipython().kernel.session.session = str(uuid.uuid4())
             result = "ok"
         except Exception as exc:

@@ -44,7 +44,13 @@ byte is its kind: KIND_JUPYTER (a channel byte and the ZMQ multipart frames) or
 KIND_CONTROL (a JSON object: requests, replies and events between host and agent).
 
 Bump PROTOCOL_VERSION on any incompatible change: templates record it, and a
-template baked with another version is refused instead of restored.
+template baked with another version is refused instead of restored. Version 3 added
+the guest's ``fork_request`` event (the ``%fork`` magic: ``{"event": "fork_request",
+"request": n, "count", "reseed", "timeout"}``), the host's ``fork_result`` op that
+answers it (``{"op": "fork_result", "request": n, "ok", "kernels", "parent_id",
+"error"}``) and the ``fork`` field of ``restore`` (``{"index", "parent_id"}``: the child
+sets ``__fork__``). The host validates every field of a ``fork_request``
+(``kernelmanager.provisioner``): it comes from code in the guest.
 
 Bounds: a frame payload is at most MAX_FRAME_PAYLOAD; a receiver buffers at most one
 frame beyond what it was fed; a reassembled message is at most ``Endpoint.max_message``
@@ -64,7 +70,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
-PROTOCOL_VERSION = 2
+PROTOCOL_VERSION = 3
 
 MAGIC = b"\xf0VKG"
 HELLO, HELLO_ACK, DATA, ACK = 1, 2, 3, 4

@@ -25,6 +25,9 @@ Forking
     It snapshots the parent, starts ``count`` children through ``start_child(source)``
     (which passes ``fork_source=source`` to a ``start_kernel``), releases the snapshot,
     and stops the started children if one fails. Limits are the caller's.
+    ``set_fork_request_handler(handler)``: forks asked for from inside a kernel (the
+    ``%fork`` magic) arrive, validated, as ``ForkRequest``s at ``handler`` (async, on the
+    loop that started the kernel; returns the children's ids or raises the refusal).
 
 Templates
     ``TemplateSpec``, ``catalog()``, ``get_spec(name)``, ``kernelspec_name(template)``,
@@ -75,7 +78,14 @@ from .exceptions import (
 )
 from .handle import FILE_CHUNK, FileChunk, ForkSource, Lineage, MemoryStats, VMHandle
 from .kernelspec import kernelspec_json, kernelspec_name
-from .provisioner import MicroVMProvisioner, fork, vm_handle
+from .provisioner import (
+    ForkRequest,
+    ForkRequestHandler,
+    MicroVMProvisioner,
+    fork,
+    set_fork_request_handler,
+    vm_handle,
+)
 from .templates import TemplateSpec, catalog, get_spec
 
 __all__ = [
@@ -90,6 +100,9 @@ __all__ = [
     # forking
     "fork",
     "ForkSource",
+    "ForkRequest",
+    "ForkRequestHandler",
+    "set_fork_request_handler",
     # templates
     "TemplateSpec",
     "catalog",

@@ -45,10 +45,13 @@ class Lineage:
     """Where a forked kernel came from: the kernel it was forked from, and when (UTC).
 
     Kept by the kernel across restarts (a restarted branch is a fresh kernel from the
-    template, but still a branch of its parent)."""
+    template, but still a branch of its parent). ``index`` numbers the children of one
+    fork 0, 1, ... in the order they were started; the child's first start sets
+    ``__fork__ = {"index": index, "parent_id": parent_id}`` in its namespace."""
 
     parent_id: str
     forked_at: datetime
+    index: int = 0
 
 
 @dataclass(frozen=True)
@@ -83,11 +86,12 @@ class ForkSource:
     does all of this; code that only forks should call that.
     """
 
-    __slots__ = ("_snapshot", "_released", "reseed", "lineage")
+    __slots__ = ("_snapshot", "_released", "_children", "reseed", "lineage")
 
     def __init__(self, snapshot: Snapshot, *, reseed: bool, lineage: Lineage) -> None:
         self._snapshot = snapshot
         self._released = False
+        self._children = 0
         self.reseed = reseed
         """Whether children reseed Python's and NumPy's global random generators."""
         self.lineage = lineage
@@ -99,6 +103,11 @@ class ForkSource:
         if self._released:
             raise ForkError(f"fork source of kernel {self.lineage.parent_id} was already released")
         return self._snapshot
+
+    def _child_lineage(self) -> Lineage:
+        """The lineage of the next child started from this source (its index counts up)."""
+        index, self._children = self._children, self._children + 1
+        return Lineage(self.lineage.parent_id, self.lineage.forked_at, index)
 
     def __repr__(self) -> str:
         return f"<ForkSource of kernel {self.lineage.parent_id} ({self._snapshot.path.name[:8]})>"

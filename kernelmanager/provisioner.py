@@ -29,6 +29,15 @@ What it adds to jupyter_client's surface, and nothing else:
 * :attr:`MicroVMProvisioner.handle`: the kernel's :class:`~kernelmanager.handle.VMHandle`
   (files, env, fork snapshots, timings, process and memory).
 * :func:`fork`: the one fork orchestrator (snapshot, start N children, release, clean up).
+* :func:`set_fork_request_handler`: who serves forks asked for from *inside* a kernel
+  (the ``%fork`` magic, ``guest.magic``). The guest's ``fork_request`` event is validated
+  here (types, ``count`` 1..64, ``timeout`` 0..3600; one request per kernel at a time,
+  extra or malformed ones dropped and counted as guest violations), becomes a
+  :class:`ForkRequest`, and goes to the handler on the loop that started the kernel (the
+  gateway's); its answer (branch ids, or the refusal's text) goes back to the guest as the
+  ``fork_result`` op. Policy (owner, limits, rate) is the handler's; without a handler
+  every request is refused. ``kernelmanager`` never imports its caller: this is the
+  whole interface.
 
 All VM work runs on the process-wide runtime loop (``kernelmanager.runtime``).
 """
@@ -41,6 +50,7 @@ import logging
 import os
 import posixpath
 from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
 from typing import Any, TypeVar, cast
 
 import zmq
@@ -50,6 +60,7 @@ from traitlets import Bool, Float, List, Unicode
 
 from . import accel as accel_mod
 from . import paths
+from .channel import GUEST_VIOLATIONS, clip
 from .exceptions import ConfigError, VMDied, VMKGError
 from .handle import ForkSource, Lineage, VMHandle
 from .relay import KernelRelay
@@ -63,6 +74,51 @@ log = logging.getLogger(__name__)
 GUEST_HOME = "/home/jovyan"
 #: longest Unix socket path (sun_path is 108 bytes with its NUL)
 IPC_PATH_MAX = 107
+#: most children one fork request from a guest may ask for (the handler's caps apply too)
+MAX_GUEST_FORK_COUNT = 64
+#: longest idle wait a fork request from a guest may ask for, in seconds
+MAX_GUEST_FORK_TIMEOUT = 3600.0
+
+
+@dataclass(frozen=True)
+class ForkRequest:
+    """A fork asked for by code inside kernel ``kernel_id`` (the ``%fork`` magic),
+    validated: ``count`` children (1..64), ``reseed`` their random generators, wait up to
+    ``timeout`` seconds for the kernel to be idle. The requester is the guest: the
+    handler decides whether it may (owner, limits, rate)."""
+
+    kernel_id: str
+    count: int
+    reseed: bool
+    timeout: float
+
+
+#: serves a ForkRequest: returns the children's kernel ids in branch order, or raises an
+#: exception whose text is the refusal shown in the kernel
+ForkRequestHandler = Callable[[ForkRequest], Awaitable[Sequence[str]]]
+_fork_request_handler: ForkRequestHandler | None = None
+
+
+def set_fork_request_handler(handler: ForkRequestHandler | None) -> None:
+    """Install the process's handler of fork requests from guests (None: refuse them all).
+
+    The handler runs on the event loop that started the requesting kernel (the loop of
+    its kernel manager), one request per kernel at a time."""
+    global _fork_request_handler
+    _fork_request_handler = handler
+
+
+def parse_fork_request(kernel_id: str, body: dict[str, Any]) -> ForkRequest:
+    """Validate a guest's ``fork_request`` event; ValueError says what is wrong."""
+    count, reseed, timeout = body.get("count"), body.get("reseed"), body.get("timeout")
+    if isinstance(count, bool) or not isinstance(count, int) or not 1 <= count <= MAX_GUEST_FORK_COUNT:
+        raise ValueError(f"count must be an integer from 1 to {MAX_GUEST_FORK_COUNT}, not {clip(count, 30)}")
+    if not isinstance(reseed, bool):
+        raise ValueError(f"reseed must be true or false, not {clip(reseed, 30)}")
+    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) \
+            or not 0 <= timeout <= MAX_GUEST_FORK_TIMEOUT:
+        raise ValueError(f"timeout must be from 0 to {MAX_GUEST_FORK_TIMEOUT:g} s, not {clip(timeout, 30)}")
+    return ForkRequest(kernel_id, count, reseed, float(timeout))
 
 
 class MicroVMProvisioner(KernelProvisionerBase):
@@ -94,6 +150,8 @@ class MicroVMProvisioner(KernelProvisionerBase):
     _fork_source: ForkSource | None = None
     _lineage: Lineage | None = None
     _handle: VMHandle | None = None
+    _client_loop: asyncio.AbstractEventLoop | None = None
+    _fork_request_busy = False
 
     # -- process-like surface ------------------------------------------------------------
 
@@ -146,10 +204,11 @@ class MicroVMProvisioner(KernelProvisionerBase):
             raise ConfigError(f"fork_source must be a kernelmanager.ForkSource, not {type(source).__name__}")
         if source is not None and self._kernel is None and not self._launched:
             self._fork_source = source
-            self._lineage = source.lineage
+            self._lineage = source._child_lineage()
         else:
             self._fork_source = None
         kwargs = await super().pre_launch(**kwargs)
+        self._client_loop = asyncio.get_running_loop()  # where guest fork requests are served
         self._env = self._guest_env(kwargs.get("env") or {})
         self._cwd = self._guest_cwd(self._env.get("KERNEL_WORKING_DIR", ""))
         km = self.parent
@@ -226,13 +285,17 @@ class MicroVMProvisioner(KernelProvisionerBase):
         fork_source, self._fork_source = self._fork_source, None  # a fork's first launch only
         source = fork_source._held if fork_source is not None else None
         reseed = self.reseed if fork_source is None else fork_source.reseed
+        lineage = self._lineage
+        fork_info = ({"index": lineage.index, "parent_id": lineage.parent_id}
+                     if fork_source is not None and lineage is not None else None)
 
         async def launch() -> VMKernel:
             accel = accel_mod.detect(self.accel or None)
             snap = source or await ensure_template(get_spec(self.template), accel.name)
             snap.check_restorable(qemu_version(), accel.name)
             kernel = VMKernel(snap, kernel_id=self.kernel_id, env=self._env, cwd=self._cwd,
-                              reseed=reseed, on_jupyter=relay.from_guest, connection_file=conn_file)
+                              reseed=reseed, on_jupyter=relay.from_guest, connection_file=conn_file,
+                              fork=fork_info, on_fork_request=self._guest_fork_request)
             rt.register(kernel)  # before starting: a shutdown also stops starts under way
             await kernel.start(timeout=self.launch_timeout)
             assert kernel.channel is not None
@@ -286,6 +349,60 @@ class MicroVMProvisioner(KernelProvisionerBase):
         """Set when the kernel was first started from a fork source; kept across restarts."""
         return self._lineage
 
+    def _guest_fork_request(self, kernel: VMKernel, body: dict[str, Any]) -> None:
+        """A ``fork_request`` event from the guest (runtime loop): validate it, hand it to
+        the handler on the kernel's client loop, answer with ``fork_result``."""
+        rid = body.get("request")
+        if isinstance(rid, bool) or not isinstance(rid, int) or not 0 < rid < 2**53:
+            GUEST_VIOLATIONS.labels("fork_request").inc()
+            log.warning("kernel %s: dropped a fork request with a bad request number", self.kernel_id)
+            return
+        if self._fork_request_busy:
+            # the agent sends one at a time: more is a guest misbehaving; no answer, no work
+            GUEST_VIOLATIONS.labels("fork_request").inc()
+            log.warning("kernel %s: dropped a fork request while another is under way", self.kernel_id)
+            return
+        try:
+            req = parse_fork_request(self.kernel_id, body)
+        except ValueError as exc:
+            GUEST_VIOLATIONS.labels("fork_request").inc()
+            log.warning("kernel %s: refused a malformed fork request: %s", self.kernel_id, exc)
+            asyncio.ensure_future(self._answer_fork(kernel, rid, error=f"bad fork request: {exc}"))
+            return
+        handler, loop = _fork_request_handler, self._client_loop
+        if handler is None or loop is None or not loop.is_running():
+            asyncio.ensure_future(self._answer_fork(
+                kernel, rid, error="forking from inside a kernel is not available here "
+                                   "(no gateway serves fork requests)"))
+            return
+        self._fork_request_busy = True
+        log.info("kernel %s: the kernel asks for %d fork(s)", self.kernel_id, req.count)
+        served = asyncio.wrap_future(asyncio.run_coroutine_threadsafe(_call(handler, req), loop))
+
+        async def serve() -> None:
+            try:
+                ids = [str(k) for k in await served]
+            except Exception as exc:  # noqa: BLE001 - every refusal goes back into the cell
+                if not isinstance(exc, VMKGError):
+                    log.warning("kernel %s: fork request failed: %s: %s", self.kernel_id,
+                                type(exc).__name__, exc)
+                await self._answer_fork(kernel, rid, error=str(exc) or type(exc).__name__)
+            else:
+                await self._answer_fork(kernel, rid, kernels=ids)
+            finally:
+                self._fork_request_busy = False
+
+        asyncio.ensure_future(serve())
+
+    async def _answer_fork(self, kernel: VMKernel, rid: int, *, kernels: list[str] | None = None,
+                           error: str = "") -> None:
+        answer: dict[str, Any] = ({"ok": True, "kernels": kernels, "parent_id": self.kernel_id}
+                                  if kernels is not None else {"ok": False, "error": clip(error, 2000)})
+        try:
+            await kernel.request("fork_result", timeout=30, request=rid, **answer)
+        except VMKGError as exc:  # the kernel went away (restart, shutdown) meanwhile
+            log.info("kernel %s: fork answer not delivered: %s", self.kernel_id, exc)
+
     async def adopt(self, env: dict[str, str]) -> None:
         """Apply a client's environment to a kernel that was started before the client
         asked for it (the gateway's warm pool): the same filter as at launch (``KERNEL_*``,
@@ -314,6 +431,10 @@ async def _rebind_ipc(relay: KernelRelay) -> None:
         except zmq.ZMQError:
             pass
         sock.bind(f"ipc://{path}")
+
+
+async def _call(handler: ForkRequestHandler, req: ForkRequest) -> Sequence[str]:
+    return await handler(req)
 
 
 def vm_handle(km: Any) -> VMHandle | None:

@@ -39,7 +39,8 @@ class VMKernel:
     def __init__(self, snapshot: Snapshot, *, kernel_id: str, env: dict[str, str] | None = None,
                  cwd: str | None = None, reseed: bool = True,
                  on_jupyter: Callable[[str, list[bytes]], None] = lambda c, p: None,
-                 connection_file: str | None = None) -> None:
+                 connection_file: str | None = None, fork: dict[str, Any] | None = None,
+                 on_fork_request: Callable[[VMKernel, dict[str, Any]], None] | None = None) -> None:
         self.snapshot = snapshot
         self.kernel_id = kernel_id
         self.env = dict(env or {})
@@ -47,6 +48,11 @@ class VMKernel:
         self.reseed = reseed
         self.on_jupyter = on_jupyter
         self.connection_file = connection_file
+        #: a fork child's first start: {"index", "parent_id"}, sent with ``restore`` (__fork__)
+        self.fork = fork
+        #: the guest's ``fork_request`` events (the %fork magic), unvalidated: the
+        #: provisioner checks them
+        self.on_fork_request = on_fork_request
         self.vm_id = uuid.uuid4().hex
         self.workdir = paths.vms_dir() / self.vm_id
         self.vm = QemuVM(self.workdir, snapshot.machine)
@@ -144,6 +150,8 @@ class VMKernel:
             log.info("kernel %s: kernel process exited in the guest (status %s)", self.kernel_id, status)
             self.exit_code = status if isinstance(status, int) else 1
             asyncio.ensure_future(self.close())
+        elif event.get("event") == "fork_request" and self.on_fork_request is not None:
+            self.on_fork_request(self, event)
 
     def poll(self) -> int | None:
         if self.exited.is_set() or self.exit_code is not None:
@@ -241,4 +249,5 @@ class VMKernel:
             "restore", timeout=timeout,
             entropy=base64.b64encode(os.urandom(64)).decode(), time_ns=time.time_ns(),
             hostname=f"vmkg-{self.kernel_id[:8]}", env=self.env, cwd=self.cwd or "", reseed=self.reseed,
+            **({"fork": self.fork} if self.fork is not None else {}),
         )
