@@ -30,6 +30,12 @@ Templates
     ``TemplateSpec``, ``catalog()``, ``get_spec(name)``, ``kernelspec_name(template)``,
     ``kernelspec_json(spec)``, ``bake_template(name)`` (async; build + bake if needed).
 
+Networking (``kernelmanager.net``; templates with ``network: true``)
+    ``network_templates()``, ``check_egress(template, egress)`` (validate a create
+    request), ``set_egress(km, egress)`` (async; a running kernel's rules, at once),
+    ``egress_info(km)`` (its policy, None without a NIC), ``egress_stats(km)`` (async;
+    with denied counts).
+
 Operator functions (CLI, server start and stop)
     ``start_runtime()``, ``stop_runtime()``, ``build_image(template)``,
     ``detect_accelerator()`` (``AccelChoice``), ``install_kernelspecs()``,
@@ -59,6 +65,9 @@ from .exceptions import (
     ImageError,
     KernelBusy,
     LimitExceeded,
+    NetworkPolicyDenied,
+    NetworkPolicyInvalid,
+    NoNetwork,
     TemplateError,
     TemplateIncompatible,
     VMDied,
@@ -68,6 +77,7 @@ from .exceptions import (
 )
 from .handle import FILE_CHUNK, FileChunk, ForkSource, Lineage, MemoryStats, VMHandle
 from .kernelspec import kernelspec_json, kernelspec_name
+from .net.api import check_egress, egress_info, egress_stats, network_templates, set_egress
 from .provisioner import MicroVMProvisioner, fork, vm_handle
 from .templates import TemplateSpec, catalog, get_spec
 
@@ -90,6 +100,12 @@ __all__ = [
     "kernelspec_name",
     "kernelspec_json",
     "bake_template",
+    # networking
+    "network_templates",
+    "check_egress",
+    "set_egress",
+    "egress_info",
+    "egress_stats",
     # operator functions
     "start_runtime",
     "stop_runtime",
@@ -113,4 +129,7 @@ __all__ = [
     "ForkError",
     "KernelBusy",
     "LimitExceeded",
+    "NetworkPolicyDenied",
+    "NetworkPolicyInvalid",
+    "NoNetwork",
 ]

@@ -40,6 +40,8 @@ def stop_runtime(timeout: float = 10.0) -> None:
     runtime."""
     if Runtime._instance is not None:
         Runtime._instance.shutdown(timeout)
+    from .net.slots import close_pool  # the network slots prepared ahead (kernelmanager.net)
+    close_pool()
 
 
 async def bake_template(template: str = "python3", accel: str | None = None,

@@ -3,7 +3,8 @@
 A ``TemplateSpec`` names a guest image recipe (pip packages), a machine (memory,
 vCPUs) and modules to pre-import before the snapshot. ``ensure_template`` builds the
 image and bakes the template on first use (minutes), then returns the cached
-snapshot (milliseconds). The catalog is the built-in ``python3`` template plus any
+snapshot (milliseconds). The catalog is the built-in ``python3`` template (no NIC), the
+built-in ``python3-net`` (``network: true``: baked with a NIC, see ``kernelmanager.net``), plus any
 defined in the JSON file named by ``$VMKG_TEMPLATES`` (``{"name": {fields...}}``).
 """
 
@@ -33,6 +34,8 @@ class TemplateSpec:
     memory_mb: int = 1024
     vcpus: int = 1
     preload: tuple[str, ...] = ()
+    #: baked with a NIC (kernelmanager.net): egress deny-all until a policy allows more
+    network: bool = False
 
     def recipe(self) -> ImageRecipe:
         return ImageRecipe(packages=self.packages)
@@ -40,11 +43,19 @@ class TemplateSpec:
     def machine(self, accel: str) -> MachineSpec:
         # under TCG the kernel is told the TSC rate: calibrating it on a busy host can hang the boot
         return MachineSpec(memory_mb=self.memory_mb, vcpus=self.vcpus, accel=accel,
-                           cmdline=kernel_cmdline(tcg=accel == "tcg"))
+                           cmdline=kernel_cmdline(tcg=accel == "tcg", extra=self._net_cmdline()))
+
+    def _net_cmdline(self) -> str:
+        if not self.network:
+            return ""
+        from .net.policy import GUEST_ADDRESS, GUEST_GATEWAY, GUEST_PREFIX
+        return f"vmkg.net={GUEST_ADDRESS}/{GUEST_PREFIX},{GUEST_GATEWAY}"
 
 
 def catalog() -> dict[str, TemplateSpec]:
-    specs = {"python3": TemplateSpec()}
+    specs = {"python3": TemplateSpec(),
+             "python3-net": TemplateSpec(name="python3-net", display_name="Python 3 (microVM, network)",
+                                         network=True)}
     path = os.environ.get("VMKG_TEMPLATES")
     if path:
         try:

@@ -61,7 +61,7 @@ BUILTIN_PRESETS: dict[str, tuple[str, ...]] = {
 
 def forbidden_networks(uplink: str) -> tuple[ipaddress.IPv4Network, ...]:
     """Destinations no rule ever opens (the host's own addresses are added at run time)."""
-    return tuple(ipaddress.IPv4Network(n) for n in (
+    return tuple(ipaddress.IPv4Network(n, strict=False) for n in (
         "0.0.0.0/8", "127.0.0.0/8", "169.254.0.0/16", "224.0.0.0/4", "240.0.0.0/4",
         f"{GUEST_GATEWAY}/{GUEST_PREFIX}", uplink))
 
