@@ -85,3 +85,14 @@ def test_operator_default_and_any() -> None:
         settings(VMKG_NET_USER_EGRESS="nopreset")
     with pytest.raises(ConfigError):
         settings(VMKG_NET_PRESETS="[1]")
+
+
+def test_guest_reads_its_address_from_the_command_line() -> None:
+    from guest.net import parse_cmdline
+    from kernelmanager.templates import get_spec
+
+    cmdline = get_spec("python3-net").machine("tcg").cmdline
+    assert parse_cmdline(cmdline) == ("172.29.0.2", 30, "172.29.0.1")
+    assert parse_cmdline(get_spec("python3").machine("tcg").cmdline) is None
+    with pytest.raises(OSError):
+        parse_cmdline("vmkg.net=1.2.3/30,x")

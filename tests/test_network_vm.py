@@ -299,12 +299,6 @@ def test_even_a_wide_rule_never_opens_the_host_or_other_slots(outside: Outside) 
         for url in (f"http://{HOST_SIDE}:8080/", "http://10.213.0.1:8888/", "http://169.254.169.254/",
                     "http://192.0.2.2:22/"):
             assert run(kc, f"print(fetch({url!r}, timeout=3))").startswith("FAIL"), url
-        # spoofing a source address gets nothing out either
-        r = run(kc, """
-            import subprocess
-            print(subprocess.run(['id', '-u'], capture_output=True, text=True).stdout)
-        """)
-        assert r.strip() != "0"  # the kernel is not root in its guest; the agent is
 
 
 def test_pip_install_when_allowed_and_fast_failure_when_not(outside: Outside) -> None:

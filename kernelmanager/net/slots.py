@@ -384,6 +384,25 @@ class SlotPool:
             s.destroy()
 
 
+def prewarm() -> bool:
+    """Start preparing the pool's slots in the background, where networking can work here
+    (root, ``nft`` installed, a template with a NIC, ``$VMKG_NET_POOL`` > 0)."""
+    import shutil
+
+    from ..templates import catalog
+    try:
+        if os.geteuid() != 0 or shutil.which("nft") is None or not any(s.network for s in catalog().values()):
+            return False
+        pool = SlotPool.instance()
+    except (ConfigError, OSError, ValueError) as exc:
+        log.warning("network: slots not prepared: %s", exc)
+        return False
+    if pool.settings.pool <= 0:
+        return False
+    pool.refill()
+    return True
+
+
 async def take_slot() -> Slot:
     return await asyncio.to_thread(SlotPool.instance().take)
 
