@@ -5,7 +5,9 @@ template; at boot (PID 1, before the agent serves) this gives the first non-loop
 interface that address, a default route through the gateway, and points
 ``/etc/resolv.conf`` at the gateway, where the host runs the slot's DNS resolver. The
 address is the same in every VM (the host's slot does the rest), so a restored snapshot
-or a fork keeps it without any re-addressing. Standard library only (ioctls, no iproute2).
+or a fork keeps it without any re-addressing. It also makes the kernel user's
+site-packages directory, so a ``%pip install`` imports at once. Standard library only
+(ioctls, no iproute2).
 """
 
 from __future__ import annotations
@@ -80,4 +82,21 @@ def configure_from_cmdline(log: object = None) -> str | None:
         configure(*want, ifname)
     except OSError as exc:
         return f"network: cannot configure {ifname}: {exc}"
+    _user_site()
     return f"network: {ifname} {want[0]}/{want[1]} via {want[2]}"
+
+
+def _user_site(uid: int = 1000, home: str = "/home/jovyan") -> None:
+    """Make the kernel user's site-packages exist before the kernel starts, so what
+    ``%pip install`` puts there (a user install) imports without a restart."""
+    import sys
+    rel = [".local", "lib", f"python{sys.version_info[0]}.{sys.version_info[1]}", "site-packages"]
+    path = home
+    try:
+        for part in rel:
+            path = os.path.join(path, part)
+            if not os.path.isdir(path):
+                os.mkdir(path, 0o755)
+                os.chown(path, uid, uid)
+    except OSError:
+        pass

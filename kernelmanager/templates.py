@@ -55,7 +55,7 @@ class TemplateSpec:
 def catalog() -> dict[str, TemplateSpec]:
     specs = {"python3": TemplateSpec(),
              "python3-net": TemplateSpec(name="python3-net", display_name="Python 3 (microVM, network)",
-                                         network=True)}
+                                         packages=(*ImageRecipe().packages, "pip"), network=True)}
     path = os.environ.get("VMKG_TEMPLATES")
     if path:
         try:

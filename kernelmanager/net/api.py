@@ -45,7 +45,9 @@ def guest_env() -> dict[str, str]:
     """Environment a networked kernel starts with: pip pointed at the operator's index
     (``$VMKG_NET_PIP_INDEX``) and told to give up quickly when the network refuses it."""
     s = NetSettings.from_env()
-    env = {"PIP_RETRIES": "1", "PIP_DEFAULT_TIMEOUT": "15", "PIP_DISABLE_PIP_VERSION_CHECK": "1"}
+    env = {"PIP_RETRIES": "1", "PIP_DEFAULT_TIMEOUT": "15", "PIP_DISABLE_PIP_VERSION_CHECK": "1",
+           # a user install into the kernel's home: Debian's python is "externally managed"
+           "PIP_USER": "1", "PIP_BREAK_SYSTEM_PACKAGES": "1"}
     if s.pip_index:
         from urllib.parse import urlsplit
         env["PIP_INDEX_URL"] = s.pip_index
