@@ -273,6 +273,9 @@ def test_policy_enforced_in_the_slot(outside: Outside) -> None:
         assert r.startswith("FAIL"), r
         # names: the allowed one resolves (and only its answer opens the firewall)
         assert run(kc, "print(resolve('allowed.vmkg.test'))").strip() == OUT
+        # the resolver opened exactly the address it returned (all ports: the rule names none)
+        assert run(kc, f"print(fetch('http://{OUT}:8081/'))").startswith("OK")
+        assert run(kc, f"print(fetch('http://{OUT2}:8080/'))").startswith("FAIL")
         assert run(kc, "print(resolve('denied.vmkg.test'))").startswith("FAIL")
         assert "denied.vmkg.test" not in outside.dns_queries  # never left the slot
         # never reachable: the host (the gateway's port, loopback services), other slots, metadata
@@ -303,16 +306,22 @@ def test_even_a_wide_rule_never_opens_the_host_or_other_slots(outside: Outside) 
 
 
 def test_pip_install_when_allowed_and_fast_failure_when_not(outside: Outside) -> None:
+    """Under TCG pip alone is slow (``pip --version`` took 90 s on a loaded 2-core host), so
+    "fails fast" is measured against pip's own start-up: the refused install may take at
+    most 30 s more than ``pip --version``, i.e. no network timeout is waited for."""
     with kernel(["pypi"]) as (km, kc):
-        r = run(kc, "%pip install --no-cache-dir vmkgdemo", timeout=300)
+        r = run(kc, "%pip install --no-cache-dir vmkgdemo", timeout=1200)
         assert "Successfully installed vmkgdemo-1.0" in r, r
         assert run(kc, "import importlib, vmkgdemo; print(vmkgdemo.MAGIC)").strip() == "wheel-from-the-outside"
     with kernel([]) as (km, kc):
         t = time.monotonic()
-        r = run(kc, "%pip install --no-cache-dir vmkgdemo", timeout=300)
+        run(kc, "%pip --version", timeout=1200)
+        baseline = time.monotonic() - t
+        t = time.monotonic()
+        r = run(kc, "%pip install --no-cache-dir vmkgdemo", timeout=1200)
         took = time.monotonic() - t
         assert "Successfully" not in r and ("Connection refused" in r or "No matching distribution" in r), r
-        assert took < 30, took
+        assert took < baseline + 30, (took, baseline)
 
 
 def test_fork_branches_each_have_their_own_slot(outside: Outside) -> None:

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import asyncio
 import ctypes
+import errno
 import fcntl
 import ipaddress
 import logging
@@ -272,7 +273,11 @@ def remove_netns(name: str, host_if: str | None = None) -> None:
             with IPRoute() as ipr:
                 idx = ipr.link_lookup(ifname=host_if)
                 if idx:
-                    ipr.link("del", index=idx[0])
+                    try:
+                        ipr.link("del", index=idx[0])
+                    except Exception as exc:  # noqa: BLE001 - went with its peer meanwhile
+                        if getattr(exc, "code", None) != errno.ENODEV:
+                            raise
     except Exception as exc:  # noqa: BLE001 - reaping is best effort
         log.warning("network: cannot remove namespace %s: %s", name, exc)
 
