@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
-from gateway_helpers import Gateway, serving
+from gateway_helpers import Gateway
 
 pytestmark = pytest.mark.vm
 if os.geteuid() != 0:
@@ -80,18 +80,24 @@ def test_policy_in_the_model_and_patch(gw: Gateway) -> None:
 
 
 def test_kill_9_of_the_gateway_leaves_no_slot(tmp_path: Path) -> None:
+    from kernelmanager import reaper
     before = slots()
-    with serving(tmp_path, "--pool-size=0", env=ENV) as g:
+    g = Gateway(tmp_path, "--pool-size=0", env=ENV)
+    try:
         r = g.request("POST", "/api/kernels", json={"name": NET, "network": {"egress": ["pypi"]}})
         assert r.status_code == 201, r.text
         assert slots() - before
         g.proc.send_signal(signal.SIGKILL)
         g.proc.wait()
-        # the next runtime start reaps what the dead gateway held (QEMU dies with it)
+        # QEMU dies with its owner; the next runtime start reaps the rest (here: the reaper)
         deadline = time.monotonic() + 30
-        from kernelmanager import reaper
-        from kernelmanager.paths import vms_dir
-        while slots() - before and time.monotonic() < deadline:
-            reaper.reap_orphans(vms_dir(), min_age=0)
+        while True:
+            reaper.reap_orphans(g.state_dir / "vms", min_age=0)
+            if not (slots() - before) or time.monotonic() > deadline:
+                break
             time.sleep(0.5)
         assert not (slots() - before)
+        g.assert_clean()
+    finally:
+        if g.proc.poll() is None:
+            g.stop()

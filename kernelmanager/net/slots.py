@@ -107,6 +107,12 @@ def nft_run(netns: str | None, script: str, timeout: float = 10.0) -> str:
     return r.stdout
 
 
+def _ip(*args: str) -> None:
+    r = subprocess.run(["ip", *args], capture_output=True, text=True, timeout=30)
+    if r.returncode != 0:
+        raise OSError(f"ip {' '.join(args)}: {r.stderr.strip()[:500]}")
+
+
 def _sysctl(path: str, value: str) -> None:
     with open(f"/proc/sys/{path}", "w") as f:
         f.write(value)
@@ -156,34 +162,38 @@ class Slot:
     # -- setup (worker thread) ------------------------------------------------------------
 
     def create(self) -> None:
-        from pyroute2 import IPRoute, NetNS, netns  # slow to import: only where networking is used
+        # pyroute2's own namespace helpers (netns.create, NetNS) fork the calling process: in
+        # a server whose event loop has a signal wakeup fd, the forked helper's signals reach
+        # the server's loop (a SIGTERM there shut the gateway down). So: `ip netns add`, and
+        # plain netlink sockets (IPRoute), made inside the namespace by a thread that entered it.
+        from pyroute2 import IPRoute  # slow to import: only where networking is used
         t0 = time.monotonic()
-        netns.create(self.name)
+        _ip("netns", "add", self.name)
         try:
             with IPRoute() as ipr:
                 ipr.link("add", ifname=self.host_if, kind="veth",
-                         peer={"ifname": nft.UPLINK, "net_ns_fd": self.name})
+                         peer={"ifname": nft.UPLINK, "net_ns_fd": str(self.path)})
                 idx = ipr.link_lookup(ifname=self.host_if)[0]
                 ipr.addr("add", index=idx, address=self.host_addr, prefixlen=30)
                 ipr.link("set", index=idx, state="up")
-            with NetNS(self.name) as ns:
-                lo = ns.link_lookup(ifname="lo")[0]
-                ns.link("set", index=lo, state="up")
-                up = ns.link_lookup(ifname=nft.UPLINK)[0]
-                ns.addr("add", index=up, address=self.ns_addr, prefixlen=30)
-                ns.link("set", index=up, state="up")
-                ns.link("add", ifname=nft.TAP, kind="tuntap", mode="tap")
-                tap = ns.link_lookup(ifname=nft.TAP)[0]
-                ns.link("set", index=tap, address=TAP_MAC)
-                ns.addr("add", index=tap, address=GUEST_GATEWAY, prefixlen=GUEST_PREFIX)
-                ns.link("set", index=tap, state="up")
-                ns.route("add", dst="default", gateway=self.host_addr)
 
-            def sysctls() -> None:
+            def inside() -> None:
+                with IPRoute() as ns:
+                    lo = ns.link_lookup(ifname="lo")[0]
+                    ns.link("set", index=lo, state="up")
+                    up = ns.link_lookup(ifname=nft.UPLINK)[0]
+                    ns.addr("add", index=up, address=self.ns_addr, prefixlen=30)
+                    ns.link("set", index=up, state="up")
+                    ns.link("add", ifname=nft.TAP, kind="tuntap", mode="tap")
+                    tap = ns.link_lookup(ifname=nft.TAP)[0]
+                    ns.link("set", index=tap, address=TAP_MAC)
+                    ns.addr("add", index=tap, address=GUEST_GATEWAY, prefixlen=GUEST_PREFIX)
+                    ns.link("set", index=tap, state="up")
+                    ns.route("add", dst="default", gateway=self.host_addr)
                 _sysctl("net/ipv4/ip_forward", "1")
                 _sysctl("net/ipv6/conf/all/disable_ipv6", "1")
                 _sysctl("net/ipv6/conf/default/disable_ipv6", "1")
-            in_netns(self.name, sysctls)
+            in_netns(self.name, inside)
             forbidden = [*forbidden_networks(self.settings.uplink), *_host_addresses()]
             nft_run(self.name, nft.slot_ruleset(forbidden=forbidden,
                                                 bandwidth_mbit=self.settings.bandwidth_mbit,
@@ -267,8 +277,9 @@ def _dns_socket() -> socket.socket:
 
 def remove_netns(name: str, host_if: str | None = None) -> None:
     try:
-        from pyroute2 import IPRoute, netns
-        netns.remove(name)
+        from pyroute2 import IPRoute
+        if (NETNS_DIR / name).exists():
+            _ip("netns", "del", name)
         if host_if:  # gone with its peer, unless the namespace is still held by a process
             with IPRoute() as ipr:
                 idx = ipr.link_lookup(ifname=host_if)
