@@ -324,39 +324,49 @@ def test_pip_install_when_allowed_and_fast_failure_when_not(outside: Outside) ->
         assert took < baseline + 30, (took, baseline)
 
 
+async def arun(km: Any, code: str, timeout: float = 120) -> str:
+    out: list[str] = []
+    kc = km.client()
+    kc.start_channels()
+    try:
+        await kc.wait_for_ready(timeout=120)
+
+        def hook(msg: dict[str, Any]) -> None:
+            c = msg["content"]
+            if msg["msg_type"] == "stream":
+                out.append(c["text"])
+            elif msg["msg_type"] == "error":
+                out.append(f"{c['ename']}: {c['evalue']}")
+        await kc.execute_interactive(textwrap.dedent(code), output_hook=hook, timeout=timeout)
+    finally:
+        kc.stop_channels()
+    return "".join(out)
+
+
 def test_fork_branches_each_have_their_own_slot(outside: Outside) -> None:
-    from jupyter_client.manager import KernelManager
+    from jupyter_client.manager import AsyncKernelManager
 
     import kernelmanager
-    with kernel([f"{OUT}/32:8080"]) as (km, kc):
-        run(kc, FETCH + "\nmarker = 'parent'")
+
+    async def go() -> None:
+        parent = AsyncKernelManager(kernel_name="python3-net-microvm")
+        await parent.start_kernel()
         children: list[Any] = []
-
-        async def start_child(source: Any) -> Any:
-            child = KernelManager(kernel_name="python3-net-microvm")
-            await asyncio.to_thread(child.start_kernel, fork_source=source)
-            return child
-
-        async def go() -> list[Any]:
-            return await kernelmanager.fork(km, 2, start_child=start_child,
-                                            stop_child=lambda c: asyncio.to_thread(c.shutdown_kernel, now=True))
-        children = asyncio.run(go())
         try:
-            slots = set()
+            await kernelmanager.set_egress(parent, [f"{OUT}/32:8080"])
+            await arun(parent, FETCH + "\nmarker = 'parent'")
+            children = await kernelmanager.fork(parent, 2)
+            names = set()
             for child in children:
-                ckc = child.client()
-                ckc.start_channels()
-                try:
-                    ckc.wait_for_ready(timeout=120)
-                    assert run(ckc, f"print(marker, fetch('http://{OUT}:8080/'))").startswith("parent OK")
-                    assert run(ckc, f"print(fetch('http://{OUT}:8081/'))").startswith("FAIL")
-                    slots.add(child.provisioner.vm_kernel.vm.slot.name)
-                finally:
-                    ckc.stop_channels()
-            assert len(slots) == 2 and km.provisioner.vm_kernel.vm.slot.name not in slots
+                assert (await arun(child, f"print(marker, fetch('http://{OUT}:8080/'))")).startswith("parent OK")
+                assert (await arun(child, f"print(fetch('http://{OUT}:8081/'))")).startswith("FAIL")
+                names.add(child.provisioner.vm_kernel.vm.slot.name)
+            assert len(names) == 2 and parent.provisioner.vm_kernel.vm.slot.name not in names
+            assert all(kernelmanager.egress_info(c) == {"egress": [f"{OUT}/32:8080"]} for c in children)
         finally:
-            for child in children:
-                child.shutdown_kernel(now=True)
+            for k in (*children, parent):
+                await k.shutdown_kernel(now=True)
+    asyncio.run(go())
 
 
 def test_nothing_left_after_kill_9(outside: Outside, tmp_path: Path) -> None:
