@@ -228,7 +228,7 @@ async def _set(km: Any, egress: list[str]) -> None:
     await kernelmanager.set_egress(km, egress)
 
 
-def run(kc: Any, code: str, timeout: float = 120) -> str:
+def run(kc: Any, code: str, timeout: float = 600) -> str:
     out: list[str] = []
     errs: list[str] = []
 
