@@ -112,8 +112,9 @@ def main() -> None:
             net.append(first_result("python3-net-microvm"))
             time.sleep(1.5)  # let the pool refill, as between creates on a gateway
         p, q = (statistics.median(plain), statistics.median(net)) if plain else (1.0, 1.0)
-        print(f"create -> first result: plain p50 {p * 1000:.0f} ms, networked p50 {q * 1000:.0f} ms, "
-              f"+{(q - p) * 1000:.0f} ms (ratio {q / p:.2f})")
+        if plain:
+            print(f"create -> first result: plain p50 {p * 1000:.0f} ms, networked p50 {q * 1000:.0f} ms, "
+                  f"+{(q - p) * 1000:.0f} ms (ratio {q / p:.2f})")
         results: dict[str, Any] = {}
         for label, cap in (("capped at $VMKG_NET_BANDWIDTH_MBIT=100", "100"), ("uncapped", "0")):
             os.environ["VMKG_NET_BANDWIDTH_MBIT"] = cap
