@@ -10,7 +10,8 @@ reads).
     ForkBudgetExceeded     507  the fork images' memory budget is spent
     LimitExceeded          403  a configured limit (max_kernels, max_kernels_per_user)
     NoSuchKernel           404  unknown kernelspec name
-    KernelBusy, VMDied     409  the kernel cannot do that in its current state
+    KernelBusy, VMDied, NoNetwork
+                           409  the kernel cannot do that in its current state (no NIC)
     ConfigError            400  a request asked for something that cannot work
     AgentError             by its ``kind``: forbidden 403, not_found 404, invalid 400,
                            no_space 507; any other kind 503
@@ -46,6 +47,7 @@ from kernelmanager.exceptions import (
     ImageError,
     KernelBusy,
     LimitExceeded,
+    NoNetwork,
     TemplateError,
     VMDied,
     VMError,
@@ -59,6 +61,7 @@ _STATUS: list[tuple[type[BaseException], int]] = [
     (NoSuchKernel, 404),
     (KernelBusy, 409),
     (VMDied, 409),
+    (NoNetwork, 409),
     (ConfigError, 400),
     (TemplateError, 503),
     (ImageError, 503),

@@ -6,7 +6,7 @@ Gateway has it, JSON errors, input validation and the gateway's kernel semantics
     GET    /api/kernelspecs/{name}
     GET    /kernelspecs/{name}/{path}     resources (logos); no '..' anywhere
     GET    /api/kernels                   (403 if list_kernels is off)
-    POST   /api/kernels                   {"name", "env"} -> 201 model (from the warm pool if it can)
+    POST   /api/kernels                   {"name", "env", "network"} -> 201 model (from the warm pool if it can)
     GET    /api/kernels/{id}
     DELETE /api/kernels/{id}              204
     POST   /api/kernels/{id}/interrupt    204
@@ -160,7 +160,7 @@ class MainKernelHandler(GatewayHandlerMixin, km_handlers.MainKernelHandler):
         with errors.translated():
             kid = await km.start_kernel(kernel_name=name or None, kernel_id=kernel_id, env=env,
                                         path=path if isinstance(path, str) else None,
-                                        user=self.current_user)
+                                        user=self.current_user, network=model.get("network"))
         self.set_header("Location", url_path_join(self.base_url, "api", "kernels", url_escape(kid)))
         _finish_json(self, km.kernel_model(kid), 201)
 

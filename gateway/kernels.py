@@ -57,6 +57,7 @@ from kernelmanager import vm_handle
 from kernelmanager.exceptions import LimitExceeded
 
 from . import metrics, users
+from . import network as net
 from .envvars import env_trait, inherited_help
 from .internals import add_started_kernel
 from .pool import WarmPool
@@ -182,6 +183,8 @@ class VMMappingKernelManager(ReplayBufferMixin, AsyncMappingKernelManager):
     def pool_target(self, kernel_name: str) -> int:
         if self.force_kernel_name and kernel_name != self.force_kernel_name:
             return 0
+        if kernel_name not in self.pool_sizes and net.is_networked_kernelspec(self, kernel_name):
+            return 0  # networked templates are pooled only where pool_sizes asks for them
         return max(0, int(self.pool_sizes.get(kernel_name, self.pool_size) or 0))
 
     def kernelspec_names(self) -> list[str]:
@@ -262,7 +265,7 @@ class VMMappingKernelManager(ReplayBufferMixin, AsyncMappingKernelManager):
     async def start_kernel(  # type: ignore[override]  # async, as in jupyter_server
             self, *, kernel_name: str | None = None, kernel_id: str | None = None,
             path: str | None = None, env: dict[str, str] | None = None, user: Any = None,
-            **kwargs: Any) -> str:
+            network: Any = None, **kwargs: Any) -> str:
         """Start (or take from the pool) a kernel for a client; returns its id.
 
         ``env`` is what the request brought; it is filtered by :meth:`kernel_env`. ``user``
@@ -276,6 +279,8 @@ class VMMappingKernelManager(ReplayBufferMixin, AsyncMappingKernelManager):
             return kernel_id
         kernel_name = self.resolve_kernel_name(kernel_name)
         self._specs().get_kernel_spec(kernel_name)  # NoSuchKernel before anything else
+        egress = net.parse_request(network)  # 400/403 before any VM work (gateway.network)
+        net.check_request(self, kernel_name, egress)
         kernel_env = self.kernel_env(env or {})
         username = users.limit_name(user, kernel_env)
         if username and users.tenant(user):
@@ -298,6 +303,11 @@ class VMMappingKernelManager(ReplayBufferMixin, AsyncMappingKernelManager):
                     # restored from a snapshot of an idle kernel, identity taken on: it is idle
                     # (jupyter_server would say "starting" until a websocket nudged it)
                     km.execution_state = "idle"
+            try:
+                await net.apply_request(self, kid, egress)
+            except BaseException:
+                await self.shutdown_kernel(kid, now=True)
+                raise
         finally:
             self._reserved[username] -= 1
         elapsed = time.monotonic() - t0
@@ -388,7 +398,8 @@ class VMMappingKernelManager(ReplayBufferMixin, AsyncMappingKernelManager):
         model.update(lineage_fields(self, kernel_id))
         model["vmkg"] = {"source": self.sources.get(kernel_id, "restore"),
                          "template": kernel.kernel_spec.metadata.get("vmkg", {}).get("template")
-                         if kernel.kernel_spec else None}
+                         if kernel.kernel_spec else None,
+                         "network": net.model_field(kernel)}
         return model
 
     async def cull_kernel_if_idle(self, kernel_id: str) -> None:

@@ -19,6 +19,7 @@ with a JSON 404 (after authentication, so it reveals nothing to strangers).
     POST   /api/kernels/{id}/fork              201 {"kernels": [...]}
     GET    /api/kernels/{id}/forks             lineage and children
     GET|PUT|DELETE /api/kernels/{id}/files/{path}
+    GET|PATCH /api/kernels/{id}/network        egress rules (gateway.network)
     WS     /api/kernels/{id}/channels
     GET    /metrics                            Prometheus text format
     GET    /                                   the dashboard (gateway.dashboard; ?token= signs in)
@@ -35,6 +36,7 @@ from jupyter_server.utils import url_path_join
 from . import dashboard, handlers
 from .files import FileHandler
 from .forks import ForkHandler, ForksListHandler
+from .network import NetworkHandler
 from .websocket import KernelChannelsHandler
 
 KERNEL_ID = r"(?P<kernel_id>\w+-\w+-\w+-\w+-\w+)"
@@ -55,6 +57,7 @@ def route_table() -> list[tuple[str, type]]:
         (rf"/api/kernels/{KERNEL_ID}/fork", ForkHandler),
         (rf"/api/kernels/{KERNEL_ID}/forks", ForksListHandler),
         (rf"/api/kernels/{KERNEL_ID}/files/(?P<path>.*)", FileHandler),
+        (rf"/api/kernels/{KERNEL_ID}/network", NetworkHandler),
         (rf"/api/kernels/{KERNEL_ID}/channels", KernelChannelsHandler),
         (r"/", dashboard.DashboardPageHandler),
         (r"/dashboard/static/(?P<name>[\w.-]+)", dashboard.DashboardStaticHandler),

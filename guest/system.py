@@ -62,6 +62,9 @@ def init_system() -> None:
     except OSError as exc:
         log("loopback: %s", exc)
     socket.sethostname("vmkg")
+    from guest.net import configure_from_cmdline  # a NIC, for templates baked with one
+    if (done := configure_from_cmdline()) is not None:
+        log("%s", done)
     # fewer periodic wake-ups: under emulation every guest timer costs host CPU
     _write("/proc/sys/vm/dirty_writeback_centisecs", "3000")
     _write("/proc/sys/vm/stat_interval", "60")

@@ -33,6 +33,12 @@ Templates
     ``TemplateSpec``, ``catalog()``, ``get_spec(name)``, ``kernelspec_name(template)``,
     ``kernelspec_json(spec)``, ``bake_template(name)`` (async; build + bake if needed).
 
+Networking (``kernelmanager.net``; templates with ``network: true``)
+    ``network_templates()``, ``check_egress(template, egress)`` (validate a create
+    request), ``set_egress(km, egress)`` (async; a running kernel's rules, at once),
+    ``egress_info(km)`` (its policy, None without a NIC), ``egress_stats(km)`` (async;
+    with denied counts).
+
 Operator functions (CLI, server start and stop)
     ``start_runtime()``, ``stop_runtime()``, ``build_image(template)``,
     ``detect_accelerator()`` (``AccelChoice``), ``install_kernelspecs()``,
@@ -69,6 +75,9 @@ from .exceptions import (
     ImageError,
     KernelBusy,
     LimitExceeded,
+    NetworkPolicyDenied,
+    NetworkPolicyInvalid,
+    NoNetwork,
     TemplateError,
     TemplateIncompatible,
     VMDied,
@@ -78,6 +87,7 @@ from .exceptions import (
 )
 from .handle import FILE_CHUNK, FileChunk, ForkSource, Lineage, MemoryStats, VMHandle
 from .kernelspec import kernelspec_json, kernelspec_name
+from .net.api import check_egress, egress_info, egress_stats, network_templates, set_egress
 from .provisioner import (
     ForkRequest,
     ForkRequestHandler,
@@ -110,6 +120,12 @@ __all__ = [
     "kernelspec_name",
     "kernelspec_json",
     "bake_template",
+    # networking
+    "network_templates",
+    "check_egress",
+    "set_egress",
+    "egress_info",
+    "egress_stats",
     # operator functions
     "start_runtime",
     "stop_runtime",
@@ -137,4 +153,7 @@ __all__ = [
     "ForkError",
     "KernelBusy",
     "LimitExceeded",
+    "NetworkPolicyDenied",
+    "NetworkPolicyInvalid",
+    "NoNetwork",
 ]

@@ -32,6 +32,8 @@ def start_runtime() -> None:
     """Start the runtime loop of this process (idempotent). Reaps, first of all, the VM
     and fork directories (and their QEMU processes) whose owner process is gone."""
     Runtime.instance()
+    from .net.slots import prewarm  # network slots prepared ahead (kernelmanager.net)
+    prewarm()
 
 
 def stop_runtime(timeout: float = 10.0) -> None:
@@ -40,6 +42,8 @@ def stop_runtime(timeout: float = 10.0) -> None:
     runtime."""
     if Runtime._instance is not None:
         Runtime._instance.shutdown(timeout)
+    from .net.slots import close_pool  # the network slots prepared ahead (kernelmanager.net)
+    close_pool()
 
 
 async def bake_template(template: str = "python3", accel: str | None = None,

@@ -12,8 +12,11 @@
     ├── AgentError             the agent answered a request with an error (``kind`` says which)
     ├── ForkError              a fork snapshot could not be taken
     ├── KernelBusy             the kernel did not become idle in time (fork)
-    └── LimitExceeded          a configured limit (kernels, fork count, sizes)
-        └── ForkBudgetExceeded the fork images' total budget (shared memory) is spent
+    ├── LimitExceeded          a configured limit (kernels, fork count, sizes)
+    │   ├── ForkBudgetExceeded the fork images' total budget (shared memory) is spent
+    │   └── NetworkPolicyDenied  an egress rule the operator does not let users ask for
+    ├── NetworkPolicyInvalid   (a ConfigError) a malformed egress rule
+    └── NoNetwork              the kernel has no NIC (its template has no ``network``)
 
 Lower-level errors (OSError, asyncio.TimeoutError, QMP errors) are translated into
 these at exactly one point with ``raise ... from exc``. HTTP status codes are chosen
@@ -79,3 +82,15 @@ class LimitExceeded(VMKGError):
 
 class ForkBudgetExceeded(LimitExceeded):
     pass
+
+
+class NetworkPolicyDenied(LimitExceeded):
+    """An egress rule beyond what the operator lets users request (the reason says which)."""
+
+
+class NetworkPolicyInvalid(ConfigError):
+    """A malformed egress rule (the message names it)."""
+
+
+class NoNetwork(VMKGError):
+    """A network operation on a kernel whose template has no NIC."""

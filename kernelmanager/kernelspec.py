@@ -31,7 +31,8 @@ def kernelspec_json(spec: TemplateSpec) -> dict[str, Any]:
         "env": {},
         "metadata": {
             "kernel_provisioner": {"provisioner_name": "microvm", "config": {"template": spec.name}},
-            "vmkg": {"template": spec.name, "memory_mb": spec.memory_mb, "vcpus": spec.vcpus},
+            "vmkg": {"template": spec.name, "memory_mb": spec.memory_mb, "vcpus": spec.vcpus,
+                     "network": spec.network},
         },
     }
 

@@ -132,6 +132,9 @@ class MicroVMProvisioner(KernelProvisionerBase):
     launch_timeout = Float(60.0, config=True, help="Seconds a restore may take before it fails.")
     reseed = Bool(True, config=True,
                   help="Reseed Python's and NumPy's global random generators in every restored kernel.")
+    egress = List(Unicode(), default_value=[], config=True,
+                  help="Egress rules this kernelspec's kernels ask for on a template with a NIC "
+                       "(kernelmanager.net.policy), on top of $VMKG_NET_DEFAULT_EGRESS.")
 
     relay_transport = Unicode(
         "ipc", config=True,
@@ -296,6 +299,12 @@ class MicroVMProvisioner(KernelProvisionerBase):
             kernel = VMKernel(snap, kernel_id=self.kernel_id, env=self._env, cwd=self._cwd,
                               reseed=reseed, on_jupyter=relay.from_guest, connection_file=conn_file,
                               fork=fork_info, on_fork_request=self._guest_fork_request)
+            if kernel.vm.networked:  # its slot gets this policy (kernelmanager.net)
+                from .net.api import guest_env, launch_policy
+                kernel.env = {**guest_env(), **kernel.env}
+                kernel.vm.net_label = self.kernel_id
+                kernel.vm.net_policy = launch_policy(
+                    self, fork_source.lineage.parent_id if fork_source is not None else None)
             rt.register(kernel)  # before starting: a shutdown also stops starts under way
             await kernel.start(timeout=self.launch_timeout)
             assert kernel.channel is not None

@@ -9,7 +9,8 @@ owner is gone are reaped: a still-running QEMU of theirs is killed (after checki
 pid *and* start time, so a recycled pid is never hit) and everything is removed.
 Each jailed QEMU's cgroup is named after its owner's pid and start time; cgroups of
 dead owners are reaped at the same time (``kernelmanager.vm.cgroups.reap``), killing
-anything still in them.
+anything still in them, and so are their network namespace slots (named after the owner
+the same way: ``kernelmanager.net.slots.reap``).
 """
 
 from __future__ import annotations
@@ -84,6 +85,11 @@ def reap_orphans(vms_dir: Path, min_age: float = 30.0) -> list[str]:
         cgroups.reap()
     except OSError as exc:
         log.warning("cannot reap cgroups: %s", exc)
+    try:
+        from .net import slots
+        slots.reap()
+    except OSError as exc:
+        log.warning("cannot reap network slots: %s", exc)
     if not vms_dir.is_dir():
         return reaped
     for d in vms_dir.iterdir():

@@ -3,7 +3,8 @@
 A ``TemplateSpec`` names a guest image recipe (pip packages), a machine (memory,
 vCPUs) and modules to pre-import before the snapshot. ``ensure_template`` builds the
 image and bakes the template on first use (minutes), then returns the cached
-snapshot (milliseconds). The catalog is the built-in ``python3`` template plus any
+snapshot (milliseconds). The catalog is the built-in ``python3`` template (no NIC), the
+built-in ``python3-net`` (``network: true``: baked with a NIC, see ``kernelmanager.net``), plus any
 defined in the JSON file named by ``$VMKG_TEMPLATES`` (``{"name": {fields...}}``).
 """
 
@@ -37,6 +38,8 @@ class TemplateSpec:
     #: the guest (write any bytes to the host-guest port): only for tests of hostile guests
     #: (tests/test_root_guest.py), never in a default template
     kernel_uid: int = 1000
+    #: baked with a NIC (kernelmanager.net): egress deny-all until a policy allows more
+    network: bool = False
 
     def recipe(self) -> ImageRecipe:
         return ImageRecipe(packages=self.packages)
@@ -45,11 +48,20 @@ class TemplateSpec:
         # under TCG the kernel is told the TSC rate: calibrating it on a busy host can hang the boot
         extra = f"vmkg.kernel_uid={self.kernel_uid}" if self.kernel_uid != 1000 else ""
         return MachineSpec(memory_mb=self.memory_mb, vcpus=self.vcpus, accel=accel,
-                           cmdline=kernel_cmdline(tcg=accel == "tcg", extra=extra))
+                           cmdline=kernel_cmdline(tcg=accel == "tcg", extra=" ".join(
+                               x for x in (extra, self._net_cmdline()) if x)))
+
+    def _net_cmdline(self) -> str:
+        if not self.network:
+            return ""
+        from .net.policy import GUEST_ADDRESS, GUEST_GATEWAY, GUEST_PREFIX
+        return f"vmkg.net={GUEST_ADDRESS}/{GUEST_PREFIX},{GUEST_GATEWAY}"
 
 
 def catalog() -> dict[str, TemplateSpec]:
-    specs = {"python3": TemplateSpec()}
+    specs = {"python3": TemplateSpec(),
+             "python3-net": TemplateSpec(name="python3-net", display_name="Python 3 (microVM, network)",
+                                         packages=(*ImageRecipe().packages, "pip"), network=True)}
     path = os.environ.get("VMKG_TEMPLATES")
     if path:
         try:

@@ -40,7 +40,7 @@ def clear(gw: Gateway) -> None:
 
 def test_one_kernelspec_per_template_and_forced_name(gw: Gateway) -> None:
     specs = gw.request("GET", "/api/kernelspecs").json()["kernelspecs"]
-    assert set(specs) == {KERNEL, "data-microvm"}
+    assert set(specs) == {KERNEL, "data-microvm", "python3-net-microvm"}
     assert specs["data-microvm"]["spec"]["display_name"] == "Data (microVM)"
     assert specs["data-microvm"]["spec"]["metadata"]["kernel_provisioner"]["config"] == {"template": "data"}
     model = gw.start_kernel("data-microvm")  # forced to python3-microvm

@@ -127,6 +127,10 @@ def build_parser(prog: str = "vmkg-client") -> tuple[argparse.ArgumentParser,
                      help="template of the fresh kernel (default: the gateway's)")
     run.add_argument("--env", action="append", default=[], type=_env_item, metavar="NAME=VALUE",
                      help="a variable of the fresh kernel's environment; repeatable")
+    run.add_argument("--egress", action="append", default=None, metavar="RULE",
+                     help="a network rule of the fresh kernel (a template with a NIC, e.g. "
+                          "--template python3-net): CIDR, CIDR:port, host name, *.domain or a "
+                          "preset such as pypi; repeatable")
     run.add_argument("--timeout", type=_seconds, default=0.0, metavar="SECONDS",
                      help="seconds the cell may run before it is interrupted (exit 124); "
                           "0: no limit (default)")
@@ -213,7 +217,7 @@ async def _run(args: argparse.Namespace, code: str, env: dict[str, str]) -> int:
         if args.kernel:
             kernel = await gw.connect_kernel(args.kernel)
         else:
-            kernel = await gw.start_kernel(args.template or None, env=env)
+            kernel = await gw.start_kernel(args.template or None, env=env, egress=args.egress)
             if args.keep:
                 kernel.detach()
                 print(f"{args.prog}: kernel {kernel.id} left running", file=sys.stderr)

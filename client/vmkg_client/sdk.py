@@ -378,7 +378,7 @@ class Gateway:
         return out
 
     async def start_kernel(self, template: str | None = None, *, env: dict[str, Any] | None = None,
-                           kernel_name: str | None = None) -> Kernel:
+                           kernel_name: str | None = None, egress: list[str] | None = None) -> Kernel:
         """Start a kernel from ``template`` (e.g. ``"python3"``; the gateway's default if
         neither it nor ``kernel_name`` is given), with ``env`` in its ``os.environ``.
 
@@ -386,12 +386,18 @@ class Gateway:
         its allow-list before the kernel runs anything; the SDK sets the other names in the
         kernel right after (so they also reach subprocesses the code starts). They are set
         again after :meth:`Kernel.restart`.
+
+        ``egress``: network rules for a template with a NIC (e.g. ``"python3-net"``):
+        ``["pypi", "10.0.0.0/8:443", "*.example.org"]``; the gateway answers 400 for a
+        template without one or a malformed rule, 403 for a rule its operator does not allow.
         """
         name = kernel_name
         if name is None and template is not None:
             name = (await self.templates()).get(template, template)
         env = {str(k): str(v) for k, v in (env or {}).items()}
         body: dict[str, Any] = {"env": env}
+        if egress is not None:
+            body["network"] = {"egress": list(egress)}
         if name:
             body["name"] = name
         model = await self.request_json("POST", "/api/kernels", json_body=body)
@@ -669,6 +675,17 @@ class Kernel:
             "POST", self._path("/fork"), json_body={"count": n, "reseed": reseed, "timeout": timeout},
             timeout=self.gateway.request_timeout + timeout, kernel_id=self.id)
         return [Kernel(self.gateway, model, owned=True) for model in data["kernels"]]
+
+    async def network(self) -> dict[str, Any]:
+        """The kernel's egress rules and denied counts (``GET .../network``)."""
+        data: dict[str, Any] = await self.gateway.request_json("GET", self._path("/network"), kernel_id=self.id)
+        return data
+
+    async def set_egress(self, egress: list[str]) -> dict[str, Any]:
+        """Replace the kernel's egress rules at once (409 for a kernel without a NIC)."""
+        data: dict[str, Any] = await self.gateway.request_json(
+            "PATCH", self._path("/network"), json_body={"egress": list(egress)}, kernel_id=self.id)
+        return data
 
     def detach(self) -> None:
         """Keep the kernel running after this program: neither ``async with`` nor

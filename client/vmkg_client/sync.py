@@ -104,9 +104,9 @@ class Gateway:
         run(self.aio.close())
 
     def start_kernel(self, template: str | None = None, *, env: dict[str, Any] | None = None,
-                     kernel_name: str | None = None) -> Kernel:
+                     kernel_name: str | None = None, egress: list[str] | None = None) -> Kernel:
         """See :meth:`vmkg_client.sdk.Gateway.start_kernel`."""
-        return Kernel.of(run(self.aio.start_kernel(template, env=env, kernel_name=kernel_name)))
+        return Kernel.of(run(self.aio.start_kernel(template, env=env, kernel_name=kernel_name, egress=egress)))
 
     def connect_kernel(self, kernel_id: str) -> Kernel:
         """See :meth:`vmkg_client.sdk.Gateway.connect_kernel`."""
@@ -180,6 +180,14 @@ class Kernel:
 
     def info(self) -> dict[str, Any]:
         return run(self.aio.info())
+
+    def network(self) -> dict[str, Any]:
+        """See :meth:`vmkg_client.sdk.Kernel.network`."""
+        return run(self.aio.network())
+
+    def set_egress(self, egress: list[str]) -> dict[str, Any]:
+        """See :meth:`vmkg_client.sdk.Kernel.set_egress`."""
+        return run(self.aio.set_egress(egress))
 
     def upload(self, path: str, data: Any) -> FileInfo:
         """See :meth:`vmkg_client.sdk.Kernel.upload`."""

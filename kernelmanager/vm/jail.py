@@ -61,6 +61,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..net.slots import enter_netns
 from . import cgroups
 
 log = logging.getLogger(__name__)
@@ -251,8 +252,9 @@ class Jail:
     def __init__(self, settings: JailSettings, label: str, *, binary: str,
                  ro: Sequence[Path], rw_dirs: Sequence[Path], owned: Sequence[Path],
                  ro_open: Path | None, shim: Path, limits: cgroups.Limits, fsize: int,
-                 devices: Sequence[str] = DEVICES) -> None:
+                 devices: Sequence[str] = DEVICES, netns: str = "") -> None:
         self.settings = settings
+        self.netns = netns  # a networked VM's slot (kernelmanager.net.slots): QEMU runs inside it
         self.label = label
         self.binary = binary
         self.owned = [str(p) for p in owned]
@@ -334,6 +336,8 @@ class Jail:
     def _preexec(self) -> None:
         pid = os.getpid()
         uid, gid = self.uid_for(pid), self.settings.gid
+        if self.netns:  # while /run/netns is still visible and we still may
+            enter_netns(self.netns)
         for f in self.procs_files:
             with open(f, "w") as fh:
                 fh.write(str(pid))

@@ -44,10 +44,12 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from guest.protocol import PORT_NAME
 
 from ..exceptions import VMStartError
+from ..net.slots import enter_netns
 from . import cgroups
 from .jail import (
     DEVICES,
@@ -66,10 +68,12 @@ log = logging.getLogger(__name__)
 QEMU = os.environ.get("VMKG_QEMU", "qemu-system-x86_64")
 
 
-def _child_setup() -> None:  # runs in the child between fork and exec (unjailed QEMU)
+def _child_setup(netns: str = "") -> None:  # in the child between fork and exec (unjailed QEMU)
     libc = ctypes.CDLL(None)
     PR_SET_PDEATHSIG, PR_SET_THP_DISABLE = 1, 41
     libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)  # QEMU dies with its owner
+    if netns:
+        enter_netns(netns)
     # No transparent huge pages: QEMU asks for them on its TCG code buffer, and a 2 MB
     # page for every few KB of translated code costs an idle VM 30 MB of private memory.
     libc.prctl(PR_SET_THP_DISABLE, 1, 0, 0, 0)
@@ -187,6 +191,16 @@ class QemuVM:
         self.jail_settings = JailSettings.from_env()
         self._given: list[Path] = []    # a bake's RAM and disk, made root's 0644 at the end
         self._pumps: list[asyncio.Task[None]] = []
+        # networked machines (``vmkg.net=`` on the command line, a ``network: true``
+        # template): QEMU runs in a slot's namespace with a tap NIC (kernelmanager.net);
+        # ``net_policy`` (a net.policy.Policy; None = deny all) is applied before it runs
+        self.net_policy: Any = None
+        self.net_label = ""
+        self.slot: Any = None
+
+    @property
+    def networked(self) -> bool:
+        return "vmkg.net=" in self.spec.cmdline
 
     # -- construction -----------------------------------------------------------
 
@@ -215,7 +229,41 @@ class QemuVM:
             "-device", f"virtserialport,chardev=agent,name={PORT_NAME}",
             "-chardev", f"socket,id=qmp,fd={qmp_fd}",
             "-mon", "chardev=qmp,mode=control",
+            *self._nic_args(),
         ]
+
+    def _nic_args(self) -> list[str]:
+        if self.slot is None:
+            return []
+        from ..net.policy import GUEST_MAC
+        return ["-netdev", f"tap,id=net0,fd={self.slot.tap_fd},vhost=off",
+                "-device", f"virtio-net-device,netdev=net0,mac={GUEST_MAC}"]
+
+    async def _take_slot(self) -> None:
+        """A networked VM's slot, its policy applied and its resolver serving."""
+        from ..net import slots
+        from ..net.policy import Policy
+        try:
+            self.slot = await slots.take_slot()
+            await self.slot.start(self.net_label or self.workdir.name, self.net_policy or Policy())
+            if self.net_label:
+                from ..net.api import remember
+                remember(self.net_label, self.net_policy or Policy())
+        except (OSError, ImportError) as exc:
+            await self._release_slot()
+            raise VMStartError(f"vm {self.workdir.name}: cannot prepare its network slot: {exc}") from exc
+        except BaseException:
+            await self._release_slot()
+            raise
+
+    async def _release_slot(self) -> None:
+        slot, self.slot = self.slot, None
+        if slot is not None:
+            from ..net import slots
+            from ..net.api import remember
+            if self.net_label:
+                remember(self.net_label, None)
+            await slots.release_slot(slot)
 
     def _make_jail(self, mem_file: Path, share: bool, disk: Path) -> Jail | None:
         st = self.jail_settings
@@ -244,11 +292,13 @@ class QemuVM:
         ro = [Path(self.spec.kernel), Path(self.spec.initrd), *chain] + ([] if share else [mem_file])
         return Jail(st, f"vm {self.workdir.name}", binary=_resolved_qemu(), ro=ro, rw_dirs=[self.workdir],
                     owned=owned, ro_open=None if share else mem_file, shim=shim, limits=limits,
-                    fsize=fsize, devices=devices)
+                    fsize=fsize, devices=devices, netns=self.slot.name if self.slot else "")
 
     async def _spawn(self, mem_file: Path, share: bool, disk: Path, disk_format: str,
                      extra_args: Sequence[str] = (), extra_fds: Sequence[int] = ()) -> None:
         self.workdir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        if self.networked and self.slot is None:
+            await self._take_slot()
         self.mem_file = mem_file
         self.disk = disk
         if share and not mem_file.exists():  # a bake: the jailed QEMU cannot create it
@@ -282,8 +332,10 @@ class QemuVM:
             self.proc = await asyncio.create_subprocess_exec(
                 *args, *extra_args, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                 stderr=subprocess.PIPE,
-                pass_fds=(listener.fileno(), qmp_qemu.fileno(), con_qemu.fileno(), *extra_fds),
-                preexec_fn=jail.preexec if jail else _child_setup, start_new_session=True,
+                pass_fds=(listener.fileno(), qmp_qemu.fileno(), con_qemu.fileno(), *extra_fds,
+                          *((self.slot.tap_fd,) if self.slot else ())),
+                preexec_fn=jail.preexec if jail else functools.partial(
+                    _child_setup, self.slot.name if self.slot else ""), start_new_session=True,
                 env=jail.env() if jail else None,
             )
             if jail is not None:
@@ -293,6 +345,7 @@ class QemuVM:
             con_host.close()
             if self.jail is not None:
                 self.jail.close()
+            await self._release_slot()
             raise VMStartError(f"cannot start {QEMU}: {exc}") from exc
         finally:
             listener.close()
@@ -422,6 +475,7 @@ class QemuVM:
                 t.cancel()
         if self.jail is not None:
             self.jail.close()
+        await self._release_slot()
         for p in self._given:
             try:
                 if self.jail is not None:

@@ -1,0 +1,106 @@
+"""Network slots without a VM: namespace, veth, tap, nftables, resolver parsing, reaping.
+
+Needs root (namespaces) and ``nft``; creates only namespaces of its own (``vmkg-*`` slots
+of this process) and never sends traffic anywhere.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import struct
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from kernelmanager.net import dns, nft
+from kernelmanager.net.policy import GUEST_GATEWAY, NetSettings
+
+needs_root = pytest.mark.skipif(os.geteuid() != 0 or shutil.which("nft") is None,
+                                reason="needs root and nft (apt-get install nftables)")
+ENV = {"VMKG_NET_DNS_UPSTREAM": "192.0.2.53", "VMKG_NET_USER_EGRESS": "*", "VMKG_NET_POOL": "0"}
+
+
+def query(name: str, qtype: int = 1) -> bytes:
+    q = b"".join(bytes([len(p)]) + p.encode() for p in name.split(".")) + b"\0"
+    return struct.pack("!HHHHHH", 0x1234, 0x0100, 1, 0, 0, 0) + q + struct.pack("!HH", qtype, 1)
+
+
+def test_dns_parsing_and_replies() -> None:
+    q = query("Files.Example.org")
+    qid, name, qtype, end = dns.parse_query(q)
+    assert (qid, name, qtype, end) == (0x1234, "files.example.org", 1, len(q))
+    r = dns.reply(q, end, dns.REFUSED)
+    assert r[:2] == q[:2] and r[3] & 0xF == dns.REFUSED and r[2] & 0x80
+    # a response with a compressed A record
+    ans = r[:6] + b"\x00\x01" + r[8:] + b"\xc0\x0c" + struct.pack("!HHIH", 1, 1, 77, 4) + socket.inet_aton("10.9.8.7")
+    assert dns.answer_addresses(ans) == [("10.9.8.7", 77)]
+    for bad in (b"", b"\0" * 11, r, q[:-3], q[:12] + b"\xc0\x0c" + q[-4:]):
+        with pytest.raises(dns.DNSFormatError):
+            dns.parse_query(bad)
+
+
+def test_rulesets_render() -> None:
+    s = NetSettings.from_env(ENV)
+    text = nft.policy_sets(s.policy(["10.0.0.0/8", "10.1.0.0/16", "192.0.2.1:443", "x.example.org"]))
+    assert "allow_any { 10.0.0.0/8 }" in text and "192.0.2.1/32 . 443" in text
+    assert "dyn_any" in text  # the resolver's entries go with a policy change
+    assert 'ct count over 7' in nft.slot_ruleset(forbidden=[], bandwidth_mbit=8, max_connections=7)
+
+
+@needs_root
+def test_slot_lifecycle_and_rules() -> None:
+    from kernelmanager.net import slots
+    s = NetSettings.from_env(ENV)
+    slots.host_setup(s)
+    slot = slots._allocate(s)
+    try:
+        assert slot.path.exists() and Path(f"/sys/class/net/{slot.host_if}").exists()
+        assert slot.tap_fd >= 0 and slot.dns_sock is not None
+        assert slot.dns_sock.getsockname() == (GUEST_GATEWAY, 53)
+        ruleset = subprocess.run(["ip", "netns", "exec", slot.name, "nft", "list", "table", "inet", "vmkg"],
+                                 capture_output=True, text=True, check=True).stdout
+        assert "policy drop" in ruleset and "169.254.0.0/16" in ruleset and "127.0.0.0/8" in ruleset
+        assert "ip saddr != 172.29.0.2" in ruleset
+        slot.apply(s.policy(["198.51.100.0/24:8080"]))
+        sets = subprocess.run(["ip", "netns", "exec", slot.name, "nft", "list", "set", "inet", "vmkg", "allow_port"],
+                              capture_output=True, text=True, check=True).stdout
+        assert "198.51.100.0/24 . 8080" in sets
+        slot.open_dynamic(["203.0.113.9"], [443, None], 60)
+        dyn = subprocess.run(["ip", "netns", "exec", slot.name, "nft", "list", "set", "inet", "vmkg", "dyn_port"],
+                             capture_output=True, text=True, check=True).stdout
+        assert "203.0.113.9 . 443" in dyn
+        assert slot.denied() == 0
+    finally:
+        slot.destroy()
+    assert not slot.path.exists() and not Path(f"/sys/class/net/{slot.host_if}").exists()
+
+
+@needs_root
+def test_slots_of_a_dead_owner_are_reaped(tmp_path: Path) -> None:
+    from kernelmanager.net import slots
+    script = tmp_path / "owner.py"
+    script.write_text(textwrap.dedent(f"""
+        import os
+        os.environ.update({ENV!r})
+        from kernelmanager.net import slots
+        from kernelmanager.net.policy import NetSettings
+        s = NetSettings.from_env()
+        slots.host_setup(s)
+        slot = slots._allocate(s)
+        print(slot.name, flush=True)
+        os._exit(0)  # as after kill -9: nothing cleaned up
+    """))
+    out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120,
+                         env=os.environ).stdout.split()
+    assert out, "the owner printed no slot"
+    name = out[-1]
+    assert (slots.NETNS_DIR / name).exists()
+    assert name in slots.reap()
+    assert not (slots.NETNS_DIR / name).exists()
+    host_if = f"{nft.HOST_PREFIX}{name.split('-')[1]}"
+    assert not Path(f"/sys/class/net/{host_if}").exists()
