@@ -35,6 +35,12 @@ Operator functions (CLI, server start and stop)
     ``detect_accelerator()`` (``AccelChoice``), ``install_kernelspecs()``,
     ``prune_cache()`` (``PruneReport``).
 
+The snapshot store (templates, images and fork snapshots shared between hosts)
+    ``configure_store(url)`` (``s3://bucket/prefix``, a directory, or "" for none; default
+    ``$VMKG_STORE``), ``store_gc(grace=...)`` (``GCReport``), ``StoreError``. With a store,
+    ``bake_template`` pulls a template another host pushed instead of building, and pushes
+    what it bakes (``kernelmanager.store``).
+
 Exceptions
     The tree of ``kernelmanager.exceptions`` (``VMKGError`` and below), re-exported.
     Lower-level errors (QMP, OS) are translated into it inside; nothing here knows HTTP.
@@ -49,6 +55,7 @@ from .admin import (
     prune_cache,
     start_runtime,
     stop_runtime,
+    store_gc,
 )
 from .cache import PruneReport
 from .exceptions import (
@@ -69,6 +76,8 @@ from .exceptions import (
 from .handle import FILE_CHUNK, FileChunk, ForkSource, Lineage, MemoryStats, VMHandle
 from .kernelspec import kernelspec_json, kernelspec_name
 from .provisioner import MicroVMProvisioner, fork, vm_handle
+from .store import GCReport, StoreError
+from .store import configure as configure_store
 from .templates import TemplateSpec, catalog, get_spec
 
 __all__ = [
@@ -99,6 +108,11 @@ __all__ = [
     "install_kernelspecs",
     "prune_cache",
     "PruneReport",
+    # the snapshot store
+    "configure_store",
+    "store_gc",
+    "GCReport",
+    "StoreError",
     # exceptions
     "VMKGError",
     "ConfigError",
