@@ -21,6 +21,7 @@ with a JSON 404 (after authentication, so it reveals nothing to strangers).
     GET|PUT|DELETE /api/kernels/{id}/files/{path}
     WS     /api/kernels/{id}/channels
     GET    /metrics                            Prometheus text format
+    GET    /api/vmkg/host                      this host's report to routers (admin)
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from jupyter_server.utils import url_path_join
 from . import handlers
 from .files import FileHandler
 from .forks import ForkHandler, ForksListHandler
+from .router import HostStatusHandler
 from .websocket import KernelChannelsHandler
 
 KERNEL_ID = r"(?P<kernel_id>\w+-\w+-\w+-\w+-\w+)"
@@ -48,6 +50,7 @@ def route_table() -> list[tuple[str, type]]:
         (rf"/api/kernels/{KERNEL_ID}", handlers.KernelHandler),
         (rf"/api/kernels/{KERNEL_ID}/(?P<action>restart|interrupt)", handlers.KernelActionHandler),
         (r"/metrics", handlers.MetricsHandler),
+        (r"/api/vmkg/host", HostStatusHandler),   # what routers place kernels by (gateway.router)
         (rf"/api/kernels/{KERNEL_ID}/fork", ForkHandler),
         (rf"/api/kernels/{KERNEL_ID}/forks", ForksListHandler),
         (rf"/api/kernels/{KERNEL_ID}/files/(?P<path>.*)", FileHandler),
