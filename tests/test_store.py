@@ -181,3 +181,23 @@ def test_s3_store_from_the_standard_aws_settings(s3: SeaweedS3, monkeypatch: Any
     assert store.get("x/missing", 100) is None
     with pytest.raises(Exception, match="larger than 3 bytes"):
         store.get("x/y", 3)
+
+
+def test_a_host_whose_store_has_no_matching_template_is_told_why(tmp_path: Path,
+                                                                  caplog: pytest.LogCaptureFixture) -> None:
+    from kernelmanager.store import fetch_template
+
+    local = LocalStore(tmp_path / "store")
+    here = {"qemu": "7.2.22", "protocol": 2, "accel": "kvm", "cpu": "host", "memory_mb": 1024,
+            "vcpus": 1, "cmdline": "console=ttyS0", "image": "abc", "preload": [], "kernel_release": ""}
+    baked_elsewhere = {**here, "accel": "tcg", "cpu": "max"}
+    push_dir(local, "template", "t-tcg", make_dir(tmp_path / "src"), ["state"], compat=baked_elsewhere,
+             meta={"name": "python3"})
+    with caplog.at_level("WARNING", logger="kernelmanager.store"):
+        assert fetch_template(local, "python3", "t-kvm", here) is None
+        assert fetch_template(local, "other", "t-x", here) is None
+    text = caplog.text
+    assert "has 1 template(s) 'python3', none restorable here" in text
+    assert "accel 'tcg' (this host: 'kvm')" in text and "cpu 'max' (this host: 'host')" in text
+    assert "baking one on this host" in text
+    assert "has no template 'other'" in text
