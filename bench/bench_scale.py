@@ -101,13 +101,21 @@ async def bench_router(work: Path, rounds: int) -> dict[str, Any]:
                     assert r.reply["status"] == "ok"
             await direct.close()
             await routed.close()
+        # the REST hop alone (no VM in the path): GET /api/kernels/{id}, interleaved
+        for _ in range(rounds * 5):
+            for name, target in (("rest_direct", host), ("rest_router", router)):
+                t0 = time.perf_counter()
+                assert target.request("GET", f"/api/kernels/{k1}").status_code == 200
+                times.setdefault(name, []).append((time.perf_counter() - t0) * 1000)
         for k in (k1, k2):
             host.delete_kernel(k)
     finally:
         router.stop()
         host.stop_clean()
     d, r = statistics.median(times["direct"]), statistics.median(times["router"])
-    return {"direct_ms_p50": d, "router_ms_p50": r, "direct_ms_p90": pct(times["direct"], 90),
+    rd, rr = statistics.median(times["rest_direct"]), statistics.median(times["rest_router"])
+    return {"rest_direct_ms_p50": rd, "rest_router_ms_p50": rr, "rest_added_ms_p50": rr - rd,
+            "direct_ms_p50": d, "router_ms_p50": r, "direct_ms_p90": pct(times["direct"], 90),
             "router_ms_p90": pct(times["router"], 90), "added_ms_p50": r - d, "ratio": r / d,
             "within_target": (r - d) <= max(5.0, 0.1 * d)}
 
@@ -133,6 +141,8 @@ def main() -> None:
         rt = asyncio.run(bench_router(work / "router", args.rounds))
         print(f"warm round trip, direct:       p50 {rt['direct_ms_p50']:.2f} ms  p90 {rt['direct_ms_p90']:.2f} ms")
         print(f"warm round trip, via router:   p50 {rt['router_ms_p50']:.2f} ms  p90 {rt['router_ms_p90']:.2f} ms")
+        print(f"REST GET kernel, direct/router: p50 {rt['rest_direct_ms_p50']:.2f} / "
+              f"{rt['rest_router_ms_p50']:.2f} ms (the hop: {rt['rest_added_ms_p50']:+.2f} ms)")
         print(f"router's added cost:           {rt['added_ms_p50']:+.2f} ms (ratio {rt['ratio']:.2f}; "
               f"target <= 5 ms or 10 %: {'met' if rt['within_target'] else 'NOT met'})")
         if args.json:

@@ -33,6 +33,7 @@ import logging
 import os
 import shutil
 import socket
+import threading
 import time
 import zlib
 from collections.abc import Callable
@@ -160,6 +161,7 @@ def push_dir(store: ObjectStore, kind: str, id_: str, src: Path, names: list[str
     if store.exists(manifest_key(kind, id_)):
         return stats
     files: list[dict[str, Any]] = []
+    counting = threading.Lock()   # the workers count into stats
 
     def one(path: Path, off: int, length: int) -> tuple[int, int, str] | None:
         with open(path, "rb") as f:
@@ -172,8 +174,9 @@ def push_dir(store: ObjectStore, kind: str, id_: str, src: Path, names: list[str
         if not store.exists(key):
             blob = zlib.compress(data, 1)
             store.put(key, blob)
-            stats.transferred += 1
-            stats.bytes += len(blob)
+            with counting:
+                stats.transferred += 1
+                stats.bytes += len(blob)
         return off, len(data), sha
 
     with ThreadPoolExecutor(WORKERS) as pool:
