@@ -42,6 +42,7 @@ from kernelmanager import (
     MicroVMProvisioner,
     bake_template,
     catalog,
+    configure_store,
     kernelspec_name,
     set_fork_request_handler,
     start_runtime,
@@ -176,6 +177,8 @@ class ServeApp(Application):
         "keyfile": "ServeApp.keyfile",
         "ws-ping-interval": "ServeApp.ws_ping_interval",
         "ws-ping-timeout": "ServeApp.ws_ping_timeout",
+        "store": "ServeApp.store",
+        "router-secret": "TokenIdentityProvider.router_secret",
     }
     flags = {
         "cull-connected": ({"VMMappingKernelManager": {"cull_connected": True}},
@@ -279,6 +282,11 @@ class ServeApp(Application):
     authenticate_metrics = env_trait(Bool, "VMKG_AUTHENTICATE_METRICS", True,
                                      help="Require the token for /metrics.")
     json_logs = env_trait(Bool, "VMKG_JSON_LOGS", False, help="Log one JSON object per line.")
+    store = env_trait(Unicode, "VMKG_STORE", "",
+                      help="Where templates are shared between hosts: s3://BUCKET/PREFIX (endpoint "
+                           "and credentials from the standard AWS settings, e.g. AWS_ENDPOINT_URL) "
+                           "or a directory. A template this host lacks is pulled from it instead of "
+                           "built; one it bakes is pushed. Empty: none.")
     certfile = env_trait(Unicode, "VMKG_CERTFILE", "", help="TLS certificate file (serve https/wss).")
     keyfile = env_trait(Unicode, "VMKG_KEYFILE", "", help="TLS private key file.")
 
@@ -360,6 +368,7 @@ class ServeApp(Application):
     async def serve(self) -> None:
         start_runtime()  # reaps what a crashed predecessor left, first of all
         GuestLimits.instance().update_config(self.config)  # --GuestLimits.* and c.GuestLimits
+        configure_store(self.store)
         token = self.auth_token if self.auth_enabled else ""
         generated = self.auth_enabled and not token
         if generated:
@@ -476,6 +485,8 @@ class VMKGApp(Application):
         "run": (cli.RunApp, cli.RunApp.description.split(":")[0] + "."),
         "cache": (cli.CacheApp, cli.CacheApp.description),
         "user": (UserApp, UserApp.description.split(":")[0] + "."),
+        "store": (cli.StoreApp, cli.StoreApp.description),
+        "router": ("gateway.router.RouterApp", "Serve one endpoint in front of several hosts."),
     }
 
     def start(self) -> None:

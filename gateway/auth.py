@@ -33,7 +33,7 @@ from jupyter_server.auth.identity import IdentityProvider, User
 from tornado import web
 from traitlets import Unicode
 
-from . import users
+from . import forwarded, users
 from .envvars import env_trait
 from .internals import mark_token_authenticated
 
@@ -77,6 +77,11 @@ class TokenIdentityProvider(IdentityProvider):
                                 "forked; the gateway's own token (auth_token) is the admin's, who "
                                 "sees all. Re-read when it changes.")
 
+    router_secret = env_trait(Unicode, "VMKG_ROUTER_SECRET", "",
+                              help="Shared with the routers (vmkg router): a request signed with it "
+                                   "acts as the user the router names (gateway.forwarded). Empty: "
+                                   "only tokens are accepted.")
+
     def __init__(self, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         #: raises users.UsersFileError (a clear message) if the file cannot be used
@@ -97,6 +102,13 @@ class TokenIdentityProvider(IdentityProvider):
         return str(self.get_token(handler) or "")
 
     async def get_user(self, handler: web.RequestHandler) -> User | None:
+        if forwarded.forwarded_header_present(handler.request.headers):
+            name = forwarded.verify(self.router_secret, handler.request.headers,
+                                    handler.request.method or "", handler.request.path)
+            if name is None:
+                return None
+            mark_token_authenticated(handler)
+            return TOKEN_USER if name == users.ADMIN else User(name)
         if not self.token:
             check_host(handler)
             return ANONYMOUS

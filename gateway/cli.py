@@ -1,4 +1,4 @@
-"""The ``vmkg`` subcommands other than ``serve``: image, template, kernelspec, cache.
+"""The ``vmkg`` subcommands other than ``serve``: image, template, kernelspec, cache, store.
 
 Each is a small traitlets Application, so ``--help`` and ``--help-all`` explain it
 and every option is also settable in the config file. The operator commands (image,
@@ -14,17 +14,19 @@ import json
 import sys
 import time
 
-from traitlets import Bool, Unicode
+from traitlets import Bool, Float, Unicode
 from traitlets.config import Application
 
 from kernelmanager import (
     bake_template,
     build_image,
     catalog,
+    configure_store,
     detect_accelerator,
     install_kernelspecs,
     kernelspec_name,
     prune_cache,
+    store_gc,
 )
 from kernelmanager.exceptions import ImageError, VMKGError
 
@@ -174,6 +176,37 @@ class CacheApp(_Group):
     description = "The image and template cache ($VMKG_CACHE_DIR, /var/cache/vmkg as root)."
     subcommands = {"prune": (CachePruneApp, "Remove images and templates no longer used.")}
 
+
+
+class StoreGCApp(_Sub):
+    name = "vmkg store gc"
+    description = ("Delete the snapshot store's chunks that no manifest names (templates, images "
+                   "and forks the store still has keep theirs). Chunks younger than --grace are "
+                   "spared: a push in progress uploads its chunks before its manifest.")
+    store = Unicode("", config=True, help="The store (s3://BUCKET/PREFIX or a directory); "
+                                          "default $VMKG_STORE.")
+    grace = Float(3600.0, config=True, help="Seconds an unreferenced chunk must have existed.")
+    dry_run = Bool(False, config=True, help="Only say what would be deleted.")
+    aliases = {"store": "StoreGCApp.store", "grace": "StoreGCApp.grace"}
+    flags = {"dry-run": ({"StoreGCApp": {"dry_run": True}}, "Only say what would be deleted.")}
+
+    def start(self) -> None:
+        try:
+            if self.store:
+                configure_store(self.store)
+            report = store_gc(grace=self.grace, dry_run=self.dry_run)
+        except VMKGError as exc:
+            self.fail(str(exc))
+            return
+        verb = "would delete" if self.dry_run else "deleted"
+        print(f"vmkg: {report.manifests} manifests, {report.chunks} chunks; {verb} "
+              f"{len(report.deleted)} unreferenced", file=sys.stderr)
+
+
+class StoreApp(_Group):
+    name = "vmkg store"
+    description = "The snapshot store shared by hosts ($VMKG_STORE)."
+    subcommands = {"gc": (StoreGCApp, "Delete chunks no manifest names.")}
 
 
 class _ClientCommand(Application):

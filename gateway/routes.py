@@ -26,6 +26,7 @@ with a JSON 404 (after authentication, so it reveals nothing to strangers).
     GET    /dashboard/static/{file}            its script and stylesheet
     GET    /dashboard/api/kernels              its JSON (session cookie, not the API's token)
     POST   /dashboard/api/kernels/{id}/delete|fork   (cookie + CSRF header)
+    GET    /api/vmkg/host                      this host's report to routers (admin)
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ from . import dashboard, handlers
 from .files import FileHandler
 from .forks import ForkHandler, ForksListHandler
 from .network import NetworkHandler
+from .router import HostStatusHandler
 from .websocket import KernelChannelsHandler
 
 KERNEL_ID = r"(?P<kernel_id>\w+-\w+-\w+-\w+-\w+)"
@@ -54,6 +56,7 @@ def route_table() -> list[tuple[str, type]]:
         (rf"/api/kernels/{KERNEL_ID}", handlers.KernelHandler),
         (rf"/api/kernels/{KERNEL_ID}/(?P<action>restart|interrupt)", handlers.KernelActionHandler),
         (r"/metrics", handlers.MetricsHandler),
+        (r"/api/vmkg/host", HostStatusHandler),   # what routers place kernels by (gateway.router)
         (rf"/api/kernels/{KERNEL_ID}/fork", ForkHandler),
         (rf"/api/kernels/{KERNEL_ID}/forks", ForksListHandler),
         (rf"/api/kernels/{KERNEL_ID}/files/(?P<path>.*)", FileHandler),

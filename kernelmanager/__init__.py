@@ -49,6 +49,12 @@ Settings
     configurable the server configures as ``c.GuestLimits.*``), ``env_trait`` and
     ``inherited_help`` (a trait whose default reads a ``$VMKG_*`` variable).
 
+The snapshot store (templates, images and fork snapshots shared between hosts)
+    ``configure_store(url)`` (``s3://bucket/prefix``, a directory, or "" for none; default
+    ``$VMKG_STORE``), ``store_gc(grace=...)`` (``GCReport``), ``StoreError``. With a store,
+    ``bake_template`` pulls a template another host pushed instead of building, and pushes
+    what it bakes (``kernelmanager.store``).
+
 Exceptions
     The tree of ``kernelmanager.exceptions`` (``VMKGError`` and below), re-exported.
     Lower-level errors (QMP, OS) are translated into it inside; nothing here knows HTTP.
@@ -63,6 +69,7 @@ from .admin import (
     prune_cache,
     start_runtime,
     stop_runtime,
+    store_gc,
 )
 from .cache import PruneReport
 from .channel import GuestLimits
@@ -96,6 +103,8 @@ from .provisioner import (
     set_fork_request_handler,
     vm_handle,
 )
+from .store import GCReport, StoreError
+from .store import configure as configure_store
 from .templates import TemplateSpec, catalog, get_spec
 
 __all__ = [
@@ -139,6 +148,11 @@ __all__ = [
     "GuestLimits",
     "env_trait",
     "inherited_help",
+    # the snapshot store
+    "configure_store",
+    "store_gc",
+    "GCReport",
+    "StoreError",
     # exceptions
     "VMKGError",
     "ConfigError",

@@ -9,6 +9,7 @@ runtime as a whole, as plain functions over the modules that do the work.
     detect_accelerator             KVM or TCG, and why
     install_kernelspecs            Jupyter kernelspecs selecting the microVM provisioner
     prune_cache                    remove images and templates nothing resolves to
+    store_gc                       delete the store's chunks no manifest names
 
 Callers outside ``kernelmanager`` use these through the package root; the objects
 behind them (``Runtime``, ``Snapshot``, ``GuestImage``) stay inside.
@@ -20,9 +21,10 @@ from collections.abc import Callable
 from pathlib import Path
 
 from . import accel as accel_mod
-from . import cache, kernelspec
+from . import cache, kernelspec, store
 from .accel import AccelChoice
 from .cache import PruneReport
+from .exceptions import ConfigError
 from .image import build_image as _build_image
 from .runtime import Runtime
 from .templates import ensure_template, get_spec
@@ -79,3 +81,13 @@ def install_kernelspecs(template: str | None = None, *, user: bool = False,
 def prune_cache(dry_run: bool = False) -> PruneReport:
     """Remove images and templates no current template resolves to and nothing uses."""
     return cache.prune(dry_run=dry_run)
+
+
+def store_gc(grace: float = 3600.0, dry_run: bool = False) -> store.GCReport:
+    """Delete the configured store's chunks that no manifest names and that are older than
+    ``grace`` seconds (younger ones may belong to a push in progress). Raises ConfigError
+    when no store is configured, StoreError when it cannot be read."""
+    shared = store.current()
+    if shared is None:
+        raise ConfigError("no store configured: set $VMKG_STORE or --store (s3://BUCKET/PREFIX or a directory)")
+    return store.gc(shared, grace=grace, dry_run=dry_run)

@@ -15,11 +15,12 @@ import json
 import logging
 import os
 from dataclasses import dataclass, fields
-from typing import Any
+from typing import Any, cast
 
 from . import accel as accel_mod
+from . import store
 from .exceptions import ConfigError, ImageError
-from .image import ImageRecipe, build_image, find_image, kernel_cmdline
+from .image import GuestImage, ImageRecipe, build_image, find_image, kernel_cmdline
 from .snapshots import Snapshot, bake_template, find_template, template_id
 from .vm.qemu import MachineSpec, qemu_version
 
@@ -88,6 +89,14 @@ def get_spec(name: str) -> TemplateSpec:
     return specs[name]
 
 
+@dataclass(frozen=True)
+class _ImageRef:
+    """An image by id only: a template's id needs no more, and a host that pulls the
+    template from the store has no image yet."""
+
+    id: str
+
+
 _ready: dict[tuple[str, str], Snapshot] = {}
 _locks: dict[tuple[str, str], asyncio.Lock] = {}
 
@@ -103,8 +112,17 @@ async def ensure_template(spec: TemplateSpec, accel: str | None = None, progress
         if key in _ready and (_ready[key].path / "snapshot.json").exists():
             return _ready[key]
         recipe = spec.recipe()
+        machine = spec.machine(accel_name)
+        qemu = await asyncio.to_thread(qemu_version)
         image = find_image(recipe)
-        if image is None:
+        tid = template_id(image or cast(GuestImage, _ImageRef(recipe.digest())), machine, qemu, spec.preload)
+        snap = find_template(tid)
+        shared = store.current()
+        if snap is None and shared is not None:  # another host may have baked it: pull, not build
+            wanted = store.compat_facts(machine, qemu, recipe.digest(), spec.preload)
+            snap = await asyncio.to_thread(store.fetch_template, shared, spec.name, tid, wanted)
+            image = find_image(recipe) if snap is not None else image
+        if image is None and snap is None:
             log.info("template %s: building guest image %s (first use; this takes a few minutes)",
                      spec.name, recipe.digest())
             try:
@@ -113,11 +131,11 @@ async def ensure_template(spec: TemplateSpec, accel: str | None = None, progress
                 raise
             except Exception as exc:
                 raise ImageError(str(exc)) from exc
-        machine = spec.machine(accel_name)
-        qemu = await asyncio.to_thread(qemu_version)
-        snap = find_template(template_id(image, machine, qemu, spec.preload))
         if snap is None:
+            assert image is not None
             log.info("template %s: baking (cold boot of the guest under %s)", spec.name, accel_name)
             snap = await bake_template(image, machine, preload=spec.preload, progress=progress)
+        if shared is not None and image is not None:  # built here (now or before): share it
+            await asyncio.to_thread(store.publish, shared, snap, image, spec.name)
         _ready[key] = snap
         return snap
