@@ -79,3 +79,15 @@ class LimitExceeded(VMKGError):
 
 class ForkBudgetExceeded(LimitExceeded):
     pass
+
+
+class DurableError(ForkError):
+    """A hibernation, wake or checkpoint could not be made or used (the kernel keeps running)."""
+
+
+class DurableBudgetExceeded(ForkBudgetExceeded):
+    """Hibernated images and checkpoints would exceed their disk budget, or the disk is full."""
+
+
+class CheckpointNotFound(DurableError):
+    """The kernel has no checkpoint of that name."""

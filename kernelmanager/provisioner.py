@@ -37,9 +37,12 @@ from __future__ import annotations
 
 import asyncio
 import ipaddress
+import json
 import logging
 import os
 import posixpath
+import signal
+import time
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, TypeVar, cast
 
@@ -49,10 +52,10 @@ from jupyter_client.provisioning.provisioner_base import KernelProvisionerBase
 from traitlets import Bool, Float, List, Unicode
 
 from . import accel as accel_mod
-from . import paths
-from .exceptions import ConfigError, VMDied, VMKGError
+from . import durable, forks, paths
+from .exceptions import ConfigError, DurableError, VMDied, VMKGError
 from .handle import ForkSource, Lineage, VMHandle
-from .relay import KernelRelay
+from .relay import DELIM, KernelRelay
 from .runtime import Runtime
 from .templates import ensure_template, get_spec
 from .vm.qemu import qemu_version
@@ -94,14 +97,23 @@ class MicroVMProvisioner(KernelProvisionerBase):
     _fork_source: ForkSource | None = None
     _lineage: Lineage | None = None
     _handle: VMHandle | None = None
+    # durable kernels (kernelmanager.durable): the image a hibernated kernel sleeps in
+    _hibernated: durable.DurableImage | None = None
+    _hibernated_since: float | None = None
+    _durable_lock: asyncio.Lock | None = None
+    _resume: durable.PersistedKernel | None = None
+    _keep_durable = False
+    last_wake_seconds: float | None = None
 
     # -- process-like surface ------------------------------------------------------------
 
     @property
     def has_process(self) -> bool:
-        return self._kernel is not None
+        return self._kernel is not None or self._hibernated is not None
 
     async def poll(self) -> int | None:
+        if self._hibernated is not None:
+            return None  # asleep, not dead: the restarter must leave it alone
         if self._kernel is None:
             return 0
         return self._kernel.poll()
@@ -113,6 +125,12 @@ class MicroVMProvisioner(KernelProvisionerBase):
         return await Runtime.instance().run(kernel.wait())
 
     async def send_signal(self, signum: int) -> None:
+        if self._hibernated is not None:
+            if signum in (0, signal.SIGKILL, signal.SIGTERM):
+                if signum:
+                    await self._stop_vm()
+                return
+            await self.wake()  # an interrupt is activity
         if self._kernel is None:
             return
         kernel = self._kernel
@@ -128,6 +146,8 @@ class MicroVMProvisioner(KernelProvisionerBase):
         await self._stop_vm()
 
     async def _stop_vm(self) -> None:
+        if self._hibernated is not None:
+            self._drop_hibernated()
         kernel = self._kernel
         if kernel is None:
             return
@@ -142,6 +162,10 @@ class MicroVMProvisioner(KernelProvisionerBase):
         start_kernel arguments (jupyter_client keeps them for restarts, which restore
         from the template: only the first start uses it)."""
         source = kwargs.pop("fork_source", None)
+        resume = kwargs.pop("durable_resume", None)
+        if resume is not None and not isinstance(resume, durable.PersistedKernel):
+            raise ConfigError("durable_resume must be a kernelmanager.PersistedKernel")
+        self._resume = resume if self._kernel is None and not self._launched else None
         if source is not None and not isinstance(source, ForkSource):
             raise ConfigError(f"fork_source must be a kernelmanager.ForkSource, not {type(source).__name__}")
         if source is not None and self._kernel is None and not self._launched:
@@ -160,6 +184,9 @@ class MicroVMProvisioner(KernelProvisionerBase):
             km.connection_file = os.path.join(jupyter_runtime_dir(), f"kernel-{self.kernel_id}.json")
         if self._relay is None:
             rt = Runtime.instance()
+            resumed = self._resume.connection if self._resume is not None else None
+            if resumed is not None and km is not None:  # the same key the clients hold
+                km.session.key = str(resumed["key"]).encode()
             key = km.session.key if km is not None else os.urandom(32).hex().encode()
             ip = km.ip if km is not None and km.ip else "127.0.0.1"
             transport = km.transport if km is not None else "tcp"
@@ -168,9 +195,21 @@ class MicroVMProvisioner(KernelProvisionerBase):
 
             async def start_relay() -> KernelRelay:
                 assert rt.zmq_context is not None
+                ports = None
+                if resumed is not None and resumed.get("transport") == transport:
+                    ports = {n: int(resumed[p]) for n, p in
+                             (("shell", "shell_port"), ("control", "control_port"),
+                              ("stdin", "stdin_port"), ("iopub", "iopub_port"), ("hb", "hb_port"))}
                 relay = KernelRelay(rt.zmq_context, name=self.kernel_id, ip=ip, transport=transport,
-                                    key=key, signature_scheme=scheme)
-                relay.start()
+                                    key=key, signature_scheme=scheme, ports=ports)
+                try:
+                    relay.start()
+                except zmq.ZMQError:  # a tcp port taken meanwhile: new ones (a new connection file)
+                    await relay.close()
+                    relay = KernelRelay(rt.zmq_context, name=self.kernel_id, ip=ip, transport=transport,
+                                        key=key, signature_scheme=scheme)
+                    relay.start()
+                relay.on_held = self._on_held
                 return relay
 
             self._relay = await rt.run(start_relay())
@@ -223,6 +262,19 @@ class MicroVMProvisioner(KernelProvisionerBase):
         km = self.parent
         conn_file = getattr(km, "connection_file", None) if km is not None else None
 
+        if self._resume is not None:  # back from a gateway restart: asleep until used
+            resume, self._resume = self._resume, None
+            image = durable.find_image(self.kernel_id, durable.HIBERNATED) or \
+                durable.find_image(self.kernel_id, durable.AUTO)
+            if image is None:
+                raise DurableError(f"kernel {self.kernel_id}: no durable image to resume from")
+            self._env, self._cwd = dict(resume.env), resume.cwd
+            self._hibernated, self._hibernated_since = image, image.created
+            relay.alive = lambda: True
+            self._launched = True
+            log.info("kernel %s: resumed hibernated (%s image of %.0f s ago)", self.kernel_id,
+                     image.name, time.time() - image.created)
+            return cast(KernelConnectionInfo, relay.connection_info())
         fork_source, self._fork_source = self._fork_source, None  # a fork's first launch only
         source = fork_source._held if fork_source is not None else None
         reseed = self.reseed if fork_source is None else fork_source.reseed
@@ -247,6 +299,8 @@ class MicroVMProvisioner(KernelProvisionerBase):
     async def cleanup(self, restart: bool = False) -> None:
         await self._stop_vm()
         self._kernel = None
+        if not restart and not self._keep_durable:
+            durable.remove_kernel(str(self.kernel_id))  # forks keep what they use (hard links)
         if not restart and self._relay is not None:
             relay, self._relay = self._relay, None
             await Runtime.instance().run(relay.close())
@@ -300,6 +354,185 @@ class MicroVMProvisioner(KernelProvisionerBase):
         if kernel is None or kernel.poll() is not None:
             raise VMDied(f"kernel {self.kernel_id}: the VM is not running")
         await Runtime.instance().run(kernel.adopt(guest, cwd, timeout=self.launch_timeout))
+
+
+    # -- durable kernels (kernelmanager.durable) ------------------------------------------------
+
+    @property
+    def hibernated_since(self) -> float | None:
+        """When the kernel went to sleep (epoch seconds), or None while it is awake."""
+        return self._hibernated_since if self._hibernated is not None else None
+
+    def _lock(self) -> asyncio.Lock:
+        if self._durable_lock is None:  # made on the runtime loop, used only there
+            self._durable_lock = asyncio.Lock()
+        return self._durable_lock
+
+    def _drop_hibernated(self) -> None:
+        image, self._hibernated, self._hibernated_since = self._hibernated, None, None
+        if image is not None and not self._keep_durable:
+            durable.remove_image(image)
+
+    def _on_held(self, name: str, parts: list[bytes]) -> bool:
+        """The relay's hook (runtime loop) for a client message while no VM is attached."""
+        if self._hibernated is None:
+            return False
+        try:
+            header = json.loads(parts[parts.index(DELIM) + 2])
+            msg_type = header.get("msg_type") if isinstance(header, dict) else None
+        except (ValueError, IndexError):
+            msg_type = None
+        if msg_type == "shutdown_request":
+            # a sleeping kernel is not woken to be shut down: it is gone now
+            log.info("kernel %s: shut down while hibernated", self.kernel_id)
+            self._drop_hibernated()
+            return True
+        asyncio.ensure_future(self._wake_logged())
+        return False
+
+    async def _wake_logged(self) -> None:
+        try:
+            await self._wake_rt()
+        except Exception as exc:  # noqa: BLE001 - the clients hear it through the relay
+            log.error("kernel %s: wake failed: %s", self.kernel_id, exc)
+            if self._relay is not None and self._relay._held:
+                self._relay.mark_dead(f"the kernel could not be woken from hibernation: {exc}")
+
+    async def hibernate(self, idle_timeout: float = 30.0) -> durable.DurableImage:
+        """Save the kernel to disk and stop its VM; the relay (ports, key, clients) stays.
+        Raises KernelBusy, DurableBudgetExceeded (the kernel keeps running) or VMDied."""
+        return await Runtime.instance().run(self._hibernate_rt(idle_timeout))
+
+    async def _hibernate_rt(self, idle_timeout: float) -> durable.DurableImage:
+        async with self._lock():
+            if self._hibernated is not None:
+                return self._hibernated
+            kernel, relay = self._kernel, self._relay
+            if kernel is None or kernel.poll() is not None or relay is None or kernel.channel is None:
+                raise VMDied(f"kernel {self.kernel_id}: the VM is not running")
+            relay.detach()  # client input is held in the relay from here on
+            dest = durable.kernel_dir(str(self.kernel_id)) / durable.HIBERNATED
+            try:
+                image = await durable.capture(kernel, dest, name=durable.HIBERNATED, stop=True,
+                                              idle_timeout=idle_timeout)
+            except BaseException:
+                relay.attach(kernel.channel)
+                raise
+            self._hibernated, self._hibernated_since = image, time.time()
+            relay.alive = lambda: True
+            self._kernel = None
+            await kernel.close()
+            log.info("kernel %s: hibernated (%.1f MB on disk)", self.kernel_id, image.size / 2**20)
+        if relay._held:  # input came while it was being saved
+            asyncio.ensure_future(self._wake_logged())
+        return image
+
+    async def wake(self) -> None:
+        """Bring a hibernated kernel back (no-op when awake); from any event loop."""
+        if self._hibernated is None:
+            return
+        await Runtime.instance().run(self._wake_rt())
+
+    async def _wake_rt(self) -> None:
+        async with self._lock():
+            image = self._hibernated
+            if image is None:
+                return
+            t0 = time.monotonic()
+            await self._start_from(image, reseed=False)
+            self._hibernated, self._hibernated_since = None, None
+            self.last_wake_seconds = time.monotonic() - t0
+            log.info("kernel %s: woken in %.0f ms", self.kernel_id, self.last_wake_seconds * 1000)
+
+    async def _start_from(self, image: durable.DurableImage, *, reseed: bool) -> VMKernel:
+        """Restore ``image`` into a new VM and attach it to the relay (runtime loop).
+        Clients see ``starting`` then ``idle``, as for a user's restart."""
+        relay = self._relay
+        assert relay is not None
+        km = self.parent
+        snap = await asyncio.to_thread(durable.materialize, image)
+        kernel = VMKernel(snap, kernel_id=self.kernel_id, env={} if not reseed else self._env,
+                          cwd=None, reseed=reseed, on_jupyter=relay.from_guest,
+                          connection_file=getattr(km, "connection_file", None) if km is not None else None)
+        Runtime.instance().register(kernel)
+        try:
+            await kernel.start(timeout=self.launch_timeout)
+        except BaseException:
+            if (snap.path / "snapshot.json").exists() and forks.registry.count(snap.path) == 0:
+                forks.remove_fork_dir(snap.path)
+            raise
+        assert kernel.channel is not None
+        self._kernel = kernel
+        relay.publish_status("starting")
+        relay.publish_status("idle")
+        relay.alive = lambda: kernel.poll() is None
+        relay.attach(kernel.channel)
+        return kernel
+
+    async def ensure_awake(self) -> None:
+        await self.wake()
+
+    async def checkpoint(self, name: str, idle_timeout: float = 30.0) -> durable.DurableImage:
+        """Save the running kernel's whole state as checkpoint ``name`` (replacing one of
+        that name); the kernel pauses only as long as for a fork. Wakes a hibernated one."""
+        dest = durable.checkpoint_path(str(self.kernel_id), name)
+        if self._hibernated is not None:
+            return await Runtime.instance().run(self._copy_hibernated(name, dest))
+        kernel = self._kernel
+        if kernel is None or kernel.poll() is not None:
+            raise VMDied(f"kernel {self.kernel_id}: the VM is not running")
+
+        async def take() -> durable.DurableImage:
+            async with self._lock():
+                return await durable.capture(kernel, dest, name=name, stop=False, idle_timeout=idle_timeout)
+
+        return await Runtime.instance().run(take())
+
+    async def _copy_hibernated(self, name: str, dest: os.PathLike[str]) -> durable.DurableImage:
+        """A checkpoint of a sleeping kernel: hard links to its hibernated image."""
+        async with self._lock():
+            image = self._hibernated
+            if image is None:
+                raise VMDied(f"kernel {self.kernel_id}: woke meanwhile; try again")
+            return await asyncio.to_thread(durable.link_image, image, name, dest)
+
+    async def restore_checkpoint(self, name: str) -> None:
+        """Put the kernel back to checkpoint ``name`` in place (same id, relay, clients)."""
+        image = durable.find_image(str(self.kernel_id), f"ckpt-{durable.check_name(name)}")
+        if image is None:
+            raise durable.CheckpointNotFound(f"kernel {self.kernel_id} has no checkpoint {name!r}")
+
+        async def restore() -> None:
+            async with self._lock():
+                old, relay = self._kernel, self._relay
+                assert relay is not None
+                relay.detach()
+                if old is not None:
+                    self._kernel = None
+                    self._hibernated = image  # poll() says alive while the VM is swapped
+                    try:
+                        await old.close()
+                    finally:
+                        self._hibernated = None
+                if self._hibernated is not None:
+                    self._drop_hibernated()
+                await self._start_from(image, reseed=self.reseed)
+                log.info("kernel %s: restored checkpoint %s", self.kernel_id, name)
+
+        await Runtime.instance().run(restore())
+
+    def persist(self, kernel_name: str, extra: dict[str, object]) -> None:
+        """Record this kernel for the next start (``kernelmanager.durable.persisted_kernels``);
+        its images are kept when it is shut down from now on."""
+        relay = self._relay
+        if relay is None:
+            raise VMDied(f"kernel {self.kernel_id}: not started")
+        info = relay.connection_info()
+        info["key"] = info["key"].decode() if isinstance(info["key"], bytes) else str(info["key"])
+        durable.PersistedKernel(kernel_id=str(self.kernel_id), kernel_name=kernel_name,
+                                connection=info, env=dict(self._env), cwd=self._cwd,
+                                extra=dict(extra)).save()
+        self._keep_durable = True
 
 
 async def _rebind_ipc(relay: KernelRelay) -> None:
