@@ -26,6 +26,14 @@ Forking
     (which passes ``fork_source=source`` to a ``start_kernel``), releases the snapshot,
     and stops the started children if one fails. Limits are the caller's.
 
+Durable kernels (``kernelmanager.durable``)
+    Through the handle: ``hibernate()``, ``wake()``, ``hibernated_since``,
+    ``checkpoint(name)``, ``checkpoints()``, ``restore_checkpoint(name)``,
+    ``delete_checkpoint(name)``, ``fork_snapshot(checkpoint=name)``, ``persist(...)``.
+    ``persisted_kernels()`` (``PersistedKernel`` records a stopping gateway left) and the
+    ``durable_resume=`` argument of ``start_kernel`` that brings one back hibernated;
+    ``durable_usage()`` (bytes on disk).
+
 Templates
     ``TemplateSpec``, ``catalog()``, ``get_spec(name)``, ``kernelspec_name(template)``,
     ``kernelspec_json(spec)``, ``bake_template(name)`` (async; build + bake if needed).
@@ -51,10 +59,15 @@ from .admin import (
     stop_runtime,
 )
 from .cache import PruneReport
+from .durable import PersistedKernel, persisted_kernels
+from .durable import usage as durable_usage
 from .exceptions import (
     AgentError,
     ChannelError,
+    CheckpointNotFound,
     ConfigError,
+    DurableBudgetExceeded,
+    DurableError,
     ForkError,
     ImageError,
     KernelBusy,
@@ -83,6 +96,10 @@ __all__ = [
     # forking
     "fork",
     "ForkSource",
+    # durable kernels
+    "PersistedKernel",
+    "persisted_kernels",
+    "durable_usage",
     # templates
     "TemplateSpec",
     "catalog",
@@ -113,4 +130,7 @@ __all__ = [
     "ForkError",
     "KernelBusy",
     "LimitExceeded",
+    "DurableError",
+    "DurableBudgetExceeded",
+    "CheckpointNotFound",
 ]

@@ -103,6 +103,7 @@ class MicroVMProvisioner(KernelProvisionerBase):
     _durable_lock: asyncio.Lock | None = None
     _resume: durable.PersistedKernel | None = None
     _keep_durable = False
+    _swapping = False  # an in-place restore is replacing the VM: alive, not dead
     last_wake_seconds: float | None = None
 
     # -- process-like surface ------------------------------------------------------------
@@ -112,8 +113,8 @@ class MicroVMProvisioner(KernelProvisionerBase):
         return self._kernel is not None or self._hibernated is not None
 
     async def poll(self) -> int | None:
-        if self._hibernated is not None:
-            return None  # asleep, not dead: the restarter must leave it alone
+        if self._hibernated is not None or self._swapping:
+            return None  # asleep (or being restored), not dead: the restarter must leave it alone
         if self._kernel is None:
             return 0
         return self._kernel.poll()
@@ -130,6 +131,8 @@ class MicroVMProvisioner(KernelProvisionerBase):
                 if signum:
                     await self._stop_vm()
                 return
+            if getattr(self.parent, "shutting_down", False):
+                return  # jupyter_client interrupts before a shutdown: no wake for that
             await self.wake()  # an interrupt is activity
         if self._kernel is None:
             return
@@ -507,16 +510,16 @@ class MicroVMProvisioner(KernelProvisionerBase):
                 old, relay = self._kernel, self._relay
                 assert relay is not None
                 relay.detach()
-                if old is not None:
-                    self._kernel = None
-                    self._hibernated = image  # poll() says alive while the VM is swapped
-                    try:
+                self._swapping = True  # poll() says alive while the VM is swapped
+                try:
+                    if old is not None:
+                        self._kernel = None
                         await old.close()
-                    finally:
-                        self._hibernated = None
-                if self._hibernated is not None:
-                    self._drop_hibernated()
-                await self._start_from(image, reseed=self.reseed)
+                    if self._hibernated is not None:
+                        self._drop_hibernated()
+                    await self._start_from(image, reseed=self.reseed)
+                finally:
+                    self._swapping = False
                 log.info("kernel %s: restored checkpoint %s", self.kernel_id, name)
 
         await Runtime.instance().run(restore())
@@ -560,6 +563,7 @@ Child = TypeVar("Child")
 
 
 async def fork(km: Any, count: int, *, reseed: bool = True, idle_timeout: float = 30.0,
+               checkpoint: str | None = None,
                start_child: Callable[[ForkSource], Awaitable[Child]] | None = None,
                stop_child: Callable[[Child], Awaitable[object]] | None = None) -> list[Child]:
     """Fork the running kernel of ``km`` into ``count`` children that continue from its
@@ -576,6 +580,9 @@ async def fork(km: Any, count: int, *, reseed: bool = True, idle_timeout: float 
     list of started kernel managers. ``stop_child`` undoes one successful
     ``start_child`` (default: ``child.shutdown_kernel(now=True)``). The gateway passes its
     own pair so the children enter its kernel map.
+
+    ``checkpoint``: the children start from that named checkpoint of the kernel (a
+    hibernated kernel's start from its saved image without waking it).
 
     Raises ``ConfigError`` for a kernel that is not a microVM, ``KernelBusy`` when it
     stays busy, ``ForkError`` when the snapshot fails, and whatever a child start raised.
@@ -602,7 +609,8 @@ async def fork(km: Any, count: int, *, reseed: bool = True, idle_timeout: float 
 
     start = start_child or cast(Callable[[ForkSource], Awaitable[Child]], default_start)
     stop = stop_child or default_stop
-    async with await handle.fork_snapshot(idle_timeout=idle_timeout, reseed=reseed) as source:
+    async with await handle.fork_snapshot(idle_timeout=idle_timeout, reseed=reseed,
+                                          checkpoint=checkpoint) as source:
         tasks = [asyncio.ensure_future(start(source)) for _ in range(count)]
         try:
             await asyncio.wait(tasks)
