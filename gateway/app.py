@@ -374,6 +374,8 @@ class ServeApp(Application):
             self.log.critical("%s", exc)
             self.exit(1)
         metrics.register(lambda: self.kernel_manager)
+        # kernels a previous gateway persisted (gateway.hibernate), before the first request
+        await km.durability.resume_all()
         lag_monitor = metrics.start_loop_lag_monitor()
         app = web.Application(routes(self.base_url), **self.web_settings())
         ssl_options = None
@@ -408,7 +410,6 @@ class ServeApp(Application):
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
         prepare = asyncio.ensure_future(self._prepare_templates())
-        await km.durability.resume_all()  # kernels a previous gateway persisted (gateway.hibernate)
         km.durability.start()
         try:
             await stop.wait()
