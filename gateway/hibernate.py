@@ -27,7 +27,15 @@ What the gateway adds (``Durability``, one per ``vmkg serve``):
   directory brings each back under the same id, key, ipc endpoints (tcp ports when free)
   and owner, hibernated until used. Off by default: a gateway that does not ask for it
   leaves nothing behind, as before.
-* **Metrics**: ``vmkg_hibernated_kernels``, ``vmkg_durable_bytes`` (images and checkpoints
+* **The crash case** (``checkpoint_on_idle``, ``$VMKG_CHECKPOINT_ON_IDLE``). QEMU dies with
+  a killed gateway (the no-orphan rule), so whenever a kernel is idle after activity
+  (checked every ``hibernate_interval`` s) its state is saved in the background as its
+  ``auto`` image (the VM pauses as for a fork; the pages and disk written since the
+  template, replacing the last) and the kernel recorded; the next start brings it back,
+  hibernated, at that checkpoint (the newer of it and a hibernated image). Work done
+  after the last idle checkpoint (a cell still running, or finished less than one
+  interval before the crash) is lost.
+* **Metrics**: ``vmkg_idle_checkpoint_seconds``, ``vmkg_hibernated_kernels``, ``vmkg_durable_bytes`` (images and checkpoints
   on disk), ``vmkg_wake_seconds`` (histogram), ``vmkg_hibernations_total{result}``.
 """
 
@@ -59,6 +67,9 @@ DURABLE_BYTES = Gauge("vmkg_durable_bytes", "Bytes hibernated images and checkpo
 WAKE_SECONDS = Histogram("vmkg_wake_seconds", "Time to wake a hibernated kernel (restore of its image)",
                          buckets=(0.1, 0.2, 0.3, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 5.0, 10.0, 30.0))
 HIBERNATIONS = Counter("vmkg_hibernations", "Hibernations, by result", ["result"])
+IDLE_CHECKPOINT_SECONDS = Histogram("vmkg_idle_checkpoint_seconds",
+                                    "Time one background idle checkpoint took (checkpoint_on_idle)",
+                                    buckets=(0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0))
 
 
 def hibernated_fields(mkm: Any, kernel_id: str) -> dict[str, Any]:
@@ -100,6 +111,7 @@ class Durability:
         self.mkm = mkm
         self._task: asyncio.Task[None] | None = None
         self._woken: dict[str, float] = {}
+        self._checkpointed: dict[str, datetime] = {}  # kernel id -> activity its auto image has
 
     # -- resume at start, persist at stop ------------------------------------------------------
 
@@ -183,6 +195,8 @@ class Durability:
             await asyncio.sleep(max(1.0, float(mkm.hibernate_interval)))
             try:
                 self.observe()
+                if mkm.checkpoint_on_idle:
+                    await self.checkpoint_idle()
                 if mkm.hibernate_after > 0:
                     await self.hibernate_idle()
             except Exception as exc:  # noqa: BLE001 - keep checking
@@ -204,6 +218,38 @@ class Durability:
                 due.append(kid)
         for kid in due:
             await self.hibernate_quietly(kid, f"idle for {mkm.hibernate_after} s")
+
+    async def checkpoint_idle(self) -> None:
+        """The crash case: an idle checkpoint of every kernel active since its last one."""
+        mkm = self.mkm
+        for kid in list(mkm.list_kernel_ids()):
+            if kid not in mkm:
+                continue
+            km = mkm.get_kernel(kid)
+            handle = vm_handle(km)
+            if handle is None or handle.hibernated_since is not None or not handle.running:
+                continue
+            if getattr(km, "execution_state", "") != "idle":
+                continue
+            activity = km.last_activity
+            if self._checkpointed.get(kid) == activity:
+                continue
+            t0 = time.monotonic()
+            try:
+                size = await handle.idle_checkpoint(idle_timeout=1.0)
+                handle.persist(km.kernel_name, {"owner": mkm.owners.get(kid, ""),
+                                                "username": mkm.usernames.get(kid, "")}, keep=False)
+            except KernelBusy:
+                continue
+            except Exception as exc:  # noqa: BLE001 - keep the others going; retried next round
+                mkm.log.warning("kernel %s: idle checkpoint failed: %s", kid, exc)
+                continue
+            self._checkpointed[kid] = activity
+            IDLE_CHECKPOINT_SECONDS.observe(time.monotonic() - t0)
+            mkm.log.info("kernel %s: idle checkpoint, %.1f MB on disk, %.0f ms", kid,
+                         (size or 0) / 2**20, (time.monotonic() - t0) * 1000)
+        for kid in set(self._checkpointed) - set(mkm.list_kernel_ids()):
+            del self._checkpointed[kid]
 
     async def hibernate_quietly(self, kid: str, why: str) -> bool:
         mkm = self.mkm

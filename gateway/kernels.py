@@ -155,6 +155,12 @@ class VMMappingKernelManager(ReplayBufferMixin, AsyncMappingKernelManager):
                                 help="Seconds the shutdown may spend hibernating kernels (in "
                                      "parallel) with persist_kernels; kernels not saved by then "
                                      "are named in the log and shut down.")
+    checkpoint_on_idle = env_trait(Bool, "VMKG_CHECKPOINT_ON_IDLE", False,
+                                   help="The crash case: whenever a kernel is idle after activity "
+                                        "(checked every hibernate_interval s), its state is saved in "
+                                        "the background (what changed since the last one), and the "
+                                        "next start after a crash (SIGKILL) brings every kernel back "
+                                        "at its last idle checkpoint, hibernated.")
     durable_budget_mb = env_trait(Integer, "VMKG_DURABLE_BUDGET_MB", 0,
                                   help="Megabytes hibernated images and checkpoints may take on disk "
                                        "together; past it a hibernation or checkpoint is refused with "

@@ -222,6 +222,12 @@ def find_image(kernel_id: str, name: str) -> DurableImage | None:
     return DurableImage.load(d)
 
 
+def latest_image(kernel_id: str) -> DurableImage | None:
+    """The newer of the kernel's hibernated image and its last idle checkpoint."""
+    found = [i for i in (find_image(kernel_id, HIBERNATED), find_image(kernel_id, AUTO)) if i is not None]
+    return max(found, key=lambda i: i.created) if found else None
+
+
 def list_checkpoints(kernel_id: str) -> list[DurableImage]:
     d = durable_root() / kernel_id
     if not d.is_dir():
@@ -568,7 +574,7 @@ def persisted_kernels() -> list[PersistedKernel]:
         except (OSError, ValueError, TypeError) as exc:
             log.warning("kernel %s: unreadable durable record: %s", d.name, exc)
             continue
-        if find_image(pk.kernel_id, HIBERNATED) is None and find_image(pk.kernel_id, AUTO) is None:
+        if latest_image(pk.kernel_id) is None:
             log.warning("kernel %s: durable record without an image; not restored", pk.kernel_id)
             continue
         out.append(pk)

@@ -158,7 +158,9 @@ class KernelOwner(Protocol):
 
     async def restore_checkpoint(self, name: str) -> None: ...
 
-    def persist(self, kernel_name: str, extra: dict[str, object]) -> None: ...
+    def persist(self, kernel_name: str, extra: dict[str, object], keep: bool = True) -> None: ...
+
+    async def idle_checkpoint(self, idle_timeout: float = 1.0) -> DurableImage | None: ...
 
 
 class VMHandle:
@@ -351,10 +353,16 @@ class VMHandle:
             raise durable.CheckpointNotFound(f"kernel {self.kernel_id} has no checkpoint {name!r}")
         durable.remove_image(image)
 
-    def persist(self, kernel_name: str, extra: dict[str, object]) -> None:
-        """Record the kernel (connection info, env, ``extra``) for the next start and keep
-        its images when it is shut down (a gateway stopping with durable kernels)."""
-        self._prov.persist(kernel_name, extra)
+    def persist(self, kernel_name: str, extra: dict[str, object], *, keep: bool = True) -> None:
+        """Record the kernel (connection info, env, ``extra``) for the next start; ``keep``:
+        keep its images when it is shut down (a gateway stopping with durable kernels)."""
+        self._prov.persist(kernel_name, extra, keep)
+
+    async def idle_checkpoint(self, *, idle_timeout: float = 1.0) -> int | None:
+        """Save the running kernel as its last idle checkpoint (what the next start brings
+        back after a crash); bytes on disk, or None when it is not running."""
+        image = await self._prov.idle_checkpoint(idle_timeout)
+        return image.size if image is not None else None
 
 
 def _ckpt_model(image: DurableImage) -> dict[str, Any]:

@@ -267,8 +267,7 @@ class MicroVMProvisioner(KernelProvisionerBase):
 
         if self._resume is not None:  # back from a gateway restart: asleep until used
             resume, self._resume = self._resume, None
-            image = durable.find_image(self.kernel_id, durable.HIBERNATED) or \
-                durable.find_image(self.kernel_id, durable.AUTO)
+            image = durable.latest_image(str(self.kernel_id))
             if image is None:
                 raise DurableError(f"kernel {self.kernel_id}: no durable image to resume from")
             self._env, self._cwd = dict(resume.env), resume.cwd
@@ -442,7 +441,13 @@ class MicroVMProvisioner(KernelProvisionerBase):
             if image is None:
                 return
             t0 = time.monotonic()
-            await self._start_from(image, reseed=False)
+            kernel = await self._start_from(image, reseed=False)
+            if self._hibernated is None:  # shut down while it was waking: undo the wake
+                self._kernel = None
+                if self._relay is not None:
+                    self._relay.detach()
+                await kernel.close()
+                return
             self._hibernated, self._hibernated_since = None, None
             self.last_wake_seconds = time.monotonic() - t0
             log.info("kernel %s: woken in %.0f ms", self.kernel_id, self.last_wake_seconds * 1000)
@@ -524,9 +529,25 @@ class MicroVMProvisioner(KernelProvisionerBase):
 
         await Runtime.instance().run(restore())
 
-    def persist(self, kernel_name: str, extra: dict[str, object]) -> None:
+    async def idle_checkpoint(self, idle_timeout: float = 1.0) -> durable.DurableImage | None:
+        """The background checkpoint of the crash case: the running kernel's state saved as
+        its ``auto`` image (replacing the last). None when it is asleep or not running."""
+        kernel = self._kernel
+        if self._hibernated is not None or kernel is None or kernel.poll() is not None:
+            return None
+        dest = durable.kernel_dir(str(self.kernel_id)) / durable.AUTO
+
+        async def take() -> durable.DurableImage:
+            async with self._lock():
+                return await durable.capture(kernel, dest, name=durable.AUTO, stop=False,
+                                             idle_timeout=idle_timeout)
+
+        return await Runtime.instance().run(take())
+
+    def persist(self, kernel_name: str, extra: dict[str, object], keep: bool = True) -> None:
         """Record this kernel for the next start (``kernelmanager.durable.persisted_kernels``);
-        its images are kept when it is shut down from now on."""
+        ``keep``: its images are kept when it is shut down from now on (a gateway stopping
+        with durable kernels); otherwise a shutdown still deletes them (the crash case)."""
         relay = self._relay
         if relay is None:
             raise VMDied(f"kernel {self.kernel_id}: not started")
@@ -535,7 +556,7 @@ class MicroVMProvisioner(KernelProvisionerBase):
         durable.PersistedKernel(kernel_id=str(self.kernel_id), kernel_name=kernel_name,
                                 connection=info, env=dict(self._env), cwd=self._cwd,
                                 extra=dict(extra)).save()
-        self._keep_durable = True
+        self._keep_durable = self._keep_durable or keep
 
 
 async def _rebind_ipc(relay: KernelRelay) -> None:

@@ -4,8 +4,13 @@ through the gateway (persisting kernels across a SIGTERM). Real VMs."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
+import signal
+import subprocess
+import sys
+import textwrap
 from typing import Any
 
 import pytest
@@ -151,7 +156,8 @@ async def test_budget_exhaustion_is_507_and_the_kernel_keeps_running(
 
 async def test_sigterm_and_restart_bring_kernels_back(tmp_path_factory: pytest.TempPathFactory) -> None:
     work = tmp_path_factory.mktemp("gw-persist")
-    env = {"VMKG_PERSIST_KERNELS": "1"}
+    # the websocket of jupyter_server's GatewayKernelClient carries no credential
+    env = {"VMKG_PERSIST_KERNELS": "1", "VMKG_KERNEL_ID_WS_AUTH": "1"}
     a = Gateway(work, "--pool-size=0", env=env)
     try:
         ids = [a.start_kernel()["id"] for _ in range(2)]
@@ -171,8 +177,54 @@ async def test_sigterm_and_restart_bring_kernels_back(tmp_path_factory: pytest.T
         got = [await gw_value(b, kid, "", "[z, open('k.txt').read(), 'numpy' in __import__('sys').modules]")
                for kid in ids]
         assert got == [[0, ids[0], True], [10, ids[1], True]]
+        # jupyter_server's gateway path (GatewayKernelManager, what nbclient and JupyterLab's
+        # server use) reconnecting to a resumed kernel, after hibernating it again
+        post(b, f"/api/kernels/{ids[1]}/hibernate")
+        script = textwrap.dedent(f"""
+            import asyncio, json
+            from jupyter_server.gateway.managers import GatewayKernelManager
+
+            async def main():
+                km = GatewayKernelManager()
+                await km.start_kernel(kernel_id={ids[1]!r})  # an existing kernel: reconnect
+                kc = km.client()
+                await kc.start_channels()
+                out = []
+                reply = await kc.execute_interactive("z + 1", timeout=300, output_hook=out.append)
+                kc.stop_channels()
+                print(json.dumps([reply["content"]["status"]] + [m["content"]["data"]["text/plain"]
+                                 for m in out if m["msg_type"] == "execute_result"]))
+
+            asyncio.run(main())
+        """)
+        p = await asyncio.to_thread(
+            subprocess.run, [sys.executable, "-c", script], capture_output=True, text=True, timeout=600,
+            env={**os.environ, "JUPYTER_GATEWAY_URL": b.url, "JUPYTER_GATEWAY_AUTH_TOKEN": b.token},
+            cwd=work)
+        assert p.returncode == 0, p.stderr[-3000:]
+        assert json.loads(p.stdout.strip().splitlines()[-1]) == ["ok", "11"]
         for kid in ids:
             b.delete_kernel(kid)
         assert not (a.state_dir / "durable" / ids[0]).exists()
     finally:
         b.stop_clean()
+
+
+async def test_crash_brings_kernels_back_at_their_last_idle_checkpoint(
+        tmp_path_factory: pytest.TempPathFactory) -> None:
+    work = tmp_path_factory.mktemp("gw-crash")
+    env = {"VMKG_CHECKPOINT_ON_IDLE": "1", "VMKG_HIBERNATE_INTERVAL": "1"}
+    a = Gateway(work, "--pool-size=0", env=env)
+    try:
+        kid = a.start_kernel()["id"]
+        await gw_value(a, kid, "w = 5\nopen('c.txt', 'w').write('saved')")
+        a.wait_for(lambda: f"kernel {kid}: idle checkpoint" in a.log(), 300, "an idle checkpoint")
+        assert a.stop(signal.SIGKILL) == -signal.SIGKILL
+        a.assert_clean(timeout=30)  # QEMU died with its gateway
+    finally:
+        a.stop()
+    with serving(work, "--pool-size=0", env=env, state_dir=a.state_dir) as b:
+        model = b.request("GET", f"/api/kernels/{kid}").json()
+        assert model["vmkg"]["hibernated"] is True, model
+        assert await gw_value(b, kid, "", "[w, open('c.txt').read()]") == [5, "saved"]
+        b.delete_kernel(kid)
