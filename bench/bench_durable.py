@@ -82,7 +82,22 @@ async def timed_first_result(km: AsyncKernelManager) -> float:
         kc.stop_channels()
 
 
+async def baseline(rounds: int) -> float:
+    """A fresh kernel's start -> first result p50 right now (the machine's speed, for scale)."""
+    times = []
+    for _ in range(rounds):
+        t0 = time.monotonic()
+        km = await start()
+        try:
+            await cell(km, "1 + 1")
+            times.append(time.monotonic() - t0)
+        finally:
+            await km.shutdown_kernel(now=True)
+    return statistics.median(times)
+
+
 async def part_sizes(sizes: list[int], rounds: int) -> None:
+    print(f"\nfor scale, a fresh kernel's start -> first result now: p50 {await baseline(rounds):.2f} s")
     print("\n== hibernate and wake vs what the kernel wrote")
     print(f"{'MB written':>10} {'hibernate s':>12} {'image MB':>9} {'wake->result p50 s':>19} "
           f"{'idle ckpt s':>12} {'ckpt MB':>8}")
