@@ -104,6 +104,7 @@ class MicroVMProvisioner(KernelProvisionerBase):
     _resume: durable.PersistedKernel | None = None
     _keep_durable = False
     _swapping = False  # an in-place restore is replacing the VM: alive, not dead
+    _wake_tasks: set[asyncio.Future[None]] | None = None
     last_wake_seconds: float | None = None
 
     # -- process-like surface ------------------------------------------------------------
@@ -389,8 +390,17 @@ class MicroVMProvisioner(KernelProvisionerBase):
             log.info("kernel %s: shut down while hibernated", self.kernel_id)
             self._drop_hibernated()
             return True
-        asyncio.ensure_future(self._wake_logged())
+        self._spawn_wake()
         return False
+
+    def _spawn_wake(self) -> None:
+        """Start a wake in the background, holding the task (asyncio keeps only weak
+        references: an unheld task can be collected mid-wake)."""
+        if self._wake_tasks is None:
+            self._wake_tasks = set()
+        task = asyncio.ensure_future(self._wake_logged())
+        self._wake_tasks.add(task)
+        task.add_done_callback(self._wake_tasks.discard)
 
     async def _wake_logged(self) -> None:
         try:
@@ -426,7 +436,7 @@ class MicroVMProvisioner(KernelProvisionerBase):
             await kernel.close()
             log.info("kernel %s: hibernated (%.1f MB on disk)", self.kernel_id, image.size / 2**20)
         if relay._held:  # input came while it was being saved
-            asyncio.ensure_future(self._wake_logged())
+            self._spawn_wake()
         return image
 
     async def wake(self) -> None:
