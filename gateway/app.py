@@ -394,6 +394,8 @@ class ServeApp(Application):
             self.log.critical("%s", exc)
             self.exit(1)
         metrics.register(lambda: self.kernel_manager)
+        # kernels a previous gateway persisted (gateway.hibernate), before the first request
+        await km.durability.resume_all()
         lag_monitor = metrics.start_loop_lag_monitor()
         app = web.Application(routes(self.base_url), **self.web_settings())
         ssl_options = None
@@ -428,6 +430,7 @@ class ServeApp(Application):
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
         prepare = asyncio.ensure_future(self._prepare_templates())
+        km.durability.start()
         try:
             await stop.wait()
         finally:
@@ -461,6 +464,12 @@ class ServeApp(Application):
                 conn.websocket_handler.close(1001, "gateway shutting down")
             except Exception:  # noqa: BLE001
                 pass
+        km.durability.stop()
+        if km.persist_kernels:
+            try:
+                await km.durability.persist_all(km.persist_timeout)
+            except Exception as exc:  # noqa: BLE001 - the kernels are shut down below anyway
+                self.log.error("shutdown: persisting kernels failed: %s", exc)
         try:
             await asyncio.wait_for(km.shutdown_all(now=True), 30)
         except Exception as exc:  # noqa: BLE001 - the runtime below still closes every VM
@@ -483,6 +492,9 @@ class VMKGApp(Application):
         "kernelspec": (cli.KernelspecApp, cli.KernelspecApp.description),
         "fork": (cli.ForkApp, cli.ForkApp.description.split(":")[0] + "."),
         "run": (cli.RunApp, cli.RunApp.description.split(":")[0] + "."),
+        "hibernate": (cli.HibernateApp, cli.HibernateApp.description.split(":")[0] + "."),
+        "wake": (cli.WakeApp, cli.WakeApp.description.split(":")[0] + "."),
+        "checkpoint": (cli.CheckpointApp, cli.CheckpointApp.description.split(":")[0] + "."),
         "cache": (cli.CacheApp, cli.CacheApp.description),
         "user": (UserApp, UserApp.description.split(":")[0] + "."),
         "store": (cli.StoreApp, cli.StoreApp.description),

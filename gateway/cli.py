@@ -232,6 +232,25 @@ class ForkApp(_ClientCommand):
     command = "fork"
 
 
+class HibernateApp(_ClientCommand):
+    name = "vmkg hibernate"
+    description = "Hibernate a kernel of a gateway to disk: vmkg hibernate KERNEL_ID."
+    command = "hibernate"
+
+
+class WakeApp(_ClientCommand):
+    name = "vmkg wake"
+    description = "Wake a hibernated kernel of a gateway: vmkg wake KERNEL_ID."
+    command = "wake"
+
+
+class CheckpointApp(_ClientCommand):
+    name = "vmkg checkpoint"
+    description = ("Named checkpoints of a kernel: vmkg checkpoint KERNEL_ID [save|list|restore|"
+                   "delete] NAME (options: vmkg checkpoint --help).")
+    command = "checkpoint"
+
+
 class RunApp(_ClientCommand):
     name = "vmkg run"
     description = ("Run one cell in a fresh or running kernel of a gateway and print its outputs: "

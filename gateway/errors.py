@@ -10,6 +10,8 @@ reads).
     ForkBudgetExceeded     507  the fork images' memory budget is spent
     LimitExceeded          403  a configured limit (max_kernels, max_kernels_per_user)
     NoSuchKernel           404  unknown kernelspec name
+    CheckpointNotFound     404  the kernel has no checkpoint of that name
+    DurableBudgetExceeded  507  (a ForkBudgetExceeded) durable images' disk budget or the disk is full
     KernelBusy, VMDied, NoNetwork
                            409  the kernel cannot do that in its current state (no NIC)
     ConfigError            400  a request asked for something that cannot work
@@ -41,6 +43,7 @@ from tornado import web
 from kernelmanager.exceptions import (
     AgentError,
     ChannelError,
+    CheckpointNotFound,
     ConfigError,
     ForkBudgetExceeded,
     ForkError,
@@ -59,6 +62,7 @@ _STATUS: list[tuple[type[BaseException], int]] = [
     (ForkBudgetExceeded, 507),
     (LimitExceeded, 403),
     (NoSuchKernel, 404),
+    (CheckpointNotFound, 404),
     (KernelBusy, 409),
     (VMDied, 409),
     (NoNetwork, 409),

@@ -9,7 +9,9 @@ maps errors to HTTP. The children belong to the user who forked (``gateway.users
 interrupt, restart, delete, culling, limits), and their models carry their lineage,
 which the runtime records (``kernelmanager.Lineage``): ``parent_id`` and ``forked_at``.
 
-Request body: ``{"count": N, "reseed": true, "timeout": 30}`` (all optional; count 1..
+Request body: ``{"count": N, "reseed": true, "timeout": 30, "checkpoint": name}`` (all
+optional; ``checkpoint``: the children start from that checkpoint (``gateway.hibernate``),
+a hibernated parent's from its saved image without waking it; count 1..
 ``max_fork_count``). Answers ``201 {"kernels": [model, ...]}``; 409 when the parent
 stayed busy past ``timeout``; 403 when the new kernels would pass a limit; 503 when the
 snapshot failed (``ForkError``: QEMU or the host refused; the parent keeps running).
@@ -68,7 +70,7 @@ def children_of(mkm: Any, kernel_id: str, user: Any = None) -> list[str]:
 
 
 async def fork_kernel(mkm: Any, kernel_id: str, count: int, *, reseed: bool = True,
-                      timeout: float = 30.0, user: Any = None) -> list[str]:
+                      timeout: float = 30.0, user: Any = None, checkpoint: str | None = None) -> list[str]:
     """Fork ``kernel_id`` into ``count`` new kernels of ``mkm`` owned by ``user`` (None: the
     admin); returns their ids."""
     if user is not None:
@@ -96,7 +98,7 @@ async def fork_kernel(mkm: Any, kernel_id: str, count: int, *, reseed: bool = Tr
             await mkm.shutdown_kernel(kid, now=True)
 
     ids: list[str] = await fork(parent, count, reseed=reseed, idle_timeout=timeout,
-                                start_child=start_child, stop_child=stop_child)
+                                checkpoint=checkpoint, start_child=start_child, stop_child=stop_child)
     mkm.log.info("kernel %s: forked into %d (%s)", kernel_id, count, ", ".join(i[:8] for i in ids))
     return ids
 
@@ -162,10 +164,13 @@ class ForkHandler(GatewayHandlerMixin, APIHandler):
         timeout = body.get("timeout", 30)
         if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not 0 <= timeout <= 3600:
             raise web.HTTPError(400, "'timeout' must be a number of seconds from 0 to 3600")
+        checkpoint = body.get("checkpoint")
+        if checkpoint is not None and not isinstance(checkpoint, str):
+            raise web.HTTPError(400, "'checkpoint' must be the name of one of the kernel's checkpoints")
         km = self.kernel_manager
         with errors.translated():
             ids = await fork_kernel(km, kernel_id, count, reseed=reseed, timeout=float(timeout),
-                                    user=self.current_user)
+                                    user=self.current_user, checkpoint=checkpoint)
         _finish_json(self, {"kernels": [km.kernel_model(kid) for kid in ids if kid in km]}, 201)
 
 

@@ -43,6 +43,7 @@ import os
 import time
 from collections import Counter
 from collections.abc import Callable
+from datetime import datetime, timezone
 from typing import Any, cast
 
 from jupyter_core.paths import jupyter_runtime_dir
@@ -137,6 +138,36 @@ class VMMappingKernelManager(ReplayBufferMixin, AsyncMappingKernelManager):
     cull_busy = env_trait(Bool, "VMKG_CULL_BUSY", False,
                           help=inherited_help(AsyncMappingKernelManager, "cull_busy"))
 
+    # durable kernels (gateway.hibernate)
+    hibernate_after = env_trait(Integer, "VMKG_HIBERNATE_AFTER", 0,
+                                help="Seconds an idle kernel waits before it is hibernated to disk "
+                                     "(its VM stops; the next message wakes it with its state). "
+                                     "0: never.")
+    hibernate_interval = env_trait(Integer, "VMKG_HIBERNATE_INTERVAL", 10,
+                                   help="Seconds between checks for kernels to hibernate.")
+    hibernate_instead_of_cull = env_trait(Bool, "VMKG_HIBERNATE_INSTEAD_OF_CULL", False,
+                                          help="The idle culler hibernates kernels instead of "
+                                               "shutting them down (their state is kept on disk).")
+    persist_kernels = env_trait(Bool, "VMKG_PERSIST_KERNELS", False,
+                                help="On SIGTERM hibernate every kernel and bring them all back, "
+                                     "hibernated, at the next start with the same state directory "
+                                     "(same ids, connection files and owners).")
+    persist_timeout = env_trait(Float, "VMKG_PERSIST_TIMEOUT", 60.0,
+                                help="Seconds the shutdown may spend hibernating kernels (in "
+                                     "parallel) with persist_kernels; kernels not saved by then "
+                                     "are named in the log and shut down.")
+    checkpoint_on_idle = env_trait(Bool, "VMKG_CHECKPOINT_ON_IDLE", False,
+                                   help="The crash case: whenever a kernel is idle after activity "
+                                        "(checked every hibernate_interval s), its state is saved in "
+                                        "the background (what changed since the last one), and the "
+                                        "next start after a crash (SIGKILL) brings every kernel back "
+                                        "at its last idle checkpoint, hibernated.")
+    durable_budget_mb = env_trait(Integer, "VMKG_DURABLE_BUDGET_MB", 0,
+                                  help="Megabytes hibernated images and checkpoints may take on disk "
+                                       "together; past it a hibernation or checkpoint is refused with "
+                                       "507 (the kernel keeps running). 0: only the disk's free "
+                                       "space (256 MB kept free) limits them.")
+
     @default("kernel_manager_class")
     def _kernel_manager_class_default(self) -> str:
         return "gateway.kernels.VMServerKernelManager"
@@ -167,6 +198,11 @@ class VMMappingKernelManager(ReplayBufferMixin, AsyncMappingKernelManager):
         self.status_hooks: list[Callable[[str, str], None]] = []
         self._user_restarts: set[str] = set()
         self._share_allowlist_with_provisioner()
+        from .hibernate import Durability
+
+        if self.durable_budget_mb > 0:  # the runtime reads it from the environment
+            os.environ["VMKG_DURABLE_BUDGET_MB"] = str(self.durable_budget_mb)
+        self.durability = Durability(self)
 
     def _share_allowlist_with_provisioner(self) -> None:
         """The provisioner filters the env again (KERNEL_* plus its own allow-list); names
@@ -400,9 +436,21 @@ class VMMappingKernelManager(ReplayBufferMixin, AsyncMappingKernelManager):
                          "template": kernel.kernel_spec.metadata.get("vmkg", {}).get("template")
                          if kernel.kernel_spec else None,
                          "network": net.model_field(kernel)}
+        from .hibernate import hibernated_fields
+
+        model["vmkg"].update(hibernated_fields(self, kernel_id))
+        if model["vmkg"]["hibernated"]:
+            model["execution_state"] = "idle"
         return model
 
     async def cull_kernel_if_idle(self, kernel_id: str) -> None:
+        if self.hibernate_instead_of_cull:
+            handle = vm_handle(self.get_kernel(kernel_id)) if kernel_id in self else None
+            if handle is not None and handle.hibernated_since is not None:
+                return  # asleep already: nothing to cull
+            if handle is not None and self._cull_due(kernel_id):
+                await self.durability.hibernate_quietly(kernel_id, "culled")
+                return
         await super().cull_kernel_if_idle(kernel_id)
         if kernel_id not in self:
             self.culled += 1
@@ -422,6 +470,15 @@ class VMMappingKernelManager(ReplayBufferMixin, AsyncMappingKernelManager):
         await super()._async_shutdown_kernel(kernel_id, now=now, restart=restart)
 
     shutdown_kernel = _async_shutdown_kernel  # type: ignore[assignment]  # both paths: DELETE and shutdown_all
+
+    def _cull_due(self, kernel_id: str) -> bool:
+        """jupyter_server's culling rule (idle, connections, busy) for ``kernel_id``."""
+        km: Any = self.get_kernel(kernel_id)
+        idle = (datetime.now(timezone.utc) - km.last_activity).total_seconds()
+        connected = self._kernel_connections.get(kernel_id, 0) > 0
+        busy = km.execution_state == "busy"
+        return bool(idle > self.cull_idle_timeout and (self.cull_connected or not connected)
+                    and (self.cull_busy or not busy))
 
     async def shutdown_all(self, now: bool = False) -> None:  # type: ignore[override]  # async, as in jupyter_server
         """Stop every kernel, pooled ones included (gateway shutdown)."""

@@ -20,6 +20,10 @@ with a JSON 404 (after authentication, so it reveals nothing to strangers).
     GET    /api/kernels/{id}/forks             lineage and children
     GET|PUT|DELETE /api/kernels/{id}/files/{path}
     GET|PATCH /api/kernels/{id}/network        egress rules (gateway.network)
+    POST   /api/kernels/{id}/hibernate|wake    200 model (gateway.hibernate)
+    GET|POST /api/kernels/{id}/checkpoints     list; 201 new checkpoint
+    DELETE /api/kernels/{id}/checkpoints/{name}          204
+    POST   /api/kernels/{id}/checkpoints/{name}/restore  200 model
     WS     /api/kernels/{id}/channels
     GET    /metrics                            Prometheus text format
     GET    /                                   the dashboard (gateway.dashboard; ?token= signs in)
@@ -37,6 +41,12 @@ from jupyter_server.utils import url_path_join
 from . import dashboard, handlers
 from .files import FileHandler
 from .forks import ForkHandler, ForksListHandler
+from .hibernate import (
+    CheckpointHandler,
+    CheckpointRestoreHandler,
+    CheckpointsHandler,
+    HibernateHandler,
+)
 from .network import NetworkHandler
 from .router import HostStatusHandler
 from .websocket import KernelChannelsHandler
@@ -61,6 +71,10 @@ def route_table() -> list[tuple[str, type]]:
         (rf"/api/kernels/{KERNEL_ID}/forks", ForksListHandler),
         (rf"/api/kernels/{KERNEL_ID}/files/(?P<path>.*)", FileHandler),
         (rf"/api/kernels/{KERNEL_ID}/network", NetworkHandler),
+        (rf"/api/kernels/{KERNEL_ID}/(?P<action>hibernate|wake)", HibernateHandler),
+        (rf"/api/kernels/{KERNEL_ID}/checkpoints", CheckpointsHandler),
+        (rf"/api/kernels/{KERNEL_ID}/checkpoints/(?P<name>[^/]+)", CheckpointHandler),
+        (rf"/api/kernels/{KERNEL_ID}/checkpoints/(?P<name>[^/]+)/restore", CheckpointRestoreHandler),
         (rf"/api/kernels/{KERNEL_ID}/channels", KernelChannelsHandler),
         (r"/", dashboard.DashboardPageHandler),
         (r"/dashboard/static/(?P<name>[\w.-]+)", dashboard.DashboardStaticHandler),

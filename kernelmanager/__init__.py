@@ -29,6 +29,14 @@ Forking
     ``%fork`` magic) arrive, validated, as ``ForkRequest``s at ``handler`` (async, on the
     loop that started the kernel; returns the children's ids or raises the refusal).
 
+Durable kernels (``kernelmanager.durable``)
+    Through the handle: ``hibernate()``, ``wake()``, ``hibernated_since``,
+    ``checkpoint(name)``, ``checkpoints()``, ``restore_checkpoint(name)``,
+    ``delete_checkpoint(name)``, ``fork_snapshot(checkpoint=name)``, ``persist(...)``.
+    ``persisted_kernels()`` (``PersistedKernel`` records a stopping gateway left) and the
+    ``durable_resume=`` argument of ``start_kernel`` that brings one back hibernated;
+    ``durable_usage()`` (bytes on disk).
+
 Templates
     ``TemplateSpec``, ``catalog()``, ``get_spec(name)``, ``kernelspec_name(template)``,
     ``kernelspec_json(spec)``, ``bake_template(name)`` (async; build + bake if needed).
@@ -73,11 +81,16 @@ from .admin import (
 )
 from .cache import PruneReport
 from .channel import GuestLimits
+from .durable import PersistedKernel, persisted_kernels
+from .durable import usage as durable_usage
 from .envvars import env_trait, inherited_help
 from .exceptions import (
     AgentError,
     ChannelError,
+    CheckpointNotFound,
     ConfigError,
+    DurableBudgetExceeded,
+    DurableError,
     ForkError,
     ImageError,
     KernelBusy,
@@ -122,6 +135,10 @@ __all__ = [
     "ForkRequest",
     "ForkRequestHandler",
     "set_fork_request_handler",
+    # durable kernels
+    "PersistedKernel",
+    "persisted_kernels",
+    "durable_usage",
     # templates
     "TemplateSpec",
     "catalog",
@@ -170,4 +187,7 @@ __all__ = [
     "NetworkPolicyDenied",
     "NetworkPolicyInvalid",
     "NoNetwork",
+    "DurableError",
+    "DurableBudgetExceeded",
+    "CheckpointNotFound",
 ]

@@ -94,3 +94,15 @@ class NetworkPolicyInvalid(ConfigError):
 
 class NoNetwork(VMKGError):
     """A network operation on a kernel whose template has no NIC."""
+
+
+class DurableError(ForkError):
+    """A hibernation, wake or checkpoint could not be made or used (the kernel keeps running)."""
+
+
+class DurableBudgetExceeded(ForkBudgetExceeded):
+    """Hibernated images and checkpoints would exceed their disk budget, or the disk is full."""
+
+
+class CheckpointNotFound(DurableError):
+    """The kernel has no checkpoint of that name."""

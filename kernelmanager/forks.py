@@ -395,7 +395,10 @@ async def _snapshot(vk: ForkableKernel, d: Path, shm: Path, fork_id: str,
         snap = dataclasses.replace(
             vk.snapshot, path=d, mem_file=mem, state_file=d / "state", disk=d / "disk.qcow2",
             created=time.time(), kind="fork", parent=vk.kernel_id,
-            info={**vk.snapshot.info, "ancestors": ancestors, "dirty_bytes": copied,
+            info={**{k: v for k, v in vk.snapshot.info.items() if k != "mem_delta"},  # in the image
+                  "template_dir": str(vk.snapshot.info.get("template_dir") or (
+                      vk.snapshot.path if vk.snapshot.kind == "template" else "")),
+                  "ancestors": ancestors, "dirty_bytes": copied,
                   "base_bytes": base_bytes, "timings": timings,
                   "template": str(vk.snapshot.info.get("template", ""))},
         )

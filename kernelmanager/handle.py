@@ -16,14 +16,21 @@ awaited from any event loop.
     fork snapshots    fork_snapshot: an opaque, held ``ForkSource`` that children are
                       started from (``start_kernel(fork_source=...)``); see
                       :func:`kernelmanager.fork`, which is the one orchestrator
-    observation       restore_timings, pid, memory(), running, lineage
+    observation       restore_timings, pid, memory(), running, lineage, hibernated_since
+    durable           hibernate / wake (a woken kernel has its state; any file call or
+                      fork wakes it too, a fork of a sleeping kernel doesn't), checkpoint /
+                      checkpoints / restore_checkpoint / delete_checkpoint, fork_snapshot
+                      (checkpoint=name), persist (kept across a gateway restart); see
+                      ``kernelmanager.durable``
 
 A handle whose VM is not running raises ``VMDied``.
 """
 
 from __future__ import annotations
 
+import asyncio
 import base64
+import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import TYPE_CHECKING, Any, Protocol
@@ -33,6 +40,7 @@ from .exceptions import ForkError, VMDied
 from .runtime import Runtime
 
 if TYPE_CHECKING:
+    from .durable import DurableImage
     from .snapshots import Snapshot
     from .vmkernel import VMKernel
 
@@ -145,6 +153,24 @@ class KernelOwner(Protocol):
 
     async def adopt(self, env: dict[str, str]) -> None: ...
 
+    @property
+    def hibernated_since(self) -> float | None: ...
+
+    @property
+    def last_wake_seconds(self) -> float | None: ...
+
+    async def hibernate(self, idle_timeout: float = 30.0) -> DurableImage: ...
+
+    async def wake(self) -> None: ...
+
+    async def checkpoint(self, name: str, idle_timeout: float = 30.0) -> DurableImage: ...
+
+    async def restore_checkpoint(self, name: str) -> None: ...
+
+    def persist(self, kernel_name: str, extra: dict[str, object], keep: bool = True) -> None: ...
+
+    async def idle_checkpoint(self, idle_timeout: float = 1.0) -> DurableImage | None: ...
+
 
 class VMHandle:
     """One kernel's VM, as the world outside ``kernelmanager`` may use it.
@@ -166,6 +192,17 @@ class VMHandle:
         return kernel
 
     # -- observation -------------------------------------------------------------------
+
+    @property
+    def hibernated_since(self) -> datetime | None:
+        """When the kernel was hibernated (UTC), or None while it is awake."""
+        t = self._prov.hibernated_since
+        return datetime.fromtimestamp(t, timezone.utc) if t is not None else None
+
+    @property
+    def last_wake_seconds(self) -> float | None:
+        """Seconds the last wake took (restore of the saved image), or None."""
+        return self._prov.last_wake_seconds
 
     @property
     def running(self) -> bool:
@@ -212,6 +249,7 @@ class VMHandle:
     # -- files ---------------------------------------------------------------------------
 
     async def _file_op(self, timeout: float = 120.0, **body: Any) -> Any:
+        await self._prov.wake()
         kernel = self._kernel()
         return await Runtime.instance().run(kernel.request("file", timeout=timeout, **body))
 
@@ -241,14 +279,38 @@ class VMHandle:
     async def apply_env(self, env: dict[str, str]) -> None:
         """Take on a client's environment in the running kernel (see
         :meth:`MicroVMProvisioner.adopt`); also kept for the kernel's restarts."""
+        await self._prov.wake()
         await self._prov.adopt(env)
 
-    async def fork_snapshot(self, *, idle_timeout: float = 30.0, reseed: bool = True) -> ForkSource:
+    async def fork_snapshot(self, *, idle_timeout: float = 30.0, reseed: bool = True,
+                            checkpoint: str | None = None) -> ForkSource:
         """Snapshot the running VM for forking; the parent keeps running.
 
         Waits up to ``idle_timeout`` seconds for the kernel to be idle (``KernelBusy``
         after that); a failure of QEMU or of the host is a ``ForkError``. The source is
-        held for the caller, who must release it."""
+        held for the caller, who must release it. ``checkpoint``: the children start from
+        that checkpoint instead (``CheckpointNotFound``); a hibernated kernel's children
+        start from its saved image, and it sleeps on."""
+        from . import durable
+
+        image = None
+        if checkpoint is not None:
+            image = durable.find_image(self.kernel_id, f"ckpt-{durable.check_name(checkpoint)}")
+            if image is None:
+                raise durable.CheckpointNotFound(f"kernel {self.kernel_id} has no checkpoint {checkpoint!r}")
+        elif self._prov.hibernated_since is not None:
+            image = durable.find_image(self.kernel_id, durable.HIBERNATED)
+        if image is not None:
+            held = image
+
+            async def from_image() -> Snapshot:
+                snap = await asyncio.to_thread(durable.materialize, held)
+                forks.registry.acquire(snap)
+                return snap
+
+            snap = await Runtime.instance().run(from_image())
+            forked_at = datetime.fromtimestamp(time.time(), timezone.utc)
+            return ForkSource(snap, reseed=reseed, lineage=Lineage(self.kernel_id, forked_at))
         kernel = self._kernel()
 
         async def take() -> Snapshot:
@@ -260,3 +322,58 @@ class VMHandle:
         forked_at = datetime.fromtimestamp(snap.created, timezone.utc)
         return ForkSource(snap, reseed=reseed, lineage=Lineage(self.kernel_id, forked_at))
 
+
+    # -- durable kernels ------------------------------------------------------------------------
+
+    async def hibernate(self, *, idle_timeout: float = 30.0) -> int:
+        """Save the kernel to disk and stop its VM (see ``kernelmanager.durable``); its id,
+        connection file and clients stay. Returns the bytes the image takes on disk.
+        ``KernelBusy`` when it stays busy, ``DurableBudgetExceeded`` when the budget or the
+        disk is full (the kernel keeps running then)."""
+        image = await self._prov.hibernate(idle_timeout)
+        return image.size
+
+    async def wake(self) -> None:
+        """Bring a hibernated kernel back now (anything that needs the VM does this)."""
+        await self._prov.wake()
+
+    async def checkpoint(self, name: str, *, idle_timeout: float = 30.0) -> dict[str, Any]:
+        """Save the kernel's whole state as checkpoint ``name`` (replacing one of that name)."""
+        image = await self._prov.checkpoint(name, idle_timeout)
+        return _ckpt_model(image)
+
+    def checkpoints(self) -> list[dict[str, Any]]:
+        """The kernel's checkpoints: name, created (UTC ISO), size (bytes on disk)."""
+        from . import durable
+
+        return [_ckpt_model(i) for i in durable.list_checkpoints(self.kernel_id)]
+
+    async def restore_checkpoint(self, name: str) -> None:
+        """Put the kernel back to checkpoint ``name`` in place (same id; clients see a
+        restart's ``starting``, ``idle``)."""
+        await self._prov.restore_checkpoint(name)
+
+    def delete_checkpoint(self, name: str) -> None:
+        """Delete checkpoint ``name``; kernels forked from it keep what they use."""
+        from . import durable
+
+        image = durable.find_image(self.kernel_id, f"ckpt-{durable.check_name(name)}")
+        if image is None:
+            raise durable.CheckpointNotFound(f"kernel {self.kernel_id} has no checkpoint {name!r}")
+        durable.remove_image(image)
+
+    def persist(self, kernel_name: str, extra: dict[str, object], *, keep: bool = True) -> None:
+        """Record the kernel (connection info, env, ``extra``) for the next start; ``keep``:
+        keep its images when it is shut down (a gateway stopping with durable kernels)."""
+        self._prov.persist(kernel_name, extra, keep)
+
+    async def idle_checkpoint(self, *, idle_timeout: float = 1.0) -> int | None:
+        """Save the running kernel as its last idle checkpoint (what the next start brings
+        back after a crash); bytes on disk, or None when it is not running."""
+        image = await self._prov.idle_checkpoint(idle_timeout)
+        return image.size if image is not None else None
+
+
+def _ckpt_model(image: DurableImage) -> dict[str, Any]:
+    return {"name": image.name, "size": image.size,
+            "created": datetime.fromtimestamp(image.created, timezone.utc).isoformat().replace("+00:00", "Z")}

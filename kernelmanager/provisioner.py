@@ -46,9 +46,12 @@ from __future__ import annotations
 
 import asyncio
 import ipaddress
+import json
 import logging
 import os
 import posixpath
+import signal
+import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar, cast
@@ -59,11 +62,11 @@ from jupyter_client.provisioning.provisioner_base import KernelProvisionerBase
 from traitlets import Bool, Float, List, Unicode
 
 from . import accel as accel_mod
-from . import paths
+from . import durable, forks, paths
 from .channel import GUEST_VIOLATIONS, clip
-from .exceptions import ConfigError, VMDied, VMKGError
+from .exceptions import ConfigError, DurableError, VMDied, VMKGError
 from .handle import ForkSource, Lineage, VMHandle
-from .relay import KernelRelay
+from .relay import DELIM, KernelRelay
 from .runtime import Runtime
 from .templates import ensure_template, get_spec
 from .vm.qemu import qemu_version
@@ -155,14 +158,25 @@ class MicroVMProvisioner(KernelProvisionerBase):
     _handle: VMHandle | None = None
     _client_loop: asyncio.AbstractEventLoop | None = None
     _fork_request_busy = False
+    # durable kernels (kernelmanager.durable): the image a hibernated kernel sleeps in
+    _hibernated: durable.DurableImage | None = None
+    _hibernated_since: float | None = None
+    _durable_lock: asyncio.Lock | None = None
+    _resume: durable.PersistedKernel | None = None
+    _keep_durable = False
+    _swapping = False  # an in-place restore is replacing the VM: alive, not dead
+    _wake_tasks: set[asyncio.Future[None]] | None = None
+    last_wake_seconds: float | None = None
 
     # -- process-like surface ------------------------------------------------------------
 
     @property
     def has_process(self) -> bool:
-        return self._kernel is not None
+        return self._kernel is not None or self._hibernated is not None
 
     async def poll(self) -> int | None:
+        if self._hibernated is not None or self._swapping:
+            return None  # asleep (or being restored), not dead: the restarter must leave it alone
         if self._kernel is None:
             return 0
         return self._kernel.poll()
@@ -174,6 +188,14 @@ class MicroVMProvisioner(KernelProvisionerBase):
         return await Runtime.instance().run(kernel.wait())
 
     async def send_signal(self, signum: int) -> None:
+        if self._hibernated is not None:
+            if signum in (0, signal.SIGKILL, signal.SIGTERM):
+                if signum:
+                    await self._stop_vm()
+                return
+            if getattr(self.parent, "shutting_down", False):
+                return  # jupyter_client interrupts before a shutdown: no wake for that
+            await self.wake()  # an interrupt is activity
         if self._kernel is None:
             return
         kernel = self._kernel
@@ -189,6 +211,8 @@ class MicroVMProvisioner(KernelProvisionerBase):
         await self._stop_vm()
 
     async def _stop_vm(self) -> None:
+        if self._hibernated is not None:
+            self._drop_hibernated()
         kernel = self._kernel
         if kernel is None:
             return
@@ -203,6 +227,10 @@ class MicroVMProvisioner(KernelProvisionerBase):
         start_kernel arguments (jupyter_client keeps them for restarts, which restore
         from the template: only the first start uses it)."""
         source = kwargs.pop("fork_source", None)
+        resume = kwargs.pop("durable_resume", None)
+        if resume is not None and not isinstance(resume, durable.PersistedKernel):
+            raise ConfigError("durable_resume must be a kernelmanager.PersistedKernel")
+        self._resume = resume if self._kernel is None and not self._launched else None
         if source is not None and not isinstance(source, ForkSource):
             raise ConfigError(f"fork_source must be a kernelmanager.ForkSource, not {type(source).__name__}")
         if source is not None and self._kernel is None and not self._launched:
@@ -222,6 +250,9 @@ class MicroVMProvisioner(KernelProvisionerBase):
             km.connection_file = os.path.join(jupyter_runtime_dir(), f"kernel-{self.kernel_id}.json")
         if self._relay is None:
             rt = Runtime.instance()
+            resumed = self._resume.connection if self._resume is not None else None
+            if resumed is not None and km is not None:  # the same key the clients hold
+                km.session.key = str(resumed["key"]).encode()
             key = km.session.key if km is not None else os.urandom(32).hex().encode()
             ip = km.ip if km is not None and km.ip else "127.0.0.1"
             transport = km.transport if km is not None else "tcp"
@@ -230,9 +261,21 @@ class MicroVMProvisioner(KernelProvisionerBase):
 
             async def start_relay() -> KernelRelay:
                 assert rt.zmq_context is not None
+                ports = None
+                if resumed is not None and resumed.get("transport") == transport:
+                    ports = {n: int(resumed[p]) for n, p in
+                             (("shell", "shell_port"), ("control", "control_port"),
+                              ("stdin", "stdin_port"), ("iopub", "iopub_port"), ("hb", "hb_port"))}
                 relay = KernelRelay(rt.zmq_context, name=self.kernel_id, ip=ip, transport=transport,
-                                    key=key, signature_scheme=scheme)
-                relay.start()
+                                    key=key, signature_scheme=scheme, ports=ports)
+                try:
+                    relay.start()
+                except zmq.ZMQError:  # a tcp port taken meanwhile: new ones (a new connection file)
+                    await relay.close()
+                    relay = KernelRelay(rt.zmq_context, name=self.kernel_id, ip=ip, transport=transport,
+                                        key=key, signature_scheme=scheme)
+                    relay.start()
+                relay.on_held = self._on_held
                 return relay
 
             self._relay = await rt.run(start_relay())
@@ -285,6 +328,18 @@ class MicroVMProvisioner(KernelProvisionerBase):
         km = self.parent
         conn_file = getattr(km, "connection_file", None) if km is not None else None
 
+        if self._resume is not None:  # back from a gateway restart: asleep until used
+            resume, self._resume = self._resume, None
+            image = durable.latest_image(str(self.kernel_id))
+            if image is None:
+                raise DurableError(f"kernel {self.kernel_id}: no durable image to resume from")
+            self._env, self._cwd = dict(resume.env), resume.cwd
+            self._hibernated, self._hibernated_since = image, image.created
+            relay.alive = lambda: True
+            self._launched = True
+            log.info("kernel %s: resumed hibernated (%s image of %.0f s ago)", self.kernel_id,
+                     image.name, time.time() - image.created)
+            return cast(KernelConnectionInfo, relay.connection_info())
         fork_source, self._fork_source = self._fork_source, None  # a fork's first launch only
         source = fork_source._held if fork_source is not None else None
         reseed = self.reseed if fork_source is None else fork_source.reseed
@@ -319,6 +374,8 @@ class MicroVMProvisioner(KernelProvisionerBase):
     async def cleanup(self, restart: bool = False) -> None:
         await self._stop_vm()
         self._kernel = None
+        if not restart and not self._keep_durable:
+            durable.remove_kernel(str(self.kernel_id))  # forks keep what they use (hard links)
         if not restart and self._relay is not None:
             relay, self._relay = self._relay, None
             await Runtime.instance().run(relay.close())
@@ -428,6 +485,216 @@ class MicroVMProvisioner(KernelProvisionerBase):
         await Runtime.instance().run(kernel.adopt(guest, cwd, timeout=self.launch_timeout))
 
 
+    # -- durable kernels (kernelmanager.durable) ------------------------------------------------
+
+    @property
+    def hibernated_since(self) -> float | None:
+        """When the kernel went to sleep (epoch seconds), or None while it is awake."""
+        return self._hibernated_since if self._hibernated is not None else None
+
+    def _lock(self) -> asyncio.Lock:
+        if self._durable_lock is None:  # made on the runtime loop, used only there
+            self._durable_lock = asyncio.Lock()
+        return self._durable_lock
+
+    def _drop_hibernated(self) -> None:
+        image, self._hibernated, self._hibernated_since = self._hibernated, None, None
+        if image is not None and not self._keep_durable:
+            durable.remove_image(image)
+
+    def _on_held(self, name: str, parts: list[bytes]) -> bool:
+        """The relay's hook (runtime loop) for a client message while no VM is attached."""
+        if self._hibernated is None:
+            return False
+        try:
+            header = json.loads(parts[parts.index(DELIM) + 2])
+            msg_type = header.get("msg_type") if isinstance(header, dict) else None
+        except (ValueError, IndexError):
+            msg_type = None
+        if msg_type == "shutdown_request":
+            # a sleeping kernel is not woken to be shut down: it is gone now
+            log.info("kernel %s: shut down while hibernated", self.kernel_id)
+            self._drop_hibernated()
+            return True
+        self._spawn_wake()
+        return False
+
+    def _spawn_wake(self) -> None:
+        """Start a wake in the background, holding the task (asyncio keeps only weak
+        references: an unheld task can be collected mid-wake)."""
+        if self._wake_tasks is None:
+            self._wake_tasks = set()
+        task = asyncio.ensure_future(self._wake_logged())
+        self._wake_tasks.add(task)
+        task.add_done_callback(self._wake_tasks.discard)
+
+    async def _wake_logged(self) -> None:
+        try:
+            await self._wake_rt()
+        except Exception as exc:  # noqa: BLE001 - the clients hear it through the relay
+            log.error("kernel %s: wake failed: %s", self.kernel_id, exc)
+            if self._relay is not None and self._relay._held:
+                self._relay.mark_dead(f"the kernel could not be woken from hibernation: {exc}")
+
+    async def hibernate(self, idle_timeout: float = 30.0) -> durable.DurableImage:
+        """Save the kernel to disk and stop its VM; the relay (ports, key, clients) stays.
+        Raises KernelBusy, DurableBudgetExceeded (the kernel keeps running) or VMDied."""
+        return await Runtime.instance().run(self._hibernate_rt(idle_timeout))
+
+    async def _hibernate_rt(self, idle_timeout: float) -> durable.DurableImage:
+        async with self._lock():
+            if self._hibernated is not None:
+                return self._hibernated
+            kernel, relay = self._kernel, self._relay
+            if kernel is None or kernel.poll() is not None or relay is None or kernel.channel is None:
+                raise VMDied(f"kernel {self.kernel_id}: the VM is not running")
+            relay.detach()  # client input is held in the relay from here on
+            dest = durable.kernel_dir(str(self.kernel_id)) / durable.HIBERNATED
+            try:
+                image = await durable.capture(kernel, dest, name=durable.HIBERNATED, stop=True,
+                                              idle_timeout=idle_timeout)
+            except BaseException:
+                relay.attach(kernel.channel)
+                raise
+            self._hibernated, self._hibernated_since = image, time.time()
+            relay.alive = lambda: True
+            self._kernel = None
+            await kernel.close()
+            log.info("kernel %s: hibernated (%.1f MB on disk)", self.kernel_id, image.size / 2**20)
+        if relay._held:  # input came while it was being saved
+            self._spawn_wake()
+        return image
+
+    async def wake(self) -> None:
+        """Bring a hibernated kernel back (no-op when awake); from any event loop."""
+        if self._hibernated is None:
+            return
+        await Runtime.instance().run(self._wake_rt())
+
+    async def _wake_rt(self) -> None:
+        async with self._lock():
+            image = self._hibernated
+            if image is None:
+                return
+            t0 = time.monotonic()
+            kernel = await self._start_from(image, reseed=False)
+            if self._hibernated is None:  # shut down while it was waking: undo the wake
+                self._kernel = None
+                if self._relay is not None:
+                    self._relay.detach()
+                await kernel.close()
+                return
+            self._hibernated, self._hibernated_since = None, None
+            self.last_wake_seconds = time.monotonic() - t0
+            log.info("kernel %s: woken in %.0f ms", self.kernel_id, self.last_wake_seconds * 1000)
+
+    async def _start_from(self, image: durable.DurableImage, *, reseed: bool) -> VMKernel:
+        """Restore ``image`` into a new VM and attach it to the relay (runtime loop).
+        Clients see ``starting`` then ``idle``, as for a user's restart."""
+        relay = self._relay
+        assert relay is not None
+        km = self.parent
+        snap = await asyncio.to_thread(durable.materialize, image)
+        kernel = VMKernel(snap, kernel_id=self.kernel_id, env={} if not reseed else self._env,
+                          cwd=None, reseed=reseed, on_jupyter=relay.from_guest,
+                          connection_file=getattr(km, "connection_file", None) if km is not None else None)
+        Runtime.instance().register(kernel)
+        try:
+            await kernel.start(timeout=self.launch_timeout)
+        except BaseException:
+            if (snap.path / "snapshot.json").exists() and forks.registry.count(snap.path) == 0:
+                forks.remove_fork_dir(snap.path)
+            raise
+        assert kernel.channel is not None
+        self._kernel = kernel
+        relay.publish_status("starting")
+        relay.publish_status("idle")
+        relay.alive = lambda: kernel.poll() is None
+        relay.attach(kernel.channel)
+        return kernel
+
+    async def ensure_awake(self) -> None:
+        await self.wake()
+
+    async def checkpoint(self, name: str, idle_timeout: float = 30.0) -> durable.DurableImage:
+        """Save the running kernel's whole state as checkpoint ``name`` (replacing one of
+        that name); the kernel pauses only as long as for a fork. Wakes a hibernated one."""
+        dest = durable.checkpoint_path(str(self.kernel_id), name)
+        if self._hibernated is not None:
+            return await Runtime.instance().run(self._copy_hibernated(name, dest))
+        kernel = self._kernel
+        if kernel is None or kernel.poll() is not None:
+            raise VMDied(f"kernel {self.kernel_id}: the VM is not running")
+
+        async def take() -> durable.DurableImage:
+            async with self._lock():
+                return await durable.capture(kernel, dest, name=name, stop=False, idle_timeout=idle_timeout)
+
+        return await Runtime.instance().run(take())
+
+    async def _copy_hibernated(self, name: str, dest: os.PathLike[str]) -> durable.DurableImage:
+        """A checkpoint of a sleeping kernel: hard links to its hibernated image."""
+        async with self._lock():
+            image = self._hibernated
+            if image is None:
+                raise VMDied(f"kernel {self.kernel_id}: woke meanwhile; try again")
+            return await asyncio.to_thread(durable.link_image, image, name, dest)
+
+    async def restore_checkpoint(self, name: str) -> None:
+        """Put the kernel back to checkpoint ``name`` in place (same id, relay, clients)."""
+        image = durable.find_image(str(self.kernel_id), f"ckpt-{durable.check_name(name)}")
+        if image is None:
+            raise durable.CheckpointNotFound(f"kernel {self.kernel_id} has no checkpoint {name!r}")
+
+        async def restore() -> None:
+            async with self._lock():
+                old, relay = self._kernel, self._relay
+                assert relay is not None
+                relay.detach()
+                self._swapping = True  # poll() says alive while the VM is swapped
+                try:
+                    if old is not None:
+                        self._kernel = None
+                        await old.close()
+                    if self._hibernated is not None:
+                        self._drop_hibernated()
+                    await self._start_from(image, reseed=self.reseed)
+                finally:
+                    self._swapping = False
+                log.info("kernel %s: restored checkpoint %s", self.kernel_id, name)
+
+        await Runtime.instance().run(restore())
+
+    async def idle_checkpoint(self, idle_timeout: float = 1.0) -> durable.DurableImage | None:
+        """The background checkpoint of the crash case: the running kernel's state saved as
+        its ``auto`` image (replacing the last). None when it is asleep or not running."""
+        kernel = self._kernel
+        if self._hibernated is not None or kernel is None or kernel.poll() is not None:
+            return None
+        dest = durable.kernel_dir(str(self.kernel_id)) / durable.AUTO
+
+        async def take() -> durable.DurableImage:
+            async with self._lock():
+                return await durable.capture(kernel, dest, name=durable.AUTO, stop=False,
+                                             idle_timeout=idle_timeout)
+
+        return await Runtime.instance().run(take())
+
+    def persist(self, kernel_name: str, extra: dict[str, object], keep: bool = True) -> None:
+        """Record this kernel for the next start (``kernelmanager.durable.persisted_kernels``);
+        ``keep``: its images are kept when it is shut down from now on (a gateway stopping
+        with durable kernels); otherwise a shutdown still deletes them (the crash case)."""
+        relay = self._relay
+        if relay is None:
+            raise VMDied(f"kernel {self.kernel_id}: not started")
+        info = relay.connection_info()
+        info["key"] = info["key"].decode() if isinstance(info["key"], bytes) else str(info["key"])
+        durable.PersistedKernel(kernel_id=str(self.kernel_id), kernel_name=kernel_name,
+                                connection=info, env=dict(self._env), cwd=self._cwd,
+                                extra=dict(extra)).save()
+        self._keep_durable = self._keep_durable or keep
+
+
 async def _rebind_ipc(relay: KernelRelay) -> None:
     """Bind again the relay's ipc endpoints whose socket files are gone (same paths, same
     sockets: connected clients stay connected)."""
@@ -457,6 +724,7 @@ Child = TypeVar("Child")
 
 
 async def fork(km: Any, count: int, *, reseed: bool = True, idle_timeout: float = 30.0,
+               checkpoint: str | None = None,
                start_child: Callable[[ForkSource], Awaitable[Child]] | None = None,
                stop_child: Callable[[Child], Awaitable[object]] | None = None) -> list[Child]:
     """Fork the running kernel of ``km`` into ``count`` children that continue from its
@@ -473,6 +741,9 @@ async def fork(km: Any, count: int, *, reseed: bool = True, idle_timeout: float 
     list of started kernel managers. ``stop_child`` undoes one successful
     ``start_child`` (default: ``child.shutdown_kernel(now=True)``). The gateway passes its
     own pair so the children enter its kernel map.
+
+    ``checkpoint``: the children start from that named checkpoint of the kernel (a
+    hibernated kernel's start from its saved image without waking it).
 
     Raises ``ConfigError`` for a kernel that is not a microVM, ``KernelBusy`` when it
     stays busy, ``ForkError`` when the snapshot fails, and whatever a child start raised.
@@ -499,7 +770,8 @@ async def fork(km: Any, count: int, *, reseed: bool = True, idle_timeout: float 
 
     start = start_child or cast(Callable[[ForkSource], Awaitable[Child]], default_start)
     stop = stop_child or default_stop
-    async with await handle.fork_snapshot(idle_timeout=idle_timeout, reseed=reseed) as source:
+    async with await handle.fork_snapshot(idle_timeout=idle_timeout, reseed=reseed,
+                                          checkpoint=checkpoint) as source:
         tasks = [asyncio.ensure_future(start(source)) for _ in range(count)]
         try:
             await asyncio.wait(tasks)

@@ -98,6 +98,9 @@ class KernelRelay:
         self._seen_order: deque[bytes] = deque()
         self.alive: Callable[[], bool] = lambda: False
         self.on_activity: Callable[[str, list[bytes]], None] | None = None
+        #: asked about a client message that would be held (no VM attached); True: consumed
+        #: (a hibernated kernel's owner wakes the VM, or takes a shutdown_request itself)
+        self.on_held: Callable[[str, list[bytes]], bool] | None = None
         #: called once when the kernel is found dead here (its owner stops the VM)
         self.on_dead: list[Callable[[str], None]] = []
         self.dropped = 0
@@ -283,6 +286,8 @@ class KernelRelay:
             # exited, the VM is about to be replaced): a local kernel's client would have the
             # message wait in its socket for the restarted kernel, not vanish
             if channel is None or not self.alive():
+                if self.on_held is not None and self.on_held(name, parts):
+                    continue
                 self._hold(name, parts)
                 continue
             try:
@@ -339,17 +344,23 @@ class KernelRelay:
                 "session": self._session_id, "version": "5.4",
                 "date": datetime.now(timezone.utc).isoformat().replace("+00:00", "Z")}
 
-    def _publish(self, msg_type: str, content: dict[str, Any]) -> None:
+    def _publish(self, msg_type: str, content: dict[str, Any], parent: bytes | None = None) -> None:
         sock = self.sockets.get("iopub")
         if sock is None:
             return
-        body = [json.dumps(self._header(msg_type)).encode(), self._last_request_header, b"{}",
+        body = [json.dumps(self._header(msg_type)).encode(),
+                self._last_request_header if parent is None else parent, b"{}",
                 json.dumps(content).encode()]
         parts = [f"kernel.vmkg.{msg_type}".encode(), DELIM, self.sign(body), *body]
         try:
             sock.send_multipart(parts)
         except zmq.ZMQError as exc:
             log.warning("kernel %s: could not publish a %s message: %s", self.name, msg_type, exc)
+
+    def publish_status(self, state: str) -> None:
+        """A kernel status of the relay's own, parented to no request (a wake, an in-place
+        restore: ``starting`` then ``idle``, as a user's restart shows)."""
+        self._publish("status", {"execution_state": state}, parent=b"{}")
 
     def notice(self, text: str) -> None:
         """Tell the kernel's user something on stderr (at most once per NOTICE_INTERVAL)."""

@@ -24,6 +24,7 @@ import signal
 import time
 import uuid
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from . import forks, paths, reaper
@@ -99,7 +100,15 @@ class VMKernel:
         disk = self.disk_path
         shutil.copyfile(snap.path / "overlay.qcow2", disk)
         t0 = time.monotonic()
-        await self.vm.restore(snap.mem_file, snap.state_file, disk)
+        delta = snap.info.get("mem_delta")
+        before_load = None
+        if delta:  # a durable image (kernelmanager.durable): its pages before the devices
+            from .durable import load_delta
+
+            async def before_load() -> None:
+                self.timings["delta_bytes"] = await load_delta(self.vm, snap.mem_file, Path(str(delta)))
+
+        await self.vm.restore(snap.mem_file, snap.state_file, disk, before_load=before_load)
         self.timings["spawn"] = time.monotonic() - t0
         assert self.vm.pid is not None
         write_owner(self.workdir, kernel_id=self.kernel_id, connection_file=self.connection_file,

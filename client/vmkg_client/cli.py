@@ -153,11 +153,35 @@ def build_parser(prog: str = "vmkg-client") -> tuple[argparse.ArgumentParser,
                            "and NumPy's generators are reseeded in each)")
     fork.add_argument("--timeout", type=_seconds, default=30.0, metavar="SECONDS",
                       help="seconds to wait for a busy kernel to become idle (default 30)")
+    fork.add_argument("--checkpoint", default=None, metavar="NAME",
+                      help="start the branches from this checkpoint of the kernel")
     fork.add_argument("--json", dest="json_out", action="store_true",
                       help="print the new kernels' models as JSON instead of their ids")
     _gateway_options(fork)
     fork.set_defaults(func=fork_command)
-    return parser, {"run": run, "fork": fork}
+
+    parsers = {"run": run, "fork": fork}
+    for name, text in (("hibernate", "save a kernel to the gateway's disk and stop its VM (its "
+                                     "next cell wakes it, state intact)"),
+                       ("wake", "wake a hibernated kernel now")):
+        p = commands.add_parser(name, help=text, formatter_class=fmt, description=_wrap(text + "."),
+                                epilog=DURABLE_EPILOG + "\n" + COMMON_EPILOG)
+        p.add_argument("kernel_id", metavar="KERNEL_ID")
+        _gateway_options(p)
+        p.set_defaults(func=durable_command, action=name)
+        parsers[name] = p
+    ck = commands.add_parser(
+        "checkpoint", help="save, list, restore or delete named checkpoints of a kernel",
+        formatter_class=fmt, epilog=DURABLE_EPILOG + "\n" + COMMON_EPILOG,
+        description=_wrap("Named checkpoints of a kernel's whole state (memory and files): "
+                          "'save NAME' (default), 'list', 'restore NAME' (in place, same id), "
+                          "'delete NAME'. Fork from one with: fork KERNEL_ID --checkpoint NAME."))
+    ck.add_argument("kernel_id", metavar="KERNEL_ID")
+    ck.add_argument("what", nargs="+", metavar="[save|list|restore|delete] NAME")
+    _gateway_options(ck)
+    ck.set_defaults(func=durable_command, action="checkpoint")
+    parsers["checkpoint"] = ck
+    return parser, parsers
 
 
 def main(argv: list[str] | None = None, prog: str = "vmkg-client") -> NoReturn:
@@ -238,6 +262,53 @@ async def _run(args: argparse.Namespace, code: str, env: dict[str, str]) -> int:
     return 1 if execution.error is not None else 0
 
 
+# -- hibernate, wake, checkpoint ----------------------------------------------------------------
+
+DURABLE_EPILOG = "exit status: 0 done, 1 the gateway could not be reached or refused, 2 bad arguments."
+
+
+def durable_command(args: argparse.Namespace) -> int:
+    what = list(getattr(args, "what", []) or [])
+    if args.action == "checkpoint":
+        if what[0] not in ("save", "list", "restore", "delete"):
+            what = ["save", *what]
+        if (what[0] == "list") != (len(what) == 1) or len(what) > 2:
+            print(f"{args.prog}: error: checkpoint KERNEL_ID [save|restore|delete] NAME, or "
+                  "checkpoint KERNEL_ID list", file=sys.stderr)
+            return 2
+    try:
+        out = asyncio.run(_durable(args, what))
+    except KeyboardInterrupt:
+        return 130
+    except sdk.SDKError as exc:
+        print(f"{args.prog}: error: {exc}", file=sys.stderr)
+        return 1
+    if out is not None:
+        print(json.dumps(out, indent=1))
+    return 0
+
+
+async def _durable(args: argparse.Namespace, what: list[str]) -> object:
+    async with sdk.Gateway(args.url, args.token) as gw:
+        kernel = await gw.connect_kernel(args.kernel_id)
+        if args.action == "hibernate":
+            await kernel.hibernate()
+            return None
+        if args.action == "wake":
+            await kernel.wake()
+            return None
+        verb = what[0]
+        if verb == "list":
+            return await kernel.checkpoints()
+        if verb == "save":
+            return await kernel.checkpoint(what[1])
+        if verb == "restore":
+            await kernel.restore(what[1])
+            return None
+        await kernel.delete_checkpoint(what[1])
+        return None
+
+
 # -- fork -------------------------------------------------------------------------------------
 
 
@@ -260,7 +331,8 @@ def fork_command(args: argparse.Namespace) -> int:
 async def _fork(args: argparse.Namespace) -> list[dict[str, object]]:
     async with sdk.Gateway(args.url, args.token) as gw:
         parent = await gw.connect_kernel(args.kernel_id)
-        branches = await parent.fork(args.n, reseed=args.reseed, timeout=args.timeout)
+        branches = await parent.fork(args.n, reseed=args.reseed, timeout=args.timeout,
+                                     checkpoint=args.checkpoint)
         for branch in branches:
             branch.detach()  # they outlive this command
         return [b.model for b in branches]

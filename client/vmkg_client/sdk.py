@@ -666,13 +666,18 @@ class Kernel:
         self.model = await self.gateway.request_json("POST", self._path("/restart"), kernel_id=self.id)
         await self._apply_env()
 
-    async def fork(self, n: int = 1, *, reseed: bool = True, timeout: float = 30.0) -> list[Kernel]:
+    async def fork(self, n: int = 1, *, reseed: bool = True, timeout: float = 30.0,
+                   checkpoint: str | None = None) -> list[Kernel]:
         """``n`` new kernels continuing from this one's exact state (memory and files), each
         isolated from the others. Waits up to ``timeout`` s for a running cell to finish
         (else :class:`GatewayError` 409). ``reseed``: give each branch fresh random
-        generators. The branches belong to this kernel's :class:`Gateway`."""
+        generators. ``checkpoint``: start them from that named checkpoint instead. The
+        branches belong to this kernel's :class:`Gateway`."""
+        body: dict[str, Any] = {"count": n, "reseed": reseed, "timeout": timeout}
+        if checkpoint is not None:
+            body["checkpoint"] = checkpoint
         data = await self.gateway.request_json(
-            "POST", self._path("/fork"), json_body={"count": n, "reseed": reseed, "timeout": timeout},
+            "POST", self._path("/fork"), json_body=body,
             timeout=self.gateway.request_timeout + timeout, kernel_id=self.id)
         return [Kernel(self.gateway, model, owned=True) for model in data["kernels"]]
 
@@ -686,6 +691,49 @@ class Kernel:
         data: dict[str, Any] = await self.gateway.request_json(
             "PATCH", self._path("/network"), json_body={"egress": list(egress)}, kernel_id=self.id)
         return data
+
+    # -- durable kernels --------------------------------------------------------------------
+
+    async def hibernate(self, *, timeout: float = 30.0) -> None:
+        """Save the kernel to the gateway's disk and stop its VM; the next cell (or any
+        call that needs it) wakes it with its state. :class:`GatewayError` 409 if it stays
+        busy ``timeout`` s, 507 when the gateway's disk budget is spent."""
+        self.model = await self.gateway.request_json(
+            "POST", self._path("/hibernate"), json_body={"timeout": timeout},
+            timeout=self.gateway.request_timeout + timeout, kernel_id=self.id)
+
+    async def wake(self) -> None:
+        """Wake a hibernated kernel now (otherwise its next cell does)."""
+        self.model = await self.gateway.request_json("POST", self._path("/wake"), kernel_id=self.id)
+
+    @property
+    def hibernated(self) -> bool:
+        """Whether the last model fetched (:meth:`info`) said the kernel is hibernated."""
+        return bool((self.model.get("vmkg") or {}).get("hibernated"))
+
+    async def checkpoint(self, name: str, *, timeout: float = 30.0) -> dict[str, Any]:
+        """Save the kernel's whole state as checkpoint ``name`` (replacing one of that name):
+        ``{"name", "created", "size"}``."""
+        data: dict[str, Any] = await self.gateway.request_json(
+            "POST", self._path("/checkpoints"), json_body={"name": name, "timeout": timeout},
+            timeout=self.gateway.request_timeout + timeout, kernel_id=self.id)
+        return data
+
+    async def checkpoints(self) -> list[dict[str, Any]]:
+        """The kernel's checkpoints, oldest first: name, created, size (bytes on disk)."""
+        data = await self.gateway.request_json("GET", self._path("/checkpoints"), kernel_id=self.id)
+        return list(data["checkpoints"])
+
+    async def restore(self, name: str) -> None:
+        """Put the kernel back to checkpoint ``name`` in place (same id; like a restart, but
+        with that state)."""
+        self.model = await self.gateway.request_json(
+            "POST", self._path(f"/checkpoints/{urllib.parse.quote(name, safe='')}/restore"), kernel_id=self.id)
+
+    async def delete_checkpoint(self, name: str) -> None:
+        """Delete checkpoint ``name`` (kernels forked from it keep working)."""
+        await self.gateway.request("DELETE", self._path(f"/checkpoints/{urllib.parse.quote(name, safe='')}"),
+                                   kernel_id=self.id)
 
     def detach(self) -> None:
         """Keep the kernel running after this program: neither ``async with`` nor

@@ -174,9 +174,36 @@ class Kernel:
     def restart(self) -> None:
         run(self.aio.restart())
 
-    def fork(self, n: int = 1, *, reseed: bool = True, timeout: float = 30.0) -> list[Kernel]:
+    def fork(self, n: int = 1, *, reseed: bool = True, timeout: float = 30.0,
+             checkpoint: str | None = None) -> list[Kernel]:
         """See :meth:`vmkg_client.sdk.Kernel.fork`."""
-        return [Kernel.of(k) for k in run(self.aio.fork(n, reseed=reseed, timeout=timeout))]
+        return [Kernel.of(k) for k in run(self.aio.fork(n, reseed=reseed, timeout=timeout,
+                                                        checkpoint=checkpoint))]
+
+    def hibernate(self, *, timeout: float = 30.0) -> None:
+        """See :meth:`vmkg_client.sdk.Kernel.hibernate`."""
+        run(self.aio.hibernate(timeout=timeout))
+
+    def wake(self) -> None:
+        run(self.aio.wake())
+
+    @property
+    def hibernated(self) -> bool:
+        return self.aio.hibernated
+
+    def checkpoint(self, name: str, *, timeout: float = 30.0) -> dict[str, Any]:
+        """See :meth:`vmkg_client.sdk.Kernel.checkpoint`."""
+        return run(self.aio.checkpoint(name, timeout=timeout))
+
+    def checkpoints(self) -> list[dict[str, Any]]:
+        return run(self.aio.checkpoints())
+
+    def restore(self, name: str) -> None:
+        """See :meth:`vmkg_client.sdk.Kernel.restore`."""
+        run(self.aio.restore(name))
+
+    def delete_checkpoint(self, name: str) -> None:
+        run(self.aio.delete_checkpoint(name))
 
     def info(self) -> dict[str, Any]:
         return run(self.aio.info())

@@ -41,7 +41,7 @@ import signal
 import socket
 import subprocess
 import time
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -362,14 +362,22 @@ class QemuVM:
         """Cold boot with RAM shared into ``mem_file`` (the future template RAM image)."""
         await self._spawn(mem_file, True, disk, disk_format)
 
-    async def restore(self, mem_file: Path, state_file: Path, disk: Path) -> None:
-        """Start from a snapshot: RAM mapped copy-on-write, device state loaded, then run."""
+    async def restore(self, mem_file: Path, state_file: Path, disk: Path,
+                      before_load: Callable[[], Awaitable[object]] | None = None) -> None:
+        """Start from a snapshot: RAM mapped copy-on-write, device state loaded, then run.
+        ``before_load`` runs once the RAM is mapped, before the device state is loaded (a
+        durable image writes its pages into guest RAM there)."""
         state_fd = os.open(state_file, os.O_RDONLY | os.O_CLOEXEC)
         try:
-            extra = ["-global", "migration.send-configuration=off", "-incoming", f"fd:{state_fd}"]
+            incoming = "defer" if before_load is not None else f"fd:{state_fd}"
+            extra = ["-global", "migration.send-configuration=off", "-incoming", incoming]
             await self._spawn(mem_file, False, disk, "qcow2", extra, extra_fds=(state_fd,))
         finally:
             os.close(state_fd)
+        if before_load is not None:
+            assert self.qmp is not None
+            await before_load()
+            await self.qmp.execute("migrate-incoming", uri=f"fd:{state_fd}")
 
     # -- state --------------------------------------------------------------------
 
