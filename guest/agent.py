@@ -57,6 +57,9 @@ DELIM = b"<IDS|MSG>"
 READ_SIZE = 1 << 20
 #: requests served in order with the Jupyter messages around them
 ORDERED_OPS = frozenset({"restore", "thaw"})
+#: after a template's warm-up cells (``ready``'s optional ``warmup``): drop their
+#: variables, and freeze what survives so restores don't dirty pages by collecting it
+WARMUP_CLEANUP = "get_ipython().reset(new_session=False)\nimport gc\ngc.collect()\ngc.freeze()\ndel gc"
 
 
 
@@ -396,6 +399,15 @@ class Agent:
             os.chown(RESTORE_FIFO, KERNEL_USER, KERNEL_USER)
         await self.execute(WARMUP_CODE.format(preload=preload, restore_file=RESTORE_FILE,
                                               restore_fifo=RESTORE_FIFO), timeout=timeout)
+        cells = [c for c in body.get("warmup", []) if isinstance(c, str)]
+        for i, cell in enumerate(cells, 1):
+            try:
+                await self.execute(cell, timeout=timeout)
+            except (RuntimeError, asyncio.TimeoutError) as exc:
+                why = str(exc) or f"no answer within {timeout:.0f} s"
+                raise OpError("warmup", f"warm-up cell {i} of {len(cells)} failed: {why}") from None
+        if cells:  # what the cells left in the namespace goes; what they warmed stays
+            await self.execute(WARMUP_CLEANUP, timeout=timeout)
         return {"kernel_release": os.uname().release, "python": sys.version.split()[0],
                 "kernel_pid": self.kernel.pid if self.kernel else None}
 
