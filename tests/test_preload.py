@@ -1,6 +1,7 @@
 """Preloaded templates (kernelmanager.templates): the default template's kernel has numpy,
 pandas and matplotlib imported before any cell, its warm-up cells left nothing in the
-user's namespace, ipykernel's faster stream write delivers output exactly; a template
+user's namespace, ipykernel's faster stream write and the host's coalescing of small
+stream messages deliver output exactly; a template
 whose warm-up cell fails is refused at bake time with an error naming the template and
 the cell. The fast tests check the catalog and the error's wording without a VM."""
 
@@ -85,6 +86,10 @@ async def test_fresh_kernel_has_pandas_before_any_cell(gw: Gateway) -> None:
                              "sys.stderr.write('e'); sys.stdout.write('end')")
         assert r.reply["status"] == "ok", r.reply
         assert r.stdout == "".join(f"{i}\n" for i in range(20000)) + "end"
+        # a message per line (flushed): coalesced on the host, still exact and in order
+        r = await ch.execute("for i in range(3000): print(i, 'é', flush=True)")
+        assert r.reply["status"] == "ok", r.reply
+        assert r.stdout == "".join(f"{i} é\n" for i in range(3000))
     finally:
         await ch.close()
         gw.delete_kernel(kid)
