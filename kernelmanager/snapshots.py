@@ -258,8 +258,11 @@ async def _bake(image: GuestImage, machine: MachineSpec, preload: tuple[str, ...
         connect.result()
         _say(progress, f"template: agent up after {time.monotonic() - t0:.1f} s, waiting for ipykernel")
         extra = {"warmup": list(warmup)} if warmup else {}
+        # the agent allows each step (ipykernel up, the preloads, each warm-up cell) up to
+        # boot_timeout; on a loaded host under TCG the whole can take many minutes
+        steps = 2 + len(warmup)
         try:
-            info = await channel.request("ready", timeout=boot_timeout + 5, preload=list(preload),
+            info = await channel.request("ready", timeout=boot_timeout * steps + 5, preload=list(preload),
                                          wait=boot_timeout, **extra)
         except AgentError as exc:
             if exc.kind != "warmup":
