@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import json
 from pathlib import Path
-from typing import Any
 
 import pytest
 from gateway_helpers import Channels, Gateway
@@ -96,13 +95,17 @@ async def test_fresh_kernel_has_pandas_before_any_cell(gw: Gateway) -> None:
 
 
 @pytest.mark.vm
-def test_a_failing_warmup_cell_fails_the_bake_clearly(template: Any) -> None:
+def test_a_failing_warmup_cell_fails_the_bake_clearly() -> None:
     """A bare kernel (no preloads) whose second warm-up cell raises: no template is left."""
+    from kernelmanager import accel
+    from kernelmanager.vm.qemu import qemu_version
+
     image = find_image(ImageRecipe())
-    assert image is not None
+    if image is None:
+        pytest.skip("the guest image is not built yet")
     spec = TemplateSpec(name="broken-warmup", preload=(), fast_stdout=False,
                         warmup=("x = 41", "import nonexistent_module_vmkg"))
-    machine = spec.machine(template.machine.accel)
+    machine = spec.machine(accel.detect().name)
     with pytest.raises(TemplateError) as info:
         asyncio.run(bake_template(image, machine, preload=spec.preload, warmup=spec.warmup_cells(),
                                   name=spec.name))
@@ -110,5 +113,5 @@ def test_a_failing_warmup_cell_fails_the_bake_clearly(template: Any) -> None:
     assert "template 'broken-warmup'" in msg and "warm-up cell 2 of 2 failed" in msg, msg
     assert "ModuleNotFoundError" in msg and "import nonexistent_module_vmkg" in msg, msg
     from kernelmanager import paths
-    tid = template_id(image, machine, template.qemu_version, spec.preload, spec.warmup_cells())
+    tid = template_id(image, machine, qemu_version(), spec.preload, spec.warmup_cells())
     assert not (paths.templates_dir() / tid).exists()
