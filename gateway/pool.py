@@ -24,10 +24,10 @@ the largest burst of start requests seen within ``BURST_WINDOW`` seconds over th
 makes the next burst find 8 pooled kernels). When demand falls away the target falls
 back and surplus pooled kernels are shut down. Each pooled kernel holds what an idle
 restored kernel holds (about 85 MB private memory of its QEMU under TCG), so the default
-ceiling of 8 costs about 0.7 GB when full. While the pool is *empty* a refill does not
-wait for ``pool_refill_delay`` (only for starts in flight): under sustained creates the
-next request then finds (or waits for) a kernel already being restored, instead of
-restoring one of its own.
+ceiling of 8 costs about 0.7 GB when full. While the pool is *empty* and requests come
+repeatedly (demand above 1), a refill does not wait for ``pool_refill_delay`` (only for
+starts in flight): under sustained creates the next request then finds (or waits for) a
+kernel already being restored, instead of restoring one of its own.
 
 Warming (``_warm``): besides ``pool_warmup_code`` on shell, the iopub channel is
 subscribed and a cell that prints, returns a result and displays is run, so the paths a
@@ -164,10 +164,8 @@ class WarmPool:
         failures = 0
         while not self._closing:
             quiet = self._last_request + self.owner.pool_refill_delay - time.monotonic()
-            if any(self._pool.values()) or not self._requests:
-                pass  # kernels left to hand out: a burst gets the CPU first
-            else:
-                quiet = 0.0  # empty: the next request would restore its own; start one now
+            if not any(self._pool.values()) and self.demand() > 1:
+                quiet = 0.0  # empty under repeated requests: the next would restore its own
             if quiet > 0 or self.owner.starts_in_flight():
                 await asyncio.sleep(max(quiet, 0.05))
                 continue
