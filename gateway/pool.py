@@ -30,9 +30,9 @@ starts in flight): under sustained creates the next request then finds (or waits
 kernel already being restored, instead of restoring one of its own.
 
 Warming (``_warm``): besides ``pool_warmup_code`` on shell, the iopub channel is
-subscribed and a cell that prints, returns a result and displays is run, so the paths a
-client's first cell takes (stream, execute_result, display_data on iopub through the
-relay) have run once in this VM, under TCG translated, before the kernel is handed out.
+subscribed and ``IOPUB_WARMUP`` is run (print, display, a result, a pandas describe()
+and a matplotlib PNG where the template has them), so the paths a client's first cells
+take have run once in this VM - under TCG, translated - before the kernel is handed out.
 
 What the pool needs from its owner is :class:`PoolOwner`; nothing else of the kernel
 manager is touched.
@@ -79,8 +79,28 @@ class PoolOwner(Protocol):
 BURST_WINDOW = 10.0
 #: seconds a burst keeps the pool's target raised
 DEMAND_MEMORY = 600.0
-#: what the client's first cell does, run once more (iopub subscribed) while warming
-IOPUB_WARMUP = "print('warm'); from IPython.display import display as _d; _d('warm'); del _d; 1+1"
+#: what a client's first cells do, run once more (iopub subscribed) while warming: print,
+#: display, a result, and - where the template has them - a pandas describe() and a
+#: matplotlib PNG. A restored VM starts with an empty TCG translation cache (it is QEMU's
+#: memory, not the guest's, so no snapshot carries it): this translates those paths in
+#: the pooled VM before a client comes. What the cell binds goes with the reset after it.
+IOPUB_WARMUP = """\
+print('warm')
+from IPython.display import display as _d
+_d('warm')
+try:
+    import pandas as _pd
+    _pd.DataFrame({'a': range(1000)}).describe().shape
+except ImportError:
+    pass
+try:
+    import io as _io
+    import matplotlib.pyplot as _plt
+    _f, _a = _plt.subplots(); _a.plot([1, 3, 2]); _f.savefig(_io.BytesIO(), format='png'); _plt.close('all')
+except ImportError:
+    pass
+1+1
+"""
 
 
 class WarmPool:
