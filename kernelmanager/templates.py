@@ -10,9 +10,12 @@ Preloading and warm-up: restoring a snapshot only pays off if what a user's firs
 needs is already in it. The built-in template imports numpy, pandas and matplotlib
 (``preload``) and then runs ``warmup`` - representative cells (a DataFrame's describe(),
 a plot rendered by Agg and saved as PNG, which also builds matplotlib's font cache on the
-template's disk) - once, at bake time, in the kernel, as silent cells. Under TCG that
-leaves the emulator's translated code and Python's caches (imports, bytecode, lazily
-built tables) in the snapshot every restore maps copy-on-write. The cells' variables
+template's disk) - once, at bake time, in the kernel, as silent cells. That leaves
+Python's caches (imported modules, bytecode, lazily built tables, pandas' and
+matplotlib's first-use setup) and the guest's page cache of the files read in the
+snapshot every restore maps copy-on-write. (TCG's translated code is QEMU's memory, not
+the guest's, so no snapshot carries it: the warm pool runs such cells again in each
+pooled VM, see ``gateway.pool``.) The cells' variables
 are dropped afterwards (``reset``) and surviving objects frozen out of the collector.
 ``fast_stdout`` first installs a faster ``write`` for ipykernel's output streams (same
 buffers, same flushes; it skips a syscall and a frozenset per call), which makes a cell
