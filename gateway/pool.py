@@ -253,7 +253,7 @@ class WarmPool:
             if self.owner.pool_warmup_code:
                 for _ in range(2):
                     await kc.execute(self.owner.pool_warmup_code, reply=True, timeout=30)
-                await kc.execute(IOPUB_WARMUP, reply=True, timeout=30)
+                await kc.execute(IOPUB_WARMUP, reply=True, timeout=300)  # minutes on a loaded TCG host
                 await self._drain_iopub(kc)
                 reply = await kc.execute("get_ipython().reset(new_session=True)", silent=True,
                                          store_history=False, reply=True, timeout=30)
