@@ -75,6 +75,10 @@ class PoolOwner(Protocol):
         """Start a kernel manager outside the kernel map; returns it once it runs."""
 
 
+#: seconds each warming step may take: no client waits for a pooled kernel, and on a
+#: loaded TCG host a fresh restore's first cells take minutes (30 s failed every warm-up
+#: there, so the pool never filled)
+WARM_TIMEOUT = 300.0
 #: seconds within which start requests count as one burst (the pool's demand)
 BURST_WINDOW = 10.0
 #: seconds a burst keeps the pool's target raised
@@ -249,14 +253,14 @@ class WarmPool:
         kc = km.client()
         kc.start_channels(iopub=True, stdin=False, hb=False, control=False)
         try:
-            info = await kc.kernel_info(reply=True, timeout=30)
+            info = await kc.kernel_info(reply=True, timeout=WARM_TIMEOUT)
             if self.owner.pool_warmup_code:
                 for _ in range(2):
-                    await kc.execute(self.owner.pool_warmup_code, reply=True, timeout=30)
-                await kc.execute(IOPUB_WARMUP, reply=True, timeout=300)  # minutes on a loaded TCG host
+                    await kc.execute(self.owner.pool_warmup_code, reply=True, timeout=WARM_TIMEOUT)
+                await kc.execute(IOPUB_WARMUP, reply=True, timeout=WARM_TIMEOUT)
                 await self._drain_iopub(kc)
                 reply = await kc.execute("get_ipython().reset(new_session=True)", silent=True,
-                                         store_history=False, reply=True, timeout=30)
+                                         store_history=False, reply=True, timeout=WARM_TIMEOUT)
                 if reply["content"]["status"] != "ok":
                     raise RuntimeError(f"warm-up reset failed: {reply['content'].get('evalue')}")
         finally:
