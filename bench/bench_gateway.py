@@ -13,10 +13,19 @@ GatewayClient speaks it), interleaved so both see the same machine noise:
   iopub rate limit turned off, and once as shipped, to show what its limit drops), and the
   CPU time the vmkg gateway process itself spent on it;
 * 10 concurrent creates: wall time until all ten have a first result, and the median; ours
-  with the default pool of 1 and with a pool of 10.
+  with the default pool of 1 and with a pool of 10;
+* first data-science cells of a new kernel (create, websocket, cell, until its result): a
+  pandas DataFrame describe(), a matplotlib plot saved to PNG;
+* a burst of 8 back-to-back creates (each to its first result, kernels kept until the
+  burst ends; the pool grows with demand, so the burst before the measured ones is the
+  warm-up) and a sustained run of 30 creates (each to its first result, then deleted);
+* a pooled kernel's first execute on a fresh websocket against that kernel's warm round trip;
+* the issue's output loop (200,000 writes of 101 bytes) over both websocket protocols
+  (legacy JSON and v1 binary);
+* idle private memory (Private_Dirty of smaps_rollup) of a restored kernel's QEMU.
 
 Prints medians (p50) and ratios ours/KG. Run: ``python bench/bench_gateway.py`` (``-n``
-repetitions, ``--json FILE`` to keep the numbers).
+repetitions, ``--json FILE`` to keep the numbers, ``--quick`` for fewer repetitions).
 """
 
 from __future__ import annotations
@@ -46,6 +55,12 @@ from bench.common import pct  # noqa: E402
 
 TOKEN = secrets.token_hex(16)
 OUTPUT_BYTES = 20 * 1024 * 1024
+V1 = "v1.kernel.websocket.jupyter.org"
+PANDAS_CELL = "import numpy, pandas; pandas.DataFrame({'a': range(1000)}).describe().shape"
+PLOT_CELL = ("import io, matplotlib.pyplot as plt\nfig, ax = plt.subplots(); ax.plot([1, 3, 2])\n"
+             "buf = io.BytesIO(); fig.savefig(buf, format='png'); plt.close(fig); len(buf.getvalue()) > 0")
+LOOP_CELL = "import sys\nfor i in range(200000): sys.stdout.write('x'*100 + '\\n')"
+LOOP_BYTES = 200000 * 101
 
 
 class Server:
@@ -144,47 +159,86 @@ def execute_request(code: str, session: str) -> tuple[str, str]:
                    session)
 
 
-async def connect(srv: Server, kid: str) -> Any:
+async def connect(srv: Server, kid: str, v1: bool = False) -> Any:
+    from websockets.typing import Subprotocol
+
     session = uuid.uuid4().hex
     ws = await websockets.connect(f"{srv.ws_url}/api/kernels/{kid}/channels?session_id={session}",
                                   additional_headers=srv.h, max_size=None, open_timeout=120,
-                                  ping_interval=None)
+                                  ping_interval=None, subprotocols=[Subprotocol(V1)] if v1 else None)
     ws.session = session  # type: ignore[attr-defined]
+    ws.v1 = ws.subprotocol == V1  # type: ignore[attr-defined]
+    if v1 and ws.subprotocol != V1:
+        raise RuntimeError(f"{srv.label} did not accept the v1 websocket protocol")
     return ws
+
+
+def v1_encode(frame: str) -> bytes:
+    from jupyter_server.services.kernels.connection.base import serialize_msg_to_ws_v1
+
+    msg = json.loads(frame)
+    parts = [json.dumps(msg[k]).encode() for k in ("header", "parent_header", "metadata", "content")]
+    return bytes(serialize_msg_to_ws_v1(parts, msg["channel"]))
+
+
+def v1_decode(frame: bytes) -> dict[str, Any]:
+    from jupyter_server.services.kernels.connection.base import deserialize_msg_from_ws_v1
+
+    _channel, parts = deserialize_msg_from_ws_v1(frame)
+    h, p, _md, c = (json.loads(x) for x in parts[:4])
+    return {"header": h, "parent_header": p, "content": c}
 
 
 async def run_cell(ws: Any, code: str, until: str = "idle", timeout: float = 600) -> dict[str, Any]:
     """Execute ``code``; returns stdout bytes and what arrived, once ``until`` is seen
     ('result': the execute_result; 'idle': execute_reply and idle status)."""
     msg_id, frame = execute_request(code, ws.session)
-    await ws.send(frame)
+    await ws.send(v1_encode(frame) if ws.v1 else frame)
     out = 0
     reply = idle = False
+    busy_at = idle_at = None
     deadline = time.monotonic() + timeout
     while True:
         raw = await asyncio.wait_for(ws.recv(), max(0.1, deadline - time.monotonic()))
-        m = json.loads(raw)
+        m = v1_decode(raw) if ws.v1 else json.loads(raw)
         if m["parent_header"].get("msg_id") != msg_id:
             continue
         t = m["header"]["msg_type"]
         if t == "stream":
             out += len(m["content"]["text"])
         elif t == "execute_result" and until == "result":
-            return {"stdout": out}
+            return {"stdout": out, "result": m["content"]["data"].get("text/plain")}
         elif t == "execute_reply":
             reply = True
+            if m["content"].get("status") != "ok":
+                raise RuntimeError(f"cell failed: {m['content'].get('ename')}: {m['content'].get('evalue')}")
+        elif t == "status" and m["content"]["execution_state"] == "busy":
+            busy_at = m["header"]["date"]
         elif t == "status" and m["content"]["execution_state"] == "idle":
             idle = True
+            idle_at = m["header"]["date"]
         if reply and idle:
-            return {"stdout": out}
+            return {"stdout": out, "kernel": kernel_seconds(busy_at, idle_at)}
 
 
-async def first_result(srv: Server) -> tuple[float, str, Any]:
-    """POST, websocket, ``1+1`` until its result: (seconds, kernel id, websocket)."""
+def kernel_seconds(busy: str | None, idle: str | None) -> float | None:
+    """Seconds between the kernel's busy and idle statuses, both stamped by the kernel's
+    own clock: the share of a round trip spent in the kernel (not in the gateway, relay,
+    guest agent, link or client)."""
+    from datetime import datetime
+
+    if not busy or not idle:
+        return None
+    return (datetime.fromisoformat(idle.replace("Z", "+00:00"))
+            - datetime.fromisoformat(busy.replace("Z", "+00:00"))).total_seconds()
+
+
+async def first_result(srv: Server, code: str = "1+1") -> tuple[float, str, Any]:
+    """POST, websocket, ``code`` until its result: (seconds, kernel id, websocket)."""
     t0 = time.perf_counter()
     kid = await asyncio.to_thread(srv.post_kernel)
     ws = await connect(srv, kid)
-    await run_cell(ws, "1+1", until="result")
+    await run_cell(ws, code, until="result")
     return time.perf_counter() - t0, kid, ws
 
 
@@ -193,10 +247,88 @@ async def dispose(srv: Server, kid: str, ws: Any) -> None:
     await asyncio.to_thread(srv.delete_kernel, kid)
 
 
-async def create_to_first_result(srv: Server) -> float:
-    took, kid, ws = await first_result(srv)
+async def create_to_first_result(srv: Server, code: str = "1+1") -> float:
+    took, kid, ws = await first_result(srv, code)
     await dispose(srv, kid, ws)
     return took
+
+
+async def burst(srv: Server, n: int = 8) -> list[float]:
+    """``n`` creates back to back, each to its first result; kernels kept until the end."""
+    held = []
+    for _ in range(n):
+        held.append(await first_result(srv))
+    await asyncio.gather(*(dispose(srv, kid, ws) for _, kid, ws in held))
+    return [took for took, _, _ in held]
+
+
+async def sustained(srv: Server, n: int = 30) -> tuple[float, list[float]]:
+    """``n`` creates one after another, each to its first result, then deleted."""
+    t0 = time.perf_counter()
+    each = [await create_to_first_result(srv) for _ in range(n)]
+    return time.perf_counter() - t0, each
+
+
+async def pooled_first_execute(srv: Server, n: int) -> tuple[float, float]:
+    """On a kernel from the pool, a fresh websocket: (its first ``x = 41; x + 1`` round
+    trip, the median of the next ``n`` on the same websocket)."""
+    await asyncio.to_thread(wait_pool, srv)
+    await asyncio.sleep(1.0)
+    kid = await asyncio.to_thread(srv.post_kernel)
+    ws = await connect(srv, kid)
+    try:
+        t0 = time.perf_counter()
+        await run_cell(ws, "x = 41; x + 1")
+        first = time.perf_counter() - t0
+        warm = []
+        for _ in range(n):
+            t0 = time.perf_counter()
+            await run_cell(ws, "x = 41; x + 1")
+            warm.append(time.perf_counter() - t0)
+        return first, statistics.median(warm)
+    finally:
+        await dispose(srv, kid, ws)
+
+
+async def loop_output(srv: Server, v1: bool) -> tuple[int, float]:
+    """The issue's loop of 200,000 small writes: (bytes delivered, seconds)."""
+    kid = await asyncio.to_thread(srv.post_kernel)
+    ws = await connect(srv, kid, v1=v1)
+    try:
+        await settle(srv)
+        await run_cell(ws, "1+1")
+        t0 = time.perf_counter()
+        got = (await run_cell(ws, LOOP_CELL))["stdout"]
+        return got, time.perf_counter() - t0
+    finally:
+        await dispose(srv, kid, ws)
+
+
+def qemu_pids(state_dir: Path) -> set[int]:
+    out = subprocess.run(["pgrep", "-f", f"qemu-system.*{state_dir}"], capture_output=True, text=True).stdout
+    return {int(p) for p in out.split()}
+
+
+def private_dirty_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
+        if line.startswith("Private_Dirty:"):
+            return int(line.split()[1]) / 1024
+    raise RuntimeError(f"no Private_Dirty for {pid}")
+
+
+async def idle_memory(srv: Server, state_dir: Path, idle: float = 10.0) -> float:
+    """Private_Dirty (MB) of a freshly restored kernel's QEMU after its first cell and
+    ``idle`` seconds idle (a pool-0 gateway: the only VM that appears is this one)."""
+    before = qemu_pids(state_dir)
+    took, kid, ws = await first_result(srv)
+    try:
+        new = qemu_pids(state_dir) - before
+        if len(new) != 1:
+            raise RuntimeError(f"expected one new QEMU process, found {sorted(new)}")
+        await asyncio.sleep(idle)
+        return private_dirty_mb(new.pop())
+    finally:
+        await dispose(srv, kid, ws)
 
 
 async def settle(srv: Server) -> None:
@@ -207,7 +339,9 @@ async def settle(srv: Server) -> None:
         await asyncio.to_thread(wait_pool, srv)
 
 
-async def warm_rtt(srv: Server, n: int, code: str = "1+1") -> list[float]:
+async def warm_rtt(srv: Server, n: int, code: str = "1+1",
+                   kernel_share: list[float] | None = None) -> list[float]:
+    """``n`` warm round trips; the kernel's own share of each goes to ``kernel_share``."""
     kid = await asyncio.to_thread(srv.post_kernel)
     ws = await connect(srv, kid)
     try:
@@ -217,8 +351,10 @@ async def warm_rtt(srv: Server, n: int, code: str = "1+1") -> list[float]:
         out = []
         for _ in range(n):
             t0 = time.perf_counter()
-            await run_cell(ws, code)
+            r = await run_cell(ws, code)
             out.append(time.perf_counter() - t0)
+            if kernel_share is not None and r["kernel"] is not None:
+                kernel_share.append(r["kernel"])
         return out
     finally:
         await ws.close()
@@ -274,9 +410,22 @@ def ms(xs: list[float]) -> str:
     return f"{statistics.median(xs) * 1000:7.0f} ms (p90 {pct(xs, 90) * 1000:.0f})"
 
 
+def wait_burst_pool(srv: Server, n: int, timeout: float = 600) -> None:
+    wait_pool(srv, n, timeout)
+    time.sleep(1.0)
+
+
 async def main_async(args: argparse.Namespace) -> dict[str, Any]:
     workdir = Path(tempfile.mkdtemp(prefix="vmkg-bench-gw-"))
     results: dict[str, Any] = {}
+    n = args.n
+
+    def want(section: str) -> bool:
+        return not args.only or section in args.only.split(",")
+
+    def say(msg: str) -> None:
+        print(msg, file=sys.stderr, flush=True)
+
     with servers(workdir) as started:
         ours = start_vmkg(workdir, pool=1)
         started.append(ours)
@@ -285,99 +434,202 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
         kg = start_kg(workdir, "--ZMQChannelsWebsocketConnection.limit_rate=False",
                       label="Kernel Gateway (rate limit off)")
         started.append(kg)
-        print(f"servers up: {ours.url} {ours0.url} {kg.url}; warming up", file=sys.stderr)
+        say(f"servers up: {ours.url} {ours0.url} {kg.url}; warming up")
         await asyncio.to_thread(wait_pool, ours)
         for srv in (ours0, kg):
             await create_to_first_result(srv)
 
         # 1. create to first result, interleaved
-        pool_t, restore_t, kg_t = [], [], []
-        for i in range(args.n):
+        if want("create"):
+            pool_t, restore_t, kg_t = [], [], []
+            for i in range(n):
+                await asyncio.to_thread(wait_pool, ours)
+                await asyncio.sleep(0.5)
+                pool_t.append(await create_to_first_result(ours))
+                restore_t.append(await create_to_first_result(ours0))
+                kg_t.append(await create_to_first_result(kg))
+                say(f"  create {i + 1}/{n}: pool {pool_t[-1] * 1000:.0f} ms, restore "
+                    f"{restore_t[-1] * 1000:.0f} ms, KG {kg_t[-1] * 1000:.0f} ms")
+            results["create_to_first_result"] = {"vmkg_pool": pool_t, "vmkg_restore": restore_t, "kg": kg_t}
+
+        # 2. first data-science cells of a new kernel
+        if want("cells"):
+            for key, code in (("first_pandas_cell", PANDAS_CELL), ("first_plot_cell", PLOT_CELL)):
+                o, r0, k = [], [], []
+                for i in range(n):
+                    await asyncio.to_thread(wait_pool, ours)
+                    await asyncio.sleep(0.5)
+                    o.append(await create_to_first_result(ours, code))
+                    r0.append(await create_to_first_result(ours0, code))
+                    k.append(await create_to_first_result(kg, code))
+                    say(f"  {key} {i + 1}/{n}: pool {o[-1] * 1000:.0f} ms, restore {r0[-1] * 1000:.0f} ms, "
+                        f"KG {k[-1] * 1000:.0f} ms")
+                results[key] = {"vmkg_pool": o, "vmkg_restore": r0, "kg": k}
+
+        # 3. a pooled kernel's first execute against its warm round trip
+        if want("pooled"):
+            pf = [await pooled_first_execute(ours, 10) for _ in range(max(3, n // 2))]
+            results["pooled_first_execute"] = {"first": [a for a, _ in pf], "warm": [b for _, b in pf]}
+            say(f"  pooled first execute: {[round(a * 1000) for a, _ in pf]} ms, warm {[round(b * 1000) for _, b in pf]} ms")
+
+        # 4. warm round trip
+        if want("rtt"):
+            k_ours: list[float] = []
+            k_kg: list[float] = []
+            rtt_ours = await warm_rtt(ours, args.rtt, kernel_share=k_ours)
+            rtt_kg = await warm_rtt(kg, args.rtt, kernel_share=k_kg)
+            results["warm_rtt"] = {"vmkg": rtt_ours, "kg": rtt_kg}
+            results["warm_rtt_kernel_share"] = {"vmkg": k_ours, "kg": k_kg}
+            results["warm_rtt_no_result"] = {"vmkg": await warm_rtt(ours, args.rtt, "x = 1"),
+                                             "kg": await warm_rtt(kg, args.rtt, "x = 1")}
+            say("  warm rtt done")
+
+        # 5. output: 20 MB in one print; the loop of small writes over both protocols
+        if want("output"):
+            tp_ours = [await throughput(ours) for _ in range(args.tp)]
+            tp_kg = [await throughput(kg) for _ in range(args.tp)]
+            kg_default = start_kg(workdir, label="Kernel Gateway (as shipped)")
+            started.append(kg_default)
+            tp_kg_default = await throughput(kg_default)
+            kg_default.stop()
+            results["throughput"] = {"vmkg": tp_ours, "kg": tp_kg, "kg_default": tp_kg_default}
+            loops: dict[str, Any] = {}
+            for proto, v1 in (("json", False), ("v1", True)):
+                loops[f"vmkg_{proto}"] = [await loop_output(ours, v1) for _ in range(args.tp)]
+                loops[f"kg_{proto}"] = [await loop_output(kg, v1) for _ in range(args.tp)]
+                say(f"  loop output {proto}: vmkg {loops[f'vmkg_{proto}']}, KG {loops[f'kg_{proto}']}")
+            results["loop_output"] = loops
+
+        # 6. bursts of 8 back-to-back: the first one raises the pool's target (warm-up)
+        if want("burst"):
             await asyncio.to_thread(wait_pool, ours)
-            await asyncio.sleep(0.5)
-            pool_t.append(await create_to_first_result(ours))
-            restore_t.append(await create_to_first_result(ours0))
-            kg_t.append(await create_to_first_result(kg))
-            print(f"  create {i + 1}/{args.n}: pool {pool_t[-1] * 1000:.0f} ms, restore "
-                  f"{restore_t[-1] * 1000:.0f} ms, KG {kg_t[-1] * 1000:.0f} ms", file=sys.stderr)
-        results["create_to_first_result"] = {"vmkg_pool": pool_t, "vmkg_restore": restore_t, "kg": kg_t}
+            first_burst = await burst(ours)
+            b_ours, b_kg = [], []
+            for i in range(args.bursts):
+                await asyncio.to_thread(wait_burst_pool, ours, 8)
+                b_ours += await burst(ours)
+                b_kg += await burst(kg)
+                say(f"  burst {i + 1}/{args.bursts}: vmkg p50 {statistics.median(b_ours) * 1000:.0f} ms, "
+                    f"KG p50 {statistics.median(b_kg) * 1000:.0f} ms")
+            results["burst_8"] = {"vmkg_first": first_burst, "vmkg": b_ours, "kg": b_kg}
 
-        # 2. warm round trip
-        rtt_ours = await warm_rtt(ours, args.rtt)
-        rtt_kg = await warm_rtt(kg, args.rtt)
-        results["warm_rtt"] = {"vmkg": rtt_ours, "kg": rtt_kg}
-        results["warm_rtt_no_result"] = {"vmkg": await warm_rtt(ours, args.rtt, "x = 1"),
-                                         "kg": await warm_rtt(kg, args.rtt, "x = 1")}
+        # 7. a sustained run of 30 creates
+        if want("sustained"):
+            await asyncio.to_thread(wait_burst_pool, ours, 8)
+            results["sustained_30"] = {"vmkg": await sustained(ours, args.sustained),
+                                           "kg": await sustained(kg, args.sustained)}
+            say("  sustained done")
 
-        # 3. 20 MB of output
-        tp_ours = [await throughput(ours) for _ in range(args.tp)]
-        tp_kg = [await throughput(kg) for _ in range(args.tp)]
-        kg_default = start_kg(workdir, label="Kernel Gateway (as shipped)")
-        started.append(kg_default)
-        tp_kg_default = await throughput(kg_default)
-        kg_default.stop()
-        results["throughput"] = {"vmkg": tp_ours, "kg": tp_kg, "kg_default": tp_kg_default}
+        # 8. idle private memory of a restored kernel
+        if want("memory"):
+            results["idle_private_mb"] = [await idle_memory(ours0, workdir / "state") for _ in range(3)]
 
-        # 4. ten concurrent creates
-        await asyncio.to_thread(wait_pool, ours)
-        conc_ours = await concurrent_creates(ours, 10)
-        conc_kg = await concurrent_creates(kg, 10)
-        ours.stop()
-        ours0.stop()
-        ours10 = start_vmkg(workdir, pool=10)
-        started.append(ours10)
-        await asyncio.to_thread(wait_pool, ours10, 10, 300)
-        await asyncio.sleep(2)
-        conc_ours10 = await concurrent_creates(ours10, 10)
-        results["concurrent_10"] = {"vmkg": conc_ours, "kg": conc_kg, "vmkg_pool10": conc_ours10}
+        # 9. ten concurrent creates (the pool has grown with demand by now; then a pool of 10)
+        if want("concurrent"):
+            await asyncio.to_thread(wait_pool, ours)
+            conc_ours = await concurrent_creates(ours, 10)
+            conc_kg = await concurrent_creates(kg, 10)
+            ours.stop()
+            ours0.stop()
+            ours10 = start_vmkg(workdir, pool=10)
+            started.append(ours10)
+            await asyncio.to_thread(wait_pool, ours10, 10, 600)
+            await asyncio.sleep(2)
+            conc_ours10 = await concurrent_creates(ours10, 10)
+            results["concurrent_10"] = {"vmkg": conc_ours, "kg": conc_kg, "vmkg_pool10": conc_ours10}
     return results
 
 
 def report(r: dict[str, Any]) -> None:
-    c = r["create_to_first_result"]
-    p50 = {k: statistics.median(v) for k, v in c.items()}
-    print("\nvmkg serve (microVM, QEMU TCG) vs Jupyter Kernel Gateway 3.0.1 (local ipykernel), same run")
-    print(f"{'measure':44s} {'vmkg':>24s} {'Kernel Gateway':>24s}  ratio")
-    print(f"{'create-to-first-result p50, from the pool':44s} {ms(c['vmkg_pool']):>24s} {ms(c['kg']):>24s}  "
-          f"{p50['vmkg_pool'] / p50['kg']:.2f}x")
-    print(f"{'create-to-first-result p50, pool empty':44s} {ms(c['vmkg_restore']):>24s} {ms(c['kg']):>24s}  "
-          f"{p50['vmkg_restore'] / p50['kg']:.2f}x")
-    for key, what in (("warm_rtt", "warm execute round trip p50, 1+1"),
-                      ("warm_rtt_no_result", "warm execute round trip p50, x = 1")):
-        w = r[key]
-        print(f"{what:44s} {ms(w['vmkg']):>24s} {ms(w['kg']):>24s}  "
-              f"{statistics.median(w['vmkg']) / statistics.median(w['kg']):.2f}x")
-    t = r["throughput"]
+    def row(what: str, ours: str, kg: str, ratio: float | None = None) -> None:
+        print(f"{what:48s} {ours:>24s} {kg:>24s}  " + (f"{ratio:.2f}x" if ratio is not None else ""))
 
-    def rate(runs: list[list[float]]) -> tuple[float, int]:
+    def p50(xs: list[float]) -> float:
+        return statistics.median(xs)
+
+    print("\nvmkg serve (microVM, QEMU TCG) vs Jupyter Kernel Gateway 3.0.1 (local ipykernel), same run")
+    row("measure", "vmkg", "Kernel Gateway")
+    def rate(runs: list[Any], total: int) -> tuple[float, int]:
         rates = [run[0] / run[1] / 1e6 for run in runs]
         return statistics.median(rates), int(min(run[0] for run in runs))
 
-    ro, go = rate(t["vmkg"])
-    rk, gk = rate(t["kg"])
-    print(f"{'20 MB print: MB/s (delivered of 20 MiB)':44s} {f'{ro:.1f} ({go / OUTPUT_BYTES:.0%})':>24s} "
-          f"{f'{rk:.1f} ({gk / OUTPUT_BYTES:.0%})':>24s}  {ro / rk:.2f}x")
-    cpu = statistics.median(run[2] for run in t["vmkg"])
-    secs = statistics.median(run[1] for run in t["vmkg"])
-    print(f"{'  of which the vmkg gateway process (CPU)':44s} {f'{cpu:.2f} s of {secs:.2f} s':>24s}")
-    got_default = t["kg_default"][0]
-    print(f"{'  Kernel Gateway as shipped (rate limit on)':44s} {'':>24s} "
-          f"{f'{got_default / OUTPUT_BYTES:.0%} delivered':>24s}")
-    c = r["concurrent_10"]
-    ck = c["kg"]
-    for key, what in (("vmkg", "pool 1"), ("vmkg_pool10", "pool 10")):
-        co = c[key]
-        print(f"{f'10 concurrent creates, {what}: all answered':44s} {f'{co[0] * 1000:.0f} ms':>24s} "
-              f"{f'{ck[0] * 1000:.0f} ms':>24s}  {co[0] / ck[0]:.2f}x")
-        print(f"{f'10 concurrent creates, {what}: p50 of each':44s} {ms(co[1]):>24s} {ms(ck[1]):>24s}  "
-              f"{statistics.median(co[1]) / statistics.median(ck[1]):.2f}x")
+    if "create_to_first_result" in r:
+        c = r["create_to_first_result"]
+        row(f"create-to-first-result (1+1), pool (n={len(c['kg'])})", ms(c["vmkg_pool"]), ms(c["kg"]),
+            p50(c["vmkg_pool"]) / p50(c["kg"]))
+        row("create-to-first-result (1+1), pool empty", ms(c["vmkg_restore"]), ms(c["kg"]),
+            p50(c["vmkg_restore"]) / p50(c["kg"]))
+    if "first_pandas_cell" in r:
+        for key, what in (("first_pandas_cell", "first pandas cell (new kernel)"),
+                          ("first_plot_cell", "first matplotlib plot cell (new kernel)")):
+            d = r[key]
+            row(f"{what}, pool", ms(d["vmkg_pool"]), ms(d["kg"]), p50(d["vmkg_pool"]) / p50(d["kg"]))
+            row(f"{what}, pool empty", ms(d["vmkg_restore"]), ms(d["kg"]), p50(d["vmkg_restore"]) / p50(d["kg"]))
+    if "burst_8" in r:
+        b = r["burst_8"]
+        row(f"burst of 8 back-to-back creates, p50 (n={len(b['kg'])})", ms(b["vmkg"]), ms(b["kg"]),
+            p50(b["vmkg"]) / p50(b["kg"]))
+        row("  the first burst (pool still at 1)", ms(b["vmkg_first"]), "")
+    if "sustained_30" in r:
+        s_o, s_k = r["sustained_30"]["vmkg"], r["sustained_30"]["kg"]
+        row("30 sustained creates: total", f"{s_o[0]:.1f} s", f"{s_k[0]:.1f} s", s_o[0] / s_k[0])
+        row("30 sustained creates: p50 of each", ms(s_o[1]), ms(s_k[1]), p50(s_o[1]) / p50(s_k[1]))
+    if "concurrent_10" in r:
+        c = r["concurrent_10"]
+        ck = c["kg"]
+        for key, what in (("vmkg", "pool grown by demand"), ("vmkg_pool10", "pool 10")):
+            co = c[key]
+            row(f"10 concurrent creates, {what}: all answered", f"{co[0] * 1000:.0f} ms",
+                f"{ck[0] * 1000:.0f} ms", co[0] / ck[0])
+            row(f"10 concurrent creates, {what}: p50 of each", ms(co[1]), ms(ck[1]), p50(co[1]) / p50(ck[1]))
+    if "pooled_first_execute" in r:
+        pf = r["pooled_first_execute"]
+        row("pooled kernel: first execute (x = 41; x + 1)", ms(pf["first"]), "")
+        row("  the same kernel's warm round trip", ms(pf["warm"]), "")
+        row("  first minus warm, p50", f"{(p50(pf['first']) - p50(pf['warm'])) * 1000:.0f} ms", "")
+    if "warm_rtt" in r:
+        for key, what in (("warm_rtt", "warm execute round trip, 1+1"),
+                          ("warm_rtt_no_result", "warm execute round trip, x = 1")):
+            w = r[key]
+            row(what, ms(w["vmkg"]), ms(w["kg"]), p50(w["vmkg"]) / p50(w["kg"]))
+        ks = r["warm_rtt_kernel_share"]
+        if ks["vmkg"] and ks["kg"]:
+            w = r["warm_rtt"]
+            row("  of which in the kernel (busy to idle)", ms(ks["vmkg"]), ms(ks["kg"]))
+            row("  outside the kernel (gateway, relay, agent, link)",
+                f"{(p50(w['vmkg']) - p50(ks['vmkg'])) * 1000:.0f} ms",
+                f"{(p50(w['kg']) - p50(ks['kg'])) * 1000:.0f} ms")
+    if "throughput" in r:
+        t = r["throughput"]
 
+        ro, go = rate(t["vmkg"], OUTPUT_BYTES)
+        rk, gk = rate(t["kg"], OUTPUT_BYTES)
+        row("20 MB in one print: MB/s (delivered)", f"{ro:.1f} ({go / OUTPUT_BYTES:.0%})",
+            f"{rk:.1f} ({gk / OUTPUT_BYTES:.0%})", ro / rk)
+        cpu = statistics.median(run[2] for run in t["vmkg"])
+        secs = statistics.median(run[1] for run in t["vmkg"])
+        row("  of which the vmkg gateway process (CPU)", f"{cpu:.2f} s of {secs:.2f} s", "")
+        row("  Kernel Gateway as shipped (rate limit on)", "", f"{t['kg_default'][0] / OUTPUT_BYTES:.0%} delivered")
+    if "loop_output" in r:
+        lo = r["loop_output"]
+        for proto in ("json", "v1"):
+            ro, go = rate(lo[f"vmkg_{proto}"], LOOP_BYTES)
+            rk, gk = rate(lo[f"kg_{proto}"], LOOP_BYTES)
+            row(f"200k small writes, {proto} websocket: MB/s", f"{ro:.1f} ({go / LOOP_BYTES:.0%})",
+                f"{rk:.1f} ({gk / LOOP_BYTES:.0%})", ro / rk)
+    if "idle_private_mb" in r:
+        mem = r["idle_private_mb"]
+        row("idle restored kernel: QEMU Private_Dirty", f"{p50(mem):.1f} MB (max {max(mem):.1f})", "")
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("-n", type=int, default=8, help="create-to-first-result repetitions")
+    ap.add_argument("-n", type=int, default=10, help="repetitions of the create and first-cell measures")
     ap.add_argument("--rtt", type=int, default=30, help="warm round trips per server")
-    ap.add_argument("--tp", type=int, default=2, help="20 MB runs per server")
+    ap.add_argument("--tp", type=int, default=2, help="20 MB and output-loop runs per server")
+    ap.add_argument("--bursts", type=int, default=2, help="measured bursts of 8 per server")
+    ap.add_argument("--sustained", type=int, default=30, help="creates in the sustained run")
+    ap.add_argument("--only", default="", help="comma-separated sections: create, cells, pooled, rtt, "
+                                               "output, burst, sustained, memory, concurrent (default all)")
     ap.add_argument("--json", help="write the raw numbers here")
     args = ap.parse_args()
     results = asyncio.run(main_async(args))

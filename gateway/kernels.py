@@ -115,6 +115,11 @@ class VMMappingKernelManager(ReplayBufferMixin, AsyncMappingKernelManager):
                       help="Per-kernelspec pool sizes overriding pool_size, e.g. "
                            "{'data-microvm': 0}.")
 
+    pool_max = env_trait(Integer, "VMKG_POOL_MAX", 8,
+                         help="Ceiling up to which a kernelspec's pool grows with demand (the largest "
+                              "burst of creates within 10 s over the last 10 minutes); each pooled "
+                              "kernel holds ~85 MB under TCG. Never below pool_size.")
+
     pool_refill_delay = Float(1.0, config=True,
                               help="Seconds a refill waits after the last kernel start request, so "
                                    "a burst of clients gets the CPU for its first cells before the "

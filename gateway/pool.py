@@ -18,6 +18,22 @@ pool never makes the total of client kernels, starts in flight and pooled kernel
 it. A failed restore is retried with exponential backoff (up to a minute).
 :meth:`WarmPool.close` (gateway shutdown) stops refilling and shuts pooled kernels down.
 
+Growing with demand: the pool's target for a kernelspec is its ``pool_size``, raised to
+the largest burst of start requests seen within ``BURST_WINDOW`` seconds over the last
+``DEMAND_MEMORY`` seconds, capped at ``pool_max`` (a burst of 8 back-to-back creates
+makes the next burst find 8 pooled kernels). When demand falls away the target falls
+back and surplus pooled kernels are shut down. Each pooled kernel holds what an idle
+restored kernel holds (about 85 MB private memory of its QEMU under TCG), so the default
+ceiling of 8 costs about 0.7 GB when full. While the pool is *empty* and requests come
+repeatedly (demand above 1), a refill does not wait for ``pool_refill_delay`` (only for
+starts in flight): under sustained creates the next request then finds (or waits for) a
+kernel already being restored, instead of restoring one of its own.
+
+Warming (``_warm``): besides ``pool_warmup_code`` on shell, the iopub channel is
+subscribed and ``IOPUB_WARMUP`` is run (print, display, a result, a pandas describe()
+and a matplotlib PNG where the template has them), so the paths a client's first cells
+take have run once in this VM - under TCG, translated - before the kernel is handed out.
+
 What the pool needs from its owner is :class:`PoolOwner`; nothing else of the kernel
 manager is touched.
 """
@@ -41,6 +57,7 @@ class PoolOwner(Protocol):
     max_kernels: int | None
     pool_refill_delay: float
     pool_warmup_code: str
+    pool_max: int
 
     def pool_target(self, kernel_name: str) -> int:
         """How many kernels of this kernelspec the pool should hold."""
@@ -58,6 +75,38 @@ class PoolOwner(Protocol):
         """Start a kernel manager outside the kernel map; returns it once it runs."""
 
 
+#: seconds each warming step may take: no client waits for a pooled kernel, and on a
+#: loaded TCG host a fresh restore's first cells take minutes (30 s failed every warm-up
+#: there, so the pool never filled)
+WARM_TIMEOUT = 300.0
+#: seconds within which start requests count as one burst (the pool's demand)
+BURST_WINDOW = 10.0
+#: seconds a burst keeps the pool's target raised
+DEMAND_MEMORY = 600.0
+#: what a client's first cells do, run once more (iopub subscribed) while warming: print,
+#: display, a result, and - where the template has them - a pandas describe() and a
+#: matplotlib PNG. A restored VM starts with an empty TCG translation cache (it is QEMU's
+#: memory, not the guest's, so no snapshot carries it): this translates those paths in
+#: the pooled VM before a client comes. What the cell binds goes with the reset after it.
+IOPUB_WARMUP = """\
+print('warm')
+from IPython.display import display as _d
+_d('warm')
+try:
+    import pandas as _pd
+    _pd.DataFrame({'a': range(1000)}).describe().shape
+except ImportError:
+    pass
+try:
+    import io as _io
+    import matplotlib.pyplot as _plt
+    _f, _a = _plt.subplots(); _a.plot([1, 3, 2]); _f.savefig(_io.BytesIO(), format='png'); _plt.close('all')
+except ImportError:
+    pass
+1+1
+"""
+
+
 class WarmPool:
     """Pooled kernel managers by kernelspec name; see the module docstring."""
 
@@ -69,6 +118,7 @@ class WarmPool:
         self._refill_task: asyncio.Task[None] | None = None
         self._last_request = 0.0
         self._closing = False
+        self._requests: deque[float] = deque(maxlen=1000)  # start request times, for demand
 
     @property
     def log(self) -> logging.Logger | logging.LoggerAdapter[Any]:
@@ -87,6 +137,29 @@ class WarmPool:
     def note_request(self) -> None:
         """A client asked for a kernel: refills wait ``pool_refill_delay`` from now."""
         self._last_request = time.monotonic()
+        self._requests.append(self._last_request)
+
+    def demand(self, now: float | None = None) -> int:
+        """The largest number of start requests within ``BURST_WINDOW`` seconds over the
+        last ``DEMAND_MEMORY`` seconds."""
+        now = time.monotonic() if now is None else now
+        while self._requests and self._requests[0] < now - DEMAND_MEMORY:
+            self._requests.popleft()
+        times = list(self._requests)
+        best = lo = 0
+        for hi, t in enumerate(times):
+            while t - times[lo] > BURST_WINDOW:
+                lo += 1
+            best = max(best, hi - lo + 1)
+        return best
+
+    def target(self, kernel_name: str) -> int:
+        """How many kernels of ``kernel_name`` to keep pooled: ``pool_size``, raised to the
+        demand, capped at ``pool_max`` (never below ``pool_size``; 0 stays 0)."""
+        base = self.owner.pool_target(kernel_name)
+        if base <= 0:
+            return 0
+        return max(base, min(self.demand(), self.owner.pool_max))
 
     def refill(self) -> None:
         """Bring every kernelspec's pool up to its target, one restore at a time, in the
@@ -99,19 +172,33 @@ class WarmPool:
         if not self._room():
             return None
         for name in self.owner.kernelspec_names():
-            if len(self._pool.get(name, ())) < self.owner.pool_target(name):
+            if len(self._pool.get(name, ())) < self.target(name):
                 return name
         return None
+
+    async def _trim(self) -> None:
+        """Shut down pooled kernels beyond the (fallen) target, newest first."""
+        for name, q in self._pool.items():
+            while len(q) > self.target(name):
+                km = q.pop()
+                self.log.info("pool %s: demand fell; kernel %s leaves the pool", name, km.kernel_id)
+                await self._discard(km)
 
     async def _refill(self) -> None:
         failures = 0
         while not self._closing:
             quiet = self._last_request + self.owner.pool_refill_delay - time.monotonic()
+            if not any(self._pool.values()) and self.demand() > 1:
+                quiet = 0.0  # empty under repeated requests: the next would restore its own
             if quiet > 0 or self.owner.starts_in_flight():
                 await asyncio.sleep(max(quiet, 0.05))
                 continue
+            await self._trim()
             name = self._next_to_fill()
             if name is None:
+                if any(len(q) > self.owner.pool_target(n) for n, q in self._pool.items()):
+                    # raised by demand: look again when that demand is forgotten
+                    asyncio.get_running_loop().call_later(DEMAND_MEMORY + 1, self.refill)
                 return
             self._pool_starting[name] += 1
             try:
@@ -164,19 +251,30 @@ class WarmPool:
         """Run the paths a client's first requests take once, so they are warm when it comes
         (under TCG a restored VM starts with an empty translation cache)."""
         kc = km.client()
-        kc.start_channels(iopub=False, stdin=False, hb=False, control=False)
+        kc.start_channels(iopub=True, stdin=False, hb=False, control=False)
         try:
-            info = await kc.kernel_info(reply=True, timeout=30)
+            info = await kc.kernel_info(reply=True, timeout=WARM_TIMEOUT)
             if self.owner.pool_warmup_code:
                 for _ in range(2):
-                    await kc.execute(self.owner.pool_warmup_code, reply=True, timeout=30)
+                    await kc.execute(self.owner.pool_warmup_code, reply=True, timeout=WARM_TIMEOUT)
+                await kc.execute(IOPUB_WARMUP, reply=True, timeout=WARM_TIMEOUT)
+                await self._drain_iopub(kc)
                 reply = await kc.execute("get_ipython().reset(new_session=True)", silent=True,
-                                         store_history=False, reply=True, timeout=30)
+                                         store_history=False, reply=True, timeout=WARM_TIMEOUT)
                 if reply["content"]["status"] != "ok":
                     raise RuntimeError(f"warm-up reset failed: {reply['content'].get('evalue')}")
         finally:
             kc.stop_channels()
         cache_kernel_info(km, info["content"])  # the first websocket asks for it
+
+    @staticmethod
+    async def _drain_iopub(kc: Any, quiet: float = 0.05, limit: int = 1000) -> None:
+        """Read what the warm-up published on iopub (until a short silence; bounded)."""
+        for _ in range(limit):
+            try:
+                await kc.get_iopub_msg(timeout=quiet)
+            except Exception:  # noqa: BLE001 - queue.Empty: nothing more
+                return
 
     async def _discard(self, km: Any) -> None:
         try:

@@ -73,6 +73,9 @@ READ_SIZE = 1 << 20
 ORDERED_OPS = frozenset({"restore", "thaw"})
 #: seconds the agent holds shell input for a %fork the host never answers, beyond its timeout
 FORK_HOLD_GRACE = 120.0
+#: after a template's warm-up cells (``ready``'s optional ``warmup``): drop their
+#: variables, and freeze what survives so restores don't dirty pages by collecting it
+WARMUP_CLEANUP = "get_ipython().reset(new_session=False)\nimport gc\ngc.collect()\ngc.freeze()\ndel gc"
 
 
 
@@ -427,6 +430,15 @@ class Agent:
             os.chown(RESTORE_FIFO, KERNEL_USER, KERNEL_USER)
         await self.execute(WARMUP_CODE.format(preload=preload, restore_file=RESTORE_FILE,
                                               restore_fifo=RESTORE_FIFO), timeout=timeout)
+        cells = [c for c in body.get("warmup", []) if isinstance(c, str)]
+        for i, cell in enumerate(cells, 1):
+            try:
+                await self.execute(cell, timeout=timeout)
+            except (RuntimeError, asyncio.TimeoutError) as exc:
+                why = str(exc) or f"no answer within {timeout:.0f} s"
+                raise OpError("warmup", f"warm-up cell {i} of {len(cells)} failed: {why}") from None
+        if cells:  # what the cells left in the namespace goes; what they warmed stays
+            await self.execute(WARMUP_CLEANUP, timeout=timeout)
         await self.execute(magic.install_code(), timeout=timeout)  # %fork, in every template
         return {"kernel_release": os.uname().release, "python": sys.version.split()[0],
                 "kernel_pid": self.kernel.pid if self.kernel else None}

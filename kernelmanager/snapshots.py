@@ -111,8 +111,10 @@ class Snapshot:
         os.replace(tmp, self.path / "snapshot.json")
 
 
-def template_id(image: GuestImage, machine: MachineSpec, qemu: str, preload: tuple[str, ...]) -> str:
-    key = json.dumps({
+def template_id(image: GuestImage, machine: MachineSpec, qemu: str, preload: tuple[str, ...],
+                warmup: tuple[str, ...] = ()) -> str:
+    extra = {"warmup": list(warmup)} if warmup else {}  # no warm-up: the same id as before
+    key = json.dumps({**extra,
         "image": image.id, "qemu": qemu, "protocol": PROTOCOL_VERSION,
         "memory": machine.memory_mb, "vcpus": machine.vcpus, "accel": machine.accel,
         "cmdline": machine.cmdline, "preload": list(preload), "format": SNAPSHOT_FORMAT,
@@ -152,14 +154,17 @@ def find_template(template_id_: str) -> Snapshot | None:
 
 
 async def bake_template(image: GuestImage, machine: MachineSpec, *, preload: tuple[str, ...] = (),
+                        warmup: tuple[str, ...] = (), name: str | None = None,
                         boot_timeout: float = 600.0, progress: Any = None) -> Snapshot:
-    """Cold-boot ``image``, wait for a warm ipykernel, and snapshot it as a template.
+    """Cold-boot ``image``, wait for a warm ipykernel, import ``preload``, run the ``warmup``
+    cells, and snapshot it as a template (``name`` is for error messages).
 
     Returns the cached template when one with the same recipe exists. Concurrent bakes
-    of one recipe serialize on a lock file; a failed bake leaves nothing behind.
+    of one recipe serialize on a lock file; a failed bake leaves nothing behind. A
+    warm-up cell that fails raises ``TemplateError`` naming the template and the cell.
     """
     qemu = await asyncio.to_thread(qemu_version)
-    tid = template_id(image, machine, qemu, preload)
+    tid = template_id(image, machine, qemu, preload, warmup)
     root = paths.templates_dir()
     final = root / tid
     try:
@@ -175,7 +180,8 @@ async def bake_template(image: GuestImage, machine: MachineSpec, *, preload: tup
         shutil.rmtree(tmp, ignore_errors=True)
         try:
             tmp.mkdir()
-            snap = await _bake(image, machine, preload, qemu, tmp, final, boot_timeout, progress)
+            snap = await _bake(image, machine, preload, warmup, name or tid, qemu, tmp, final,
+                               boot_timeout, progress)
             os.rename(tmp, final)
         except OSError as exc:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -215,8 +221,23 @@ def _say(progress: Any, msg: str) -> None:
         progress(msg)
 
 
-async def _bake(image: GuestImage, machine: MachineSpec, preload: tuple[str, ...], qemu: str,
-                tmp: Path, final: Path, boot_timeout: float, progress: Any) -> Snapshot:
+def warmup_failure(name: str, warmup: tuple[str, ...], exc: AgentError) -> TemplateError:
+    """The bake error for a failed warm-up cell: the template, the cell, the exception."""
+    msg = str(exc)
+    cell = ""
+    try:  # the agent says "warm-up cell <i> of <n> failed: ..."
+        i = int(msg.split("warm-up cell ", 1)[1].split()[0])
+        lines = [ln for ln in warmup[i - 1].splitlines() if ln.strip() and not ln.startswith("#")]
+        cell = f" (cell begins {lines[0][:80]!r})" if lines else ""
+    except (IndexError, ValueError):
+        pass
+    return TemplateError(f"template {name!r}: {msg}{cell}; fix the template's warmup cells or "
+                         f"opt out with \"warmup\": [] in its catalog entry ($VMKG_TEMPLATES)")
+
+
+async def _bake(image: GuestImage, machine: MachineSpec, preload: tuple[str, ...],
+                warmup: tuple[str, ...], name: str, qemu: str, tmp: Path, final: Path,
+                boot_timeout: float, progress: Any) -> Snapshot:
     machine = dataclasses.replace(machine, kernel=str(image.kernel), initrd=str(image.initrd))
     empty_overlay(image.rootfs, tmp / "disk.qcow2", backing_format="raw")
     vm = QemuVM(tmp / "vm", machine)
@@ -236,8 +257,17 @@ async def _bake(image: GuestImage, machine: MachineSpec, preload: tuple[str, ...
         waiter.cancel()
         connect.result()
         _say(progress, f"template: agent up after {time.monotonic() - t0:.1f} s, waiting for ipykernel")
-        info = await channel.request("ready", timeout=boot_timeout + 5, preload=list(preload),
-                                     wait=boot_timeout)
+        extra = {"warmup": list(warmup)} if warmup else {}
+        # the agent allows each step (ipykernel up, the preloads, each warm-up cell) up to
+        # boot_timeout; on a loaded host under TCG the whole can take many minutes
+        steps = 2 + len(warmup)
+        try:
+            info = await channel.request("ready", timeout=boot_timeout * steps + 5, preload=list(preload),
+                                         wait=boot_timeout, **extra)
+        except AgentError as exc:
+            if exc.kind != "warmup":
+                raise
+            raise warmup_failure(name, warmup, exc) from exc
         _say(progress, f"template: kernel warm after {time.monotonic() - t0:.1f} s; snapshotting")
         await channel.request("sync", timeout=60)
         await vm.pause()
@@ -256,5 +286,5 @@ async def _bake(image: GuestImage, machine: MachineSpec, preload: tuple[str, ...
     return Snapshot(
         path=final, mem_file=final / "mem", state_file=final / "state", disk=final / "disk.qcow2",
         machine=machine, qemu_version=qemu, protocol_version=PROTOCOL_VERSION, image_id=image.id,
-        created=time.time(), kind="template", info={**(info or {}), "preload": list(preload)},
+        created=time.time(), kind="template", info={**(info or {}), "preload": list(preload), "warmup_cells": len(warmup)},
     )

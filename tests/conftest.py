@@ -35,6 +35,10 @@ import pytest
 from gateway_helpers import Gateway, qemu_pids, serving
 
 os.environ.setdefault("VMKG_ACCEL", "auto")
+# the warm pool of a test gateway stays at its pool_size: growing with demand (proven by
+# tests/unit/test_pool_demand.py) would restore and warm extra VMs - pandas and matplotlib
+# cells each - on 2 shared cores that the tests' own VMs need
+os.environ.setdefault("VMKG_POOL_MAX", "1")
 # VMs of this session live in a state directory of their own, so a gateway or another
 # session on the same machine neither disturbs nor is disturbed by the leak checks
 STATE_DIR = Path(tempfile.mkdtemp(prefix="vmkg-test-state-"))

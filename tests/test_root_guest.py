@@ -52,7 +52,8 @@ def root_template(template: Any, tmp_path_factory: pytest.TempPathFactory) -> It
 
     path = tmp_path_factory.mktemp("rootguest") / "templates.json"
     path.write_text(json.dumps({"rootpy": {
-        "display_name": "Python 3, root in the guest (hostile-guest tests only)", "kernel_uid": 0}}))
+        "display_name": "Python 3, root in the guest (hostile-guest tests only)", "kernel_uid": 0,
+        "warmup": []}}))
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("VMKG_TEMPLATES", str(path))
         Runtime.instance().run_sync(ensure_template(get_spec("rootpy")), timeout=3600)
