@@ -33,6 +33,8 @@ import sys
 import tempfile
 from pathlib import Path
 
+from kernelmanager.paths import cache_dir
+
 ROOT = Path(__file__).resolve().parent.parent
 MIN_PYTHON = (3, 12)
 
@@ -53,15 +55,6 @@ def pins(pyproject: Path = ROOT / "pyproject.toml") -> list[str]:
             raise Unavailable("pyproject.toml has no `helm` extra") from None
         reqs = re.findall(r'"([^"]+)"', m.group(1))
     return sorted(r.split(";")[0].strip() for r in reqs)
-
-
-def cache_dir() -> Path:
-    env = os.environ.get("VMKG_CACHE_DIR")
-    if env:
-        return Path(env)
-    if os.geteuid() == 0:
-        return Path("/var/cache/vmkg")
-    return Path.home() / ".cache" / "vmkg"
 
 
 def _version(python: str) -> tuple[int, int] | None:

@@ -16,6 +16,7 @@ from typing import Any
 import pytest
 from gateway_helpers import Channels, Gateway, qemu_pids, serving
 from jupyter_client.manager import AsyncKernelManager
+from kernel_helpers import value as kernel_value
 
 from kernelmanager import vm_handle
 
@@ -24,19 +25,8 @@ KERNEL = "python3-microvm"
 
 
 async def value(km: AsyncKernelManager, code: str, expr: str = "None") -> Any:
-    kc = km.client()
-    kc.start_channels()
-    try:
-        await kc.wait_for_ready(timeout=120)
-        out: list[str] = []
-        reply = await kc.execute_interactive(
-            f"{code}\nimport json as _j; print('@@' + _j.dumps({expr}))", timeout=180,
-            output_hook=lambda m: out.append(m["content"]["text"]) if m["msg_type"] == "stream" else None)
-        assert reply["content"]["status"] == "ok", reply["content"]
-        line = [x for x in "".join(out).splitlines() if x.startswith("@@")][-1]
-        return json.loads(line[2:])
-    finally:
-        kc.stop_channels()
+    """``kernel_helpers.value`` with the longer waits a wake from disk may need."""
+    return await kernel_value(km, code, expr, ready_timeout=120, timeout=180)
 
 
 WRITE = """

@@ -14,6 +14,7 @@ from typing import Any
 import pytest
 from fork_faults import BlockDeviceState
 from jupyter_client.manager import AsyncKernelManager
+from kernel_helpers import value
 
 from kernelmanager import ForkSource, fork, forks, paths, reaper
 from kernelmanager.exceptions import ConfigError, ForkError, KernelBusy, LimitExceeded
@@ -21,23 +22,6 @@ from kernelmanager.vm.qmp import QMPError
 
 pytestmark = [pytest.mark.vm, pytest.mark.usefixtures("template")]
 KERNEL = "python3-microvm"
-
-
-async def value(km: AsyncKernelManager, code: str, expr: str = "None") -> Any:
-    """Run ``code`` then return ``expr`` (JSON) from the kernel."""
-    kc = km.client()
-    kc.start_channels()
-    try:
-        await kc.wait_for_ready(timeout=60)
-        out: list[str] = []
-        reply = await kc.execute_interactive(
-            f"{code}\nimport json as _j; print('@@' + _j.dumps({expr}))", timeout=120,
-            output_hook=lambda m: out.append(m["content"]["text"]) if m["msg_type"] == "stream" else None)
-        assert reply["content"]["status"] == "ok", reply["content"]
-        line = [x for x in "".join(out).splitlines() if x.startswith("@@")][-1]
-        return json.loads(line[2:])
-    finally:
-        kc.stop_channels()
 
 
 async def wait_busy(kc: Any, msg_id: str) -> None:
