@@ -364,12 +364,13 @@ def _write_delta(pid: int, vmas: list[tuple[int, int, int]], delta: Path) -> int
                     for addr, length, offset in vmas:
                         if offset <= pos < offset + length:
                             k = min(len(data), offset + length - pos)
-                            os.pwrite(mem, data[:k], addr + pos - offset)
+                            if os.pwrite(mem, data[:k], addr + pos - offset) != k:
+                                raise DurableError(f"QEMU process {pid} exited while its RAM was written")
                             break
                     else:
                         raise DurableError(f"delta offset {pos} is outside guest RAM")
-                    pos += len(data)
-                    total += len(data)
+                    pos += k  # a run crossing two mappings goes on in the next one
+                    total += k
         finally:
             os.close(mem)
     return total

@@ -232,6 +232,8 @@ def copy_dirty(pid: int, runs: list[tuple[int, int, int]], dest: Path, size: int
                     n = min(_CHUNK, length - done)
                     mem.seek(addr + done)
                     data = mem.read(n)
+                    if not data:  # the process exited: its memory reads as empty
+                        raise ForkError(f"QEMU process {pid} exited while its RAM was copied")
                     os.pwrite(fd, data, offset + done)
                     done += len(data)
                 total += length

@@ -128,6 +128,34 @@ def test_the_fork_image_equals_what_the_process_sees(child: tuple[int, int], bas
             assert page == base_content(p), p
 
 
+
+def test_a_process_that_exits_during_the_copy_is_a_fork_error_not_a_hang(
+        base: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A kernel shut down while a checkpoint copies its RAM: ``/proc/PID/mem``, opened
+    while the process lived, reads as empty once it has exited. That must end the copy
+    (it once looped for ever and kept the gateway from exiting). The child is killed
+    after the first run is written."""
+    with subprocess.Popen([sys.executable, "-c", CHILD, str(base), str(MAP_FROM),
+                           ",".join(map(str, WRITTEN)), ",".join(map(str, READ))],
+                          stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True) as proc:
+        assert proc.stdout is not None
+        proc.stdout.readline()
+        runs = dirty_runs(proc.pid, ram_vmas(proc.pid, base))
+        assert len(runs) > 1
+        pwrite = os.pwrite
+
+        def kill_after_first_write(fd: int, data: bytes, offset: int) -> int:
+            n = pwrite(fd, data, offset)
+            if proc.poll() is None:
+                proc.kill()
+                while Path(f"/proc/{proc.pid}/stat").read_text().split()[2] != "Z":
+                    time.sleep(0.01)  # exited, not reaped: the pid stays ours
+            return n
+
+        monkeypatch.setattr(os, "pwrite", kill_after_first_write)
+        with pytest.raises(ForkError, match="exited"):
+            copy_dirty(proc.pid, runs, tmp_path / "fork.mem", base.stat().st_size)
+
 def allocated(path: Path) -> int:
     return os.stat(path).st_blocks * 512
 
