@@ -29,6 +29,10 @@ does about that is here, in two mixins over jupyter_server's classes:
   ask see no change. A reconnect that finds the old websocket of its session still open
   (the gateway had not noticed the break yet) waits, briefly, until that one is closed,
   so the kernel's replies are not split between the two.
+- **One websocket per session.** A websocket whose session a newer one took over while it
+  was still connecting (waiting for the kernel's kernel_info reply) is refused with 409
+  instead of opening beside it: both would carry the session id as their ZMQ identity
+  and the kernel's replies could go to the abandoned one (``_superseded``).
 - **Not coming back: interrupt on disconnect.** A client that dies mid-cell would leave
   its kernel busy forever (idle culling spares busy kernels). With
   ``interrupt_on_disconnect`` (default on), when the last websocket of a busy kernel
@@ -51,6 +55,7 @@ from typing import Any, ClassVar
 
 from jupyter_core.utils import ensure_async
 from prometheus_client import Counter
+from tornado import web
 from traitlets import Bool, Float, Integer
 from traitlets.config import LoggingConfigurable
 
@@ -159,12 +164,39 @@ class ReconnectMixin(LoggingConfigurable):
         if self._resume_arg() is not None:
             stale = session_connection(self.kernel_id, self.session.session)
         await super().prepare()  # type: ignore[misc]  # closes a stale websocket of the session
+        newer = session_connection(self.kernel_id, self.session.session)
+        if newer is not None and newer is not self:
+            self._superseded()
         if stale is not None and stale is not self:
             try:
                 await asyncio.wait_for(asyncio.shield(closed_future(stale)), STALE_CLOSE_WAIT)
             except asyncio.TimeoutError:
                 self.log.warning("kernel %s: the previous websocket of session %s is still closing",
                                  self.kernel_id, self.session.session)
+
+    def _superseded(self) -> None:
+        """Refuse this websocket: a newer one of the same session registered while this one
+        was still preparing (waiting for the kernel's kernel_info reply, or for a kernel
+        that is restarting).
+
+        jupyter_server replaces a stale websocket of a session by closing its handler, but
+        a handler that has not been upgraded yet has nothing to close: both would open, both
+        with the session id as their ZMQ identity, and the relay's ROUTER gives that
+        identity to whichever connected last - the shell replies of the live client
+        (kernel_info_reply first) could go to the abandoned one. That is what jupyter_server's
+        gateway client leaves behind on every JupyterLab notebook open: it cancels a pending
+        websocket_connect when the browser reconnects at once with the same session id, and
+        tornado completes the cancelled connection all the same, never read. The page then
+        waits for a kernel_info reply that never comes and its kernel stays "Unknown".
+        """
+        channel = getattr(self, "kernel_info_channel", None)
+        if channel is not None and not channel.closed():
+            channel.close()
+        self.log.info("kernel %s: refusing a websocket of session %s: a newer one of the "
+                      "same session replaced it while it was connecting", self.kernel_id,
+                      self.session.session)
+        raise web.HTTPError(409, "a newer websocket of session %s replaced this one while it was "
+                                 "connecting", self.session.session)
 
     def _ring(self, create: bool) -> _Ring | None:
         ring = self._rings.get(self.session_key)

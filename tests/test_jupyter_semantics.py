@@ -22,6 +22,7 @@ import socket
 import subprocess
 import threading
 import time
+import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -560,3 +561,59 @@ async def test_kept_output_goes_to_the_next_client_whatever_its_session(servers:
         await second.close()
     finally:
         delete_kernel(gw, kid)
+
+
+# -- one websocket per session --------------------------------------------------------------------
+
+
+async def superseded_while_connecting(gw: Gateway) -> tuple[bool, float]:
+    """Two websockets of one session, the second opened while the first still waits for
+    the kernel's first kernel_info reply; returns (whether the first was refused, how
+    long the second took to get its kernel_info reply)."""
+    kid = new_kernel(gw)  # nobody asked it kernel_info yet: the first websocket waits for it
+    try:
+        session = uuid.uuid4().hex
+        first = asyncio.ensure_future(Channels.open(gw, kid, session=session))
+        await asyncio.sleep(0.02)
+        second = await Channels.open(gw, kid, session=session)
+        refused = False
+        try:
+            stale = await first
+        except websockets.InvalidStatus as exc:
+            assert exc.response.status_code == 409, exc
+            refused = True
+        else:
+            # it had opened before the second arrived: jupyter_server closes it as stale
+            async def drained() -> None:
+                while True:
+                    await stale.recv(timeout=20)
+
+            with pytest.raises(websockets.ConnectionClosed):
+                await asyncio.wait_for(drained(), 20)
+        t0 = time.monotonic()
+        info = await second.send("kernel_info_request", {})
+        msgs, closed = await record(second, lambda m: any(
+            x.channel == "shell" and x.parent.get("msg_id") == info for x in m) and seen("idle")(m),
+            timeout=30, settle=0)
+        took = time.monotonic() - t0
+        assert closed is None
+        assert (await second.execute("print(6 * 7)", timeout=60)).stdout == "42\n"
+        await second.close()
+        return refused, took
+    finally:
+        delete_kernel(gw, kid)
+
+
+async def test_a_websocket_replaced_while_connecting_never_opens(servers: dict[str, Server]) -> None:
+    """jupyter_server's gateway client (JupyterLab with --gateway-url) opens a notebook's
+    websocket, cancels it when the page reconnects at once with the same session id, and
+    tornado completes the cancelled connection anyway, never read. If that one was still
+    waiting for the kernel when the live one arrived, it must not open: both would carry
+    the session id as their ZMQ identity, the kernel's replies to the live page (its
+    kernel_info reply first) could go to the abandoned one, and the page's kernel would
+    stay "Unknown". The live websocket gets its replies, every time."""
+    gw = servers["vmkg"]
+    results = [await superseded_while_connecting(gw) for _ in range(2)]
+    print("refused, kernel_info reply (s):", results)
+    assert any(refused for refused, _ in results), "the race was never hit; the test proves nothing"
+    assert "refusing a websocket of session" in gw.log()
