@@ -256,11 +256,18 @@ class VMKGWebsocketConnection(ReconnectMixin, ZMQChannelsWebsocketConnection):
         back; through a VM each is a round trip through emulated ipykernel, and the
         client's first request waits behind them. The relay greets every new iopub
         subscriber with ``iopub_welcome`` on the host, which proves the subscription just
-        as well. Reused streams (a reconnect that replays a buffer) get no new welcome:
-        there, and if no welcome comes within a second, jupyter_server's nudge runs.
+        as well; if no welcome comes within a second, jupyter_server's nudge runs.
+
+        Reused streams (a reconnect of the same session that gets its kept buffer: what
+        JupyterLab does after every restart) are live already - subscribed, connected,
+        and they kept receiving while the client was away - so there is nothing to prove:
+        the connection is ready at once. jupyter_server's nudge there took 10-20 s on a
+        loaded host right after a VM restore (the page's own messages wait for it).
         """
         if not getattr(self, "_fresh_iopub", False):
-            return super().nudge()
+            ready: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+            ready.set_result(None)
+            return ready
         self._fresh_iopub = False
         iopub = self.channels["iopub"]
         welcomed: asyncio.Future[None] = asyncio.get_running_loop().create_future()
