@@ -39,6 +39,10 @@ file system would keep less than ``RESERVE`` free. A refusal is ``DurableBudgetE
 while writing gives the same error; either way the kernel keeps running unchanged (the
 VM is resumed, the half-made image removed).
 
+How much a refusal is over the budget travels with it (``OverBudget.over``): with
+``$VMKG_DURABLE_CULL_OLDEST`` the gateway (``gateway.hibernate``) then shuts down the
+oldest hibernated kernels until that much is freed and hibernates again.
+
 Persisted kernels: :func:`persist_kernel` writes ``kernel.json`` beside the images (the
 kernel's connection info, key included, kernelspec name, environment, and whatever the
 caller adds, e.g. the gateway's owner record); :func:`persisted_kernels` lists them for
@@ -157,20 +161,30 @@ def usage() -> int:
     return allocated(root) if root.is_dir() else 0
 
 
+class OverBudget(DurableBudgetExceeded):
+    """A refusal that says by how many bytes (``over``): what would have to be freed (the
+    gateway's ``durable_cull_oldest`` culls the oldest hibernated kernels until it is)."""
+
+    def __init__(self, message: str, over: int) -> None:
+        super().__init__(message)
+        self.over = over
+
+
 def check_budget(extra: int, kernel_id: str) -> None:
     limit = budget()
     used = usage()
     if limit is not None and used + extra > limit:
-        raise DurableBudgetExceeded(
+        raise OverBudget(
             f"kernel {kernel_id}: durable images would take {(used + extra) >> 20} MB, over the "
             f"budget of {limit >> 20} MB (VMKG_DURABLE_BUDGET_MB); delete checkpoints or "
-            "hibernated kernels, or raise the budget")
+            "hibernated kernels, or raise the budget", used + extra - limit)
     st = os.statvfs(paths.state_dir())
-    if st.f_bavail * st.f_frsize < extra + RESERVE:
-        raise DurableBudgetExceeded(
+    free = st.f_bavail * st.f_frsize
+    if free < extra + RESERVE:
+        raise OverBudget(
             f"kernel {kernel_id}: the disk of {paths.state_dir()} is full "
-            f"({st.f_bavail * st.f_frsize >> 20} MB free, {extra >> 20} MB needed + "
-            f"{RESERVE >> 20} MB reserve)")
+            f"({free >> 20} MB free, {extra >> 20} MB needed + {RESERVE >> 20} MB reserve)",
+            extra + RESERVE - free)
 
 
 # ---------------------------------------------------------------------------
