@@ -124,6 +124,10 @@ def parse_fork_request(kernel_id: str, body: dict[str, Any]) -> ForkRequest:
     return ForkRequest(kernel_id, count, reseed, float(timeout))
 
 
+#: seconds a shutdown waits for a checkpoint or hibernation under way (see ``_stop_vm_rt``)
+CAPTURE_GRACE = 20.0
+
+
 class MicroVMProvisioner(KernelProvisionerBase):
     template = Unicode("python3", config=True,
                        help="Name of the template (see kernelmanager.templates) the kernel restores from.")
@@ -211,14 +215,33 @@ class MicroVMProvisioner(KernelProvisionerBase):
         await self._stop_vm()
 
     async def _stop_vm(self) -> None:
+        await Runtime.instance().run(self._stop_vm_rt())
+
+    async def _stop_vm_rt(self) -> None:
+        """Stop the VM (runtime loop). A hibernated kernel's image goes (a wake under way
+        undoes itself). A capture under way (a checkpoint, an idle checkpoint, a
+        hibernation: the VM paused, its pages being copied) is given ``CAPTURE_GRACE`` s to
+        end first, so it neither fails half-way nor leaves a paused VM behind; then the VM
+        (or, if the capture was a hibernation, its image) goes."""
         if self._hibernated is not None:
             self._drop_hibernated()
+        lock = self._lock()
+        if self._kernel is not None and lock.locked():
+            log.info("kernel %s: shutting down; waiting for its state capture to end", self.kernel_id)
+            try:
+                await asyncio.wait_for(lock.acquire(), CAPTURE_GRACE)
+                lock.release()
+            except asyncio.TimeoutError:
+                log.warning("kernel %s: its state capture did not end within %.0f s; the VM is "
+                            "stopped under it", self.kernel_id, CAPTURE_GRACE)
+            if self._hibernated is not None:  # it was a hibernation: the VM is gone already
+                self._drop_hibernated()
         kernel = self._kernel
         if kernel is None:
             return
         if self._relay is not None:
             self._relay.detach()
-        await Runtime.instance().run(kernel.close())
+        await kernel.close()
 
     # -- launch ----------------------------------------------------------------------------
 
