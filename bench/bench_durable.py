@@ -12,12 +12,16 @@ restart part, which runs ``vmkg serve`` twice:
    that wrote W MB (the cell-to-cell overhead when ``checkpoint_on_idle`` is on).
 3. **Gateway restart** with ``--restart-kernels`` kernels (``VMKG_PERSIST_KERNELS``):
    SIGTERM -> stopped, start -> serving, and -> every kernel answered a cell with its state.
-4. **Density** (``--density N``, ``--density-mb``): N kernels each holding 10 MB are
-   hibernated; host memory and disk used while they sleep, then the wake -> result latency
-   of ``--density-wakes`` random ones. The issue asks for 200; on a shared 2-core machine
-   pass a smaller N and say so.
+4. **Density** (``--density N``, default 200; ``--density-mb`` 10): N kernels each hold
+   10 MB of their own random bytes; all but ``--density-awake`` (10) are hibernated. While
+   they sit idle: how much lower MemAvailable is, the RSS of the awake QEMUs, CPU (the
+   awake QEMUs, this process, the whole host), disk used; then ``--density-wakes`` (20)
+   random sleeping ones are woken one by one: wake -> result latency, each answering the
+   SHA-256 of its data computed before it slept. Runtime level (no gateway, so no per-user
+   limits). A smaller N on a busy machine: say so.
 
-Run: ``python bench/bench_durable.py -r 3 --sizes 0,10,50,100 --restart-kernels 20 --density 40``.
+Run: ``python bench/bench_durable.py -r 3 --sizes 0,10,50,100 --restart-kernels 20``;
+the density run alone: ``python bench/bench_durable.py --sizes '' --restart-kernels 0``.
 """
 
 from __future__ import annotations
@@ -189,45 +193,139 @@ async def part_restart(n: int) -> None:
         shutil.rmtree(work, ignore_errors=True)
 
 
-def host_memory() -> int:
+def meminfo() -> dict[str, int]:
     with open("/proc/meminfo") as f:
-        info = {line.split(":")[0]: int(line.split()[1]) * 1024 for line in f}
-    return info["MemTotal"] - info["MemAvailable"]
+        return {line.split(":")[0]: int(line.split()[1]) * 1024 for line in f}
 
 
-async def part_density(n: int, mb: int, wakes: int) -> None:
+def rss(pid: int | None) -> int:
+    """Resident bytes of a process (0 when gone)."""
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, TypeError):
+        pass
+    return 0
+
+
+def cpu_ticks(pid: int | None) -> int:
+    """utime + stime of a process, in clock ticks (0 when gone)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        return int(fields[11]) + int(fields[12])
+    except (OSError, TypeError, IndexError, ValueError):
+        return 0
+
+
+def host_busy() -> tuple[int, int]:
+    """(busy, total) jiffies of the whole host, from /proc/stat."""
+    with open("/proc/stat") as f:
+        vals = [int(x) for x in f.readline().split()[1:]]
+    idle = vals[3] + vals[4]
+    return sum(vals) - idle, sum(vals)
+
+
+DENSITY_CELL = """import os, hashlib
+mine = os.urandom({mb} * 2**20)
+idx = {i}
+print(hashlib.sha256(mine).hexdigest())"""
+
+
+async def part_density(n: int, mb: int, wakes: int, awake: int, parallel: int) -> None:
+    """N kernels each holding ``mb`` MB of their own random bytes; all but ``awake`` of
+    them hibernated. Host memory (MemAvailable drop, QEMU RSS), CPU while they sit idle,
+    disk, then ``wakes`` random sleeping ones woken one by one: wake -> result latency,
+    each answering with the SHA-256 of its data as computed before it slept."""
     from kernelmanager import durable_usage
 
-    print(f"\n== density: {n} kernels holding {mb} MB each, hibernated")
-    mem0 = host_memory()
-    kms: list[AsyncKernelManager] = []
-    try:
-        for i in range(n):
+    print(f"\n== density: {n} kernels holding {mb} MB each ({n - min(awake, n)} hibernated, "
+          f"{min(awake, n)} awake); {parallel} created at a time; load {os.getloadavg()}", flush=True)
+    avail0 = meminfo()["MemAvailable"]
+    kms: list[AsyncKernelManager | None] = [None] * n
+    digests: list[str] = [""] * n
+    sem = asyncio.Semaphore(parallel)
+    t_start = time.monotonic()
+    created = 0
+
+    async def make(i: int) -> None:
+        nonlocal created
+        async with sem:
             km = await start()
-            await cell(km, writer(mb) + f"\nidx = {i}")
-            h = vm_handle(km)
-            assert h is not None
-            await h.hibernate(idle_timeout=30)
-            kms.append(km)
+            kms[i] = km
+            digests[i] = (await cell(km, DENSITY_CELL.format(mb=mb, i=i))).strip()
+            if i >= awake:
+                h = vm_handle(km)
+                assert h is not None
+                await h.hibernate(idle_timeout=60)
+            created += 1
+            if created % 10 == 0 or created == n:
+                print(f"  {created}/{n} made in {time.monotonic() - t_start:.0f} s "
+                      f"(load {os.getloadavg()[0]:.1f}, MemAvailable {meminfo()['MemAvailable'] >> 20} MB)",
+                      flush=True)
+
+    try:
+        results = await asyncio.gather(*(make(i) for i in range(n)), return_exceptions=True)
+        failed = [(i, r) for i, r in enumerate(results) if isinstance(r, BaseException)]
+        for i, r in failed[:5]:
+            print(f"  kernel {i} failed: {r!r}", flush=True)
+        ok = [i for i in range(n) if not isinstance(results[i], BaseException)]
+        make_s = time.monotonic() - t_start
         await asyncio.sleep(5)
-        cpu0 = os.times()
+        pids = []
+        for i in ok:
+            h = vm_handle(kms[i])
+            if h is not None and h.hibernated_since is None and h.pid is not None:
+                pids.append(h.pid)
+        avail = meminfo()["MemAvailable"]
+        qemu_rss = sum(rss(p) for p in pids)
+        me = os.getpid()
+        ticks0 = {p: cpu_ticks(p) for p in [*pids, me]}
+        busy0, total0 = host_busy()
         t0 = time.monotonic()
-        await asyncio.sleep(10)
-        cpu = (sum(os.times()[:4]) - sum(cpu0[:4])) / (time.monotonic() - t0)
-        mem = host_memory() - mem0
+        await asyncio.sleep(20)
+        dt = time.monotonic() - t0
+        hz = os.sysconf("SC_CLK_TCK")
+        qemu_cpu = sum(cpu_ticks(p) - ticks0[p] for p in pids) / hz / dt
+        my_cpu = (cpu_ticks(me) - ticks0[me]) / hz / dt
+        busy1, total1 = host_busy()
+        host_cpu = (busy1 - busy0) / max(1, total1 - total0)
+        load_idle = os.getloadavg()
         disk = durable_usage()
-        lat = []
-        for i in random.sample(range(n), min(wakes, n)):
+        sleeping = [i for i in ok if i >= awake]
+        lat, restore = [], []
+        for i in random.sample(sleeping, min(wakes, len(sleeping))):
+            km = kms[i]
+            assert km is not None
             t = time.monotonic()
-            out = await cell(kms[i], "print(idx, len(mine))")
+            out = await cell(km, "print(idx, hashlib.sha256(mine).hexdigest())")
             lat.append(time.monotonic() - t)
-            assert out.split() == [str(i), str(mb << 20)], out
-        print(f"host memory added while {n} sleep: {mem / 2**20:.0f} MB ({mem / n / 2**20:.1f} MB each); "
-              f"this process's CPU while idle: {cpu * 100:.1f}%; disk: {disk / 2**20:.0f} MB "
-              f"({disk / n / 2**20:.1f} MB each); wake -> result of {len(lat)} random ones: "
-              f"p50 {pct(lat, 50):.2f} s, max {max(lat):.2f} s (state intact)", flush=True)
+            assert out.split() == [str(i), digests[i]], (i, out)
+            h = vm_handle(km)
+            if h is not None and h.last_wake_seconds is not None:
+                restore.append(h.last_wake_seconds)
+        print(f"made {len(ok)} of {n} kernels in {make_s:.0f} s ({len(failed)} failed)")
+        print(f"while they sat idle: MemAvailable {(avail0 - avail) / 2**20:.0f} MB lower than before "
+              f"({(avail0 - avail) / max(1, len(ok)) / 2**20:.1f} MB a kernel); RSS of the "
+              f"{len(pids)} awake QEMUs {qemu_rss / 2**20:.0f} MB; no QEMU for the "
+              f"{len(ok) - len(pids)} hibernated")
+        print(f"CPU over {dt:.0f} s idle: awake QEMUs {qemu_cpu * 100:.1f}% of a core, this process "
+              f"(the runtime) {my_cpu * 100:.1f}%, whole host {host_cpu * 100:.0f}% of 2 cores "
+              f"(other jobs included; load {load_idle[0]:.1f} {load_idle[1]:.1f} {load_idle[2]:.1f})")
+        print(f"disk: {disk / 2**20:.0f} MB of durable images ({disk / max(1, len(sleeping)) / 2**20:.1f} MB "
+              f"per hibernated kernel)")
+        if lat:
+            print(f"wake -> result of {len(lat)} random hibernated ones (SHA-256 of the {mb} MB checked): "
+                  f"p50 {pct(lat, 50):.2f} s, p90 {pct(lat, 90):.2f} s, max {max(lat):.2f} s (of which "
+                  f"the wake itself, image -> VM attached, p50 {pct(restore or [0.0], 50):.2f} s); "
+                  f"load {os.getloadavg()}", flush=True)
     finally:
-        await asyncio.gather(*(k.shutdown_kernel(now=True) for k in kms), return_exceptions=True)
+        live = [k for k in kms if k is not None]
+        for j in range(0, len(live), 20):
+            await asyncio.gather(*(k.shutdown_kernel(now=True) for k in live[j:j + 20]),
+                                 return_exceptions=True)
 
 
 async def main(argv: list[str] | None = None) -> None:
@@ -235,9 +333,11 @@ async def main(argv: list[str] | None = None) -> None:
     p.add_argument("-r", "--rounds", type=int, default=3)
     p.add_argument("--sizes", default="0,10,50,100")
     p.add_argument("--restart-kernels", type=int, default=20)
-    p.add_argument("--density", type=int, default=0, help="kernels for the density run (0: skip)")
-    p.add_argument("--density-mb", type=int, default=10)
-    p.add_argument("--density-wakes", type=int, default=20)
+    p.add_argument("--density", type=int, default=200, help="kernels for the density run (0: skip)")
+    p.add_argument("--density-mb", type=int, default=10, help="MB of its own data each kernel holds")
+    p.add_argument("--density-wakes", type=int, default=20, help="random hibernated ones woken")
+    p.add_argument("--density-awake", type=int, default=10, help="kernels left running (the rest sleep)")
+    p.add_argument("--density-parallel", type=int, default=2, help="kernels made at a time")
     args = p.parse_args(argv)
     ensure_kernelspecs()
     os.environ.setdefault("VMKG_STATE_DIR", tempfile.mkdtemp(prefix="vmkg-bench-state-"))
@@ -247,7 +347,8 @@ async def main(argv: list[str] | None = None) -> None:
     if args.restart_kernels > 0:
         await part_restart(args.restart_kernels)
     if args.density > 0:
-        await part_density(args.density, args.density_mb, args.density_wakes)
+        await part_density(args.density, args.density_mb, args.density_wakes, args.density_awake,
+                           args.density_parallel)
 
 
 if __name__ == "__main__":

@@ -187,6 +187,9 @@ class ServeApp(Application):
         "no-auth": ({"ServeApp": {"auth_enabled": False}},
                     "Accept requests without a token (only behind something that authenticates)."),
         "json-logs": ({"ServeApp": {"json_logs": True}}, "Log one JSON object per line."),
+        "durable-cull-oldest": ({"VMMappingKernelManager": {"durable_cull_oldest": True}},
+                                "Cull the oldest hibernated kernels when a hibernation would "
+                                "exceed the durable disk budget (instead of 507)."),
         "debug": ({"Application": {"log_level": logging.DEBUG}}, "Log at DEBUG level."),
     }
 

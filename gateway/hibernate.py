@@ -35,7 +35,7 @@ What the gateway adds (``Durability``, one per ``vmkg serve``):
   hibernated, at that checkpoint (the newer of it and a hibernated image). Work done
   after the last idle checkpoint (a cell still running, or finished less than one
   interval before the crash) is lost.
-* **Metrics**: ``vmkg_idle_checkpoint_seconds``, ``vmkg_hibernated_kernels``, ``vmkg_durable_bytes`` (images and checkpoints
+* **Metrics**: ``vmkg_durable_culled_total``, ``vmkg_idle_checkpoint_seconds``, ``vmkg_hibernated_kernels``, ``vmkg_durable_bytes`` (images and checkpoints
   on disk), ``vmkg_wake_seconds`` (histogram), ``vmkg_hibernations_total{result}``.
 """
 
@@ -52,6 +52,7 @@ from tornado import web
 
 from kernelmanager import (
     CheckpointNotFound,
+    DurableBudgetExceeded,
     KernelBusy,
     PersistedKernel,
     durable_usage,
@@ -59,7 +60,7 @@ from kernelmanager import (
     vm_handle,
 )
 
-from . import errors, users
+from . import errors, metrics, users
 from .handlers import GatewayHandlerMixin, _finish_json, check_owner
 
 HIBERNATED = Gauge("vmkg_hibernated_kernels", "Kernels hibernated to disk (no VM running)")
@@ -67,6 +68,8 @@ DURABLE_BYTES = Gauge("vmkg_durable_bytes", "Bytes hibernated images and checkpo
 WAKE_SECONDS = Histogram("vmkg_wake_seconds", "Time to wake a hibernated kernel (restore of its image)",
                          buckets=(0.1, 0.2, 0.3, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 5.0, 10.0, 30.0))
 HIBERNATIONS = Counter("vmkg_hibernations", "Hibernations, by result", ["result"])
+DURABLE_CULLED = Counter("vmkg_durable_culled", "Hibernated kernels culled to fit the durable "
+                         "budget (durable_cull_oldest)")
 IDLE_CHECKPOINT_SECONDS = Histogram("vmkg_idle_checkpoint_seconds",
                                     "Time one background idle checkpoint took (checkpoint_on_idle)",
                                     buckets=(0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0))
@@ -88,15 +91,71 @@ def _handle(mkm: Any, kernel_id: str) -> Any:
 
 
 async def hibernate_kernel(mkm: Any, kernel_id: str, idle_timeout: float = 30.0) -> int:
+    """Hibernate one kernel. Past the durable budget: 507, or with ``durable_cull_oldest``
+    the oldest hibernated kernels are culled until it fits (see :func:`cull_oldest`)."""
     handle = _handle(mkm, kernel_id)
     try:
-        size = int(await handle.hibernate(idle_timeout=idle_timeout))
+        for attempt in range(_CULL_ATTEMPTS + 1):
+            try:
+                size = int(await handle.hibernate(idle_timeout=idle_timeout))
+                break
+            except DurableBudgetExceeded as exc:
+                if attempt == _CULL_ATTEMPTS or not getattr(mkm, "durable_cull_oldest", False) \
+                        or not await cull_oldest(mkm, kernel_id, int(getattr(exc, "over", 0) or 1), str(exc)):
+                    raise
     except BaseException:
         HIBERNATIONS.labels("failed").inc()
         raise
     HIBERNATIONS.labels("ok").inc()
     mkm.get_kernel(kernel_id).execution_state = "idle"
     return size
+
+
+#: hibernations retried after culling (an image can grow between two tries)
+_CULL_ATTEMPTS = 3
+_cull_lock: asyncio.Lock | None = None
+
+
+async def cull_oldest(mkm: Any, for_kernel: str, over: int, why: str) -> bool:
+    """Shut down hibernated kernels, oldest sleep first, until ``over`` bytes of durable
+    images are freed (or none is left). Each is logged with the reason; its websockets
+    close and it is gone (404), its images and checkpoints deleted (forks keep what they
+    use). Returns whether anything was culled."""
+    global _cull_lock
+    if _cull_lock is None:
+        _cull_lock = asyncio.Lock()
+    async with _cull_lock:  # two hibernations over the budget at once cull for one another
+        sleeping = []
+        for kid in list(mkm.list_kernel_ids()):
+            if kid == for_kernel or kid not in mkm:
+                continue
+            handle = vm_handle(mkm.get_kernel(kid))
+            if handle is not None and handle.hibernated_since is not None:
+                sleeping.append((handle.hibernated_since, kid))
+        sleeping.sort()
+        before, culled = durable_usage(), 0
+        for since, kid in sleeping:
+            if culled and before - durable_usage() >= over:
+                break
+            if kid not in mkm:
+                continue
+            mkm.log.warning(
+                "kernel %s: culled, with its saved state (hibernated since %s, the oldest), to "
+                "make room in the durable budget for kernel %s (VMKG_DURABLE_CULL_OLDEST; %.1f MB "
+                "over: %s)", kid, since.strftime("%Y-%m-%dT%H:%M:%SZ"), for_kernel, over / 2**20, why)
+            try:
+                await mkm.shutdown_kernel(kid, now=True)
+            except Exception as exc:  # noqa: BLE001 - try the next one
+                mkm.log.error("kernel %s: could not be culled: %s", kid, exc)
+                continue
+            culled += 1
+            mkm.culled = getattr(mkm, "culled", 0) + 1
+            metrics.KERNELS_CULLED.inc()
+            DURABLE_CULLED.inc()
+        if culled:
+            mkm.log.info("durable budget: culled %d hibernated kernel(s), %.1f MB freed, for kernel %s",
+                         culled, (before - durable_usage()) / 2**20, for_kernel)
+        return culled > 0
 
 
 async def wake_kernel(mkm: Any, kernel_id: str) -> None:

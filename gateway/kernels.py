@@ -172,6 +172,11 @@ class VMMappingKernelManager(ReplayBufferMixin, AsyncMappingKernelManager):
                                        "together; past it a hibernation or checkpoint is refused with "
                                        "507 (the kernel keeps running). 0: only the disk's free "
                                        "space (256 MB kept free) limits them.")
+    durable_cull_oldest = env_trait(Bool, "VMKG_DURABLE_CULL_OLDEST", False,
+                                    help="A hibernation past the durable budget (or a full disk) "
+                                         "shuts down the oldest hibernated kernels, their saved "
+                                         "state with them, until it fits (each one logged), "
+                                         "instead of answering 507. Off: 507.")
 
     @default("kernel_manager_class")
     def _kernel_manager_class_default(self) -> str:

@@ -39,6 +39,10 @@ file system would keep less than ``RESERVE`` free. A refusal is ``DurableBudgetE
 while writing gives the same error; either way the kernel keeps running unchanged (the
 VM is resumed, the half-made image removed).
 
+How much a refusal is over the budget travels with it (``OverBudget.over``): with
+``$VMKG_DURABLE_CULL_OLDEST`` the gateway (``gateway.hibernate``) then shuts down the
+oldest hibernated kernels until that much is freed and hibernates again.
+
 Persisted kernels: :func:`persist_kernel` writes ``kernel.json`` beside the images (the
 kernel's connection info, key included, kernelspec name, environment, and whatever the
 caller adds, e.g. the gateway's owner record); :func:`persisted_kernels` lists them for
@@ -49,10 +53,12 @@ from __future__ import annotations
 
 import asyncio
 import bisect
+import concurrent.futures
 import dataclasses
 import errno
 import json
 import logging
+import mmap
 import os
 import shutil
 import subprocess
@@ -88,6 +94,8 @@ AUTO = "auto"
 #: bytes the file system must keep free whatever the budget
 RESERVE = 256 << 20
 _CHUNK = 4 << 20
+#: deltas larger than this are written into guest RAM by two threads
+_PARALLEL = 32 << 20
 _MAX_NAME = 64
 
 
@@ -153,20 +161,30 @@ def usage() -> int:
     return allocated(root) if root.is_dir() else 0
 
 
+class OverBudget(DurableBudgetExceeded):
+    """A refusal that says by how many bytes (``over``): what would have to be freed (the
+    gateway's ``durable_cull_oldest`` culls the oldest hibernated kernels until it is)."""
+
+    def __init__(self, message: str, over: int) -> None:
+        super().__init__(message)
+        self.over = over
+
+
 def check_budget(extra: int, kernel_id: str) -> None:
     limit = budget()
     used = usage()
     if limit is not None and used + extra > limit:
-        raise DurableBudgetExceeded(
+        raise OverBudget(
             f"kernel {kernel_id}: durable images would take {(used + extra) >> 20} MB, over the "
             f"budget of {limit >> 20} MB (VMKG_DURABLE_BUDGET_MB); delete checkpoints or "
-            "hibernated kernels, or raise the budget")
+            "hibernated kernels, or raise the budget", used + extra - limit)
     st = os.statvfs(paths.state_dir())
-    if st.f_bavail * st.f_frsize < extra + RESERVE:
-        raise DurableBudgetExceeded(
+    free = st.f_bavail * st.f_frsize
+    if free < extra + RESERVE:
+        raise OverBudget(
             f"kernel {kernel_id}: the disk of {paths.state_dir()} is full "
-            f"({st.f_bavail * st.f_frsize >> 20} MB free, {extra >> 20} MB needed + "
-            f"{RESERVE >> 20} MB reserve)")
+            f"({free >> 20} MB free, {extra >> 20} MB needed + {RESERVE >> 20} MB reserve)",
+            extra + RESERVE - free)
 
 
 # ---------------------------------------------------------------------------
@@ -349,31 +367,76 @@ async def load_delta(vm: QemuVM, mem_file: Path, delta: Path) -> int:
 
 
 def _write_delta(pid: int, vmas: list[tuple[int, int, int]], delta: Path) -> int:
-    total = 0
+    """Copy the data ranges of ``delta`` into the guest RAM mappings ``vmas`` of ``pid``.
+
+    The delta is mapped (no read copy, no buffer per chunk) and its ranges are written
+    through ``/proc/PID/mem``; the cost is the kernel's copy-on-write break of each page.
+    Deltas past ``_PARALLEL`` are split between two threads (``pwrite`` releases the GIL;
+    the page faults of the two halves run on two cores)."""
     with open(delta, "rb", buffering=0) as src:
         size = os.fstat(src.fileno()).st_size
-        mem = os.open(f"/proc/{pid}/mem", os.O_RDWR | os.O_CLOEXEC)
-        try:
-            for start, end in data_ranges(src.fileno(), size):
-                pos = start
-                while pos < end:
-                    n = min(_CHUNK, end - pos)
-                    data = os.pread(src.fileno(), n, pos)
-                    if not data:
+        ranges = data_ranges(src.fileno(), size)
+        if not ranges:
+            return 0
+        pieces = []  # (guest address, delta offset, length): ranges cut at mapping borders
+        for start, end in ranges:
+            pos = start
+            while pos < end:
+                for addr, length, offset in vmas:
+                    if offset <= pos < offset + length:
+                        k = min(end, offset + length) - pos
+                        pieces.append((addr + pos - offset, pos, k))
+                        pos += k
                         break
-                    for addr, length, offset in vmas:
-                        if offset <= pos < offset + length:
-                            k = min(len(data), offset + length - pos)
-                            if os.pwrite(mem, data[:k], addr + pos - offset) != k:
-                                raise DurableError(f"QEMU process {pid} exited while its RAM was written")
-                            break
-                    else:
-                        raise DurableError(f"delta offset {pos} is outside guest RAM")
-                    pos += k  # a run crossing two mappings goes on in the next one
-                    total += k
-        finally:
-            os.close(mem)
+                else:
+                    raise DurableError(f"delta offset {pos} is outside guest RAM")
+        total = sum(p[2] for p in pieces)
+        with mmap.mmap(src.fileno(), size, prot=mmap.PROT_READ) as mm:
+            view = memoryview(mm)
+            try:
+                if total <= _PARALLEL:
+                    _write_pieces(pid, view, pieces)
+                else:
+                    halves = _split(pieces, total // 2)
+                    with concurrent.futures.ThreadPoolExecutor(2) as pool:
+                        for f in [pool.submit(_write_pieces, pid, view, h) for h in halves]:
+                            f.result()
+            finally:
+                view.release()
     return total
+
+
+def _split(pieces: list[tuple[int, int, int]], first: int) -> list[list[tuple[int, int, int]]]:
+    """``pieces`` cut in two lists, the first holding ``first`` bytes (page aligned)."""
+    a: list[tuple[int, int, int]] = []
+    b: list[tuple[int, int, int]] = []
+    need = first - first % PAGE
+    for addr, off, n in pieces:
+        if need >= n:
+            a.append((addr, off, n))
+            need -= n
+        elif need > 0:
+            a.append((addr, off, need))
+            b.append((addr + need, off + need, n - need))
+            need = 0
+        else:
+            b.append((addr, off, n))
+    return [a, b]
+
+
+def _write_pieces(pid: int, view: memoryview, pieces: list[tuple[int, int, int]]) -> None:
+    mem = os.open(f"/proc/{pid}/mem", os.O_RDWR | os.O_CLOEXEC)
+    try:
+        for addr, off, n in pieces:
+            done = 0
+            while done < n:
+                k = min(_CHUNK, n - done)
+                w = os.pwrite(mem, view[off + done:off + done + k], addr + done)
+                if w <= 0:
+                    raise DurableError(f"QEMU process {pid} exited while its RAM was written")
+                done += w
+    finally:
+        os.close(mem)
 
 
 # ---------------------------------------------------------------------------
@@ -510,6 +573,19 @@ async def _capture(vk: ForkableKernel, tmp: Path, name: str, stop: bool, idle_ti
 # Bringing an image back
 
 
+def _prefetch(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
+        return
+    try:
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_WILLNEED)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
 def materialize(image: DurableImage) -> Snapshot:
     """A fork-kind snapshot to restore ``image`` from (see the module docstring); the
     caller hands it to ``VMKernel`` or holds it in ``forks.registry``."""
@@ -520,6 +596,7 @@ def materialize(image: DurableImage) -> Snapshot:
         write_owner(d, kind="durable", parent_kernel=image.kernel_id)
         for f in ("state", "disk.qcow2", DELTA):
             os.link(image.path / f, d / f)
+        _prefetch(d / DELTA)  # read ahead while QEMU starts (a wake long after its hibernation)
         empty_overlay(d / "disk.qcow2", d / "overlay.qcow2")
         os.chmod(d / "overlay.qcow2", 0o600)
         share_with_jails(d / "disk.qcow2")

@@ -69,7 +69,22 @@ class Runtime:
         """Run ``coro`` on the runtime loop and await its result from the caller's loop."""
         if self.in_runtime():
             return await coro
-        fut = asyncio.run_coroutine_threadsafe(coro, self.loop)
+
+        async def guarded() -> T:
+            try:
+                return await coro
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                task = asyncio.current_task()
+                if task is None or not task.cancelling():
+                    raise
+                # cancelled by its caller, which reads no result: end as cancelled (an error
+                # here would be logged as "Task exception was never retrieved")
+                log.debug("work abandoned by a cancelled caller ended with: %r", exc)
+                raise asyncio.CancelledError() from exc
+
+        fut = asyncio.run_coroutine_threadsafe(guarded(), self.loop)
         try:
             return await asyncio.wrap_future(fut)
         except asyncio.CancelledError:

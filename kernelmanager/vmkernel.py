@@ -106,7 +106,9 @@ class VMKernel:
             from .durable import load_delta
 
             async def before_load() -> None:
+                t = time.monotonic()
                 self.timings["delta_bytes"] = await load_delta(self.vm, snap.mem_file, Path(str(delta)))
+                self.timings["delta"] = time.monotonic() - t
 
         await self.vm.restore(snap.mem_file, snap.state_file, disk, before_load=before_load)
         self.timings["spawn"] = time.monotonic() - t0

@@ -5,7 +5,9 @@ through the gateway (persisting kernels across a SIGTERM). Real VMs."""
 from __future__ import annotations
 
 import asyncio
+import gc
 import json
+import logging
 import os
 import signal
 import subprocess
@@ -61,6 +63,46 @@ async def test_hibernate_and_wake_keep_state() -> None:
         assert handle.last_wake_seconds is not None
     finally:
         await km.shutdown_kernel(now=True)
+
+
+async def test_shutdown_during_a_checkpoint_waits_for_it(caplog: pytest.LogCaptureFixture) -> None:
+    """A kernel shut down while its state is being captured (here an idle checkpoint of
+    100 MB) lets the capture end first: it neither fails half-way (the VM killed under the
+    page copy) nor leaves an error nobody retrieves; then the VM and the images go."""
+    from kernelmanager import paths
+
+    km = AsyncKernelManager(kernel_name=KERNEL)
+    await km.start_kernel()
+    kdir = paths.state_dir() / "durable" / str(km.kernel_id)
+    checkpoint = None
+    try:
+        await value(km, "import os\nblob = os.urandom(100 * 2**20)", "len(blob)")
+        handle = vm_handle(km)
+        assert handle is not None
+        pid = handle.pid
+        checkpoint = asyncio.ensure_future(handle.idle_checkpoint(idle_timeout=30))
+        for _ in range(6000):  # until the capture is under way (its temporary directory)
+            if kdir.is_dir() and any(p.name.startswith(".tmp-auto") for p in kdir.iterdir()):
+                break
+            assert not checkpoint.done(), checkpoint
+            await asyncio.sleep(0.01)
+        else:
+            raise AssertionError("the checkpoint did not start")
+    finally:
+        with caplog.at_level(logging.ERROR, logger="asyncio"):
+            # the kill itself (jupyter_client's shutdown interrupts first, which a frozen
+            # agent answers only after the capture, so only a slow capture reaches this)
+            assert km.provisioner is not None
+            await asyncio.wait_for(km.provisioner.kill(), 120)
+            await asyncio.wait_for(km.shutdown_kernel(now=True), 120)
+    assert checkpoint is not None
+    size = await checkpoint  # it ended well: the shutdown waited for it
+    assert size is not None and size >= 100 << 20
+    assert not os.path.exists(f"/proc/{pid}/cmdline") or "qemu" not in open(f"/proc/{pid}/cmdline").read()
+    assert not kdir.exists()
+    gc.collect()
+    await asyncio.sleep(0.1)
+    assert not [r for r in caplog.records if "never retrieved" in r.getMessage()], caplog.text
 
 
 # -- through the gateway ------------------------------------------------------------------------
@@ -142,6 +184,38 @@ async def test_budget_exhaustion_is_507_and_the_kernel_keeps_running(
         assert g.request("GET", f"/api/kernels/{kid}").json()["vmkg"]["hibernated"] is False
         assert await gw_value(g, kid, "", "y") == 5
         g.delete_kernel(kid)
+
+
+async def test_cull_oldest_makes_room_in_the_budget_instead_of_507(
+        tmp_path_factory: pytest.TempPathFactory) -> None:
+    """With VMKG_DURABLE_CULL_OLDEST a hibernation past the budget culls the oldest sleeping
+    kernel (logged, gone, its images deleted) instead of 507 (without it: 507, above).
+    Each kernel writes 30 MB; an image takes 70-95 MB (what ipykernel and the guest dirtied
+    besides varies): two fit in 200 MB, three do not."""
+    with serving(tmp_path_factory.mktemp("gw-cull"), "--pool-size=0", "--durable-cull-oldest",
+                 env={"VMKG_DURABLE_BUDGET_MB": "200"}) as g:
+        kids = [g.start_kernel()["id"] for _ in range(3)]
+        for i, kid in enumerate(kids):
+            await gw_value(g, kid, f"import os\nmine = os.urandom(30 * 2**20)\nmark = {i}")
+        oldest, second, third = kids
+        for kid in (oldest, second):
+            assert post(g, f"/api/kernels/{kid}/hibernate")["vmkg"]["hibernated"] is True
+        state = g.state_dir / "durable"
+        assert (state / oldest).is_dir()
+        model = post(g, f"/api/kernels/{third}/hibernate")  # over 200 MB: the oldest goes
+        assert model["vmkg"]["hibernated"] is True, model
+        assert g.request("GET", f"/api/kernels/{oldest}").status_code == 404
+        assert not (state / oldest).exists()
+        log = g.log()
+        assert f"kernel {oldest}: culled, with its saved state" in log, log[-3000:]
+        assert f"to make room in the durable budget for kernel {third}" in log
+        assert g.metric("vmkg_durable_culled_total") == 1
+        # the others sleep on and wake with their state
+        assert g.request("GET", f"/api/kernels/{second}").json()["vmkg"]["hibernated"] is True
+        assert await gw_value(g, second, "", "[mark, len(mine)]") == [1, 30 << 20]
+        assert await gw_value(g, third, "", "[mark, len(mine)]") == [2, 30 << 20]
+        for kid in (second, third):
+            g.delete_kernel(kid)
 
 
 async def test_sigterm_and_restart_bring_kernels_back(tmp_path_factory: pytest.TempPathFactory) -> None:

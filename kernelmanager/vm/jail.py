@@ -342,7 +342,6 @@ class Jail:
             with open(f, "w") as fh:
                 fh.write(str(pid))
         resource.setrlimit(resource.RLIMIT_FSIZE, (self.fsize, self.fsize))
-        resource.setrlimit(resource.RLIMIT_NOFILE, (self.settings.nofile, self.settings.nofile))
         resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
         _libc.signal(signal.SIGXFSZ, SIG_IGN)  # a write past the cap fails (EFBIG), QEMU lives
         for d in self.rw_dirs:
@@ -390,3 +389,6 @@ class Jail:
         if os.getppid() != self.parent_pid:
             os._exit(1)
         _libc.prctl(PR_SET_THP_DISABLE, 1, 0, 0, 0)
+        # last: until exec closes them this child holds every fd of its parent, and a gateway
+        # with many kernels (relay sockets) holds more than nofile, so no open would succeed
+        resource.setrlimit(resource.RLIMIT_NOFILE, (self.settings.nofile, self.settings.nofile))
