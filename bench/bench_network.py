@@ -71,6 +71,7 @@ def main() -> None:
     args = ap.parse_args()
     if os.geteuid() != 0:
         sys.exit("bench_network: needs root (network namespaces)")
+    os.environ.setdefault("VMKG_TEST_OUTSIDE_NET", "98")  # not the tests' subnet: both may run
     import test_network_vm as tn  # the outside namespace of the tests
     os.environ.update(tn.ENV)
     os.environ["VMKG_NET_POOL"] = "2"

@@ -38,7 +38,7 @@ pytestmark = pytest.mark.vm
 if os.geteuid() != 0:
     pytest.skip("network namespaces need root", allow_module_level=True)
 
-K = 99
+K = int(os.environ.get("VMKG_TEST_OUTSIDE_NET", "99"))  # 10.99.K.0/24: bench_network uses another
 OUT_NS = f"vmkgt-out-{os.getpid()}"
 OUT_HOST_IF = f"vkto{os.getpid() % 100000}"
 OUT = f"10.99.{K}.2"
@@ -321,11 +321,22 @@ def test_even_a_wide_rule_never_opens_the_host_or_other_slots(outside: Outside) 
 PIP_LOG_SPAN = r"""
 import datetime, re
 def log_span(path):
-    # seconds between the first and the last line of a pip --log file: pip's own work once
-    # started (its Python start-up under TCG is not in it)
-    stamps = [datetime.datetime.strptime(m.group(1), "%Y-%m-%dT%H:%M:%S,%f")
-              for line in open(path) if (m := re.match(r"(\S+?,\d+) ", line))]
-    return (stamps[-1] - stamps[0]).total_seconds()
+    # seconds pip waited on the network, from its --log file (timestamped lines): from its
+    # first request for the index page to its line giving up on it (the refusal, after its
+    # one retry); pip's Python work under TCG before and after is not in it
+    start = end = None
+    for line in open(path):
+        m = re.match(r"(\S+?,\d+) ", line)
+        if not m:
+            continue
+        t = datetime.datetime.strptime(m.group(1), "%Y-%m-%dT%H:%M:%S,%f")
+        if start is None and re.search(r"Getting page|Fetching project page|Starting new HTTP", line):
+            start = t
+        elif start is not None and "Could not fetch URL" in line:
+            end = t
+            break
+    assert start is not None and end is not None, open(path).read()[-3000:]
+    return (end - start).total_seconds()
 """
 
 
@@ -334,9 +345,10 @@ def test_pip_install_when_allowed_and_fast_failure_when_not(outside: Outside) ->
     """With the package-index preset (``pypi``: here the test's index, $VMKG_NET_PIP_INDEX)
     ``%pip install`` works with no flag from the user: the kernel's environment points pip
     at the index and tells it to fail fast (``api.guest_env``). Without the preset it
-    fails with a network error ("Connection refused"), at once: pip's own log spans
-    < 10 s from its first to its last line (a two-minute hang of pip's defaults, 5 retries
-    of a 15 s timeout, would not), and it takes less than the successful install did.
+    fails with a network error ("Connection refused"), at once: pip's own log shows it
+    waited < 10 s from its first request for the index page to giving up on it (pip's
+    defaults, 5 retries with a 15 s timeout, hang for minutes where packets are dropped),
+    and the whole command takes less than the successful install did.
     Under TCG pip's Python start-up alone is tens of seconds to minutes on a loaded host,
     so the whole command gets no absolute bound here."""
     with kernel(["pypi"]) as (km, kc):
@@ -352,7 +364,7 @@ def test_pip_install_when_allowed_and_fast_failure_when_not(outside: Outside) ->
         took = time.monotonic() - t
         assert "Successfully" not in r and "Connection refused" in r, r
         span = float(run(kc, "print(log_span('/tmp/pip-denied.log'))").strip())
-        print(f"pip: allowed install {allowed:.0f} s; refused {took:.0f} s, of which pip's log spans {span:.1f} s")
+        print(f"pip: allowed install {allowed:.0f} s; refused {took:.0f} s, of which waiting on the network {span:.1f} s")
         assert span < 10, (span, r)
         assert took < allowed, (took, allowed)
 
