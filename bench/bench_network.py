@@ -10,7 +10,8 @@
   namespace this script makes (tests/test_network_vm.py's), with the default bandwidth
   cap and without one.
 
-Prints medians (p50) and the difference / ratio. Run: ``python bench/bench_network.py -n 5``.
+Prints medians (p50) and the difference / ratio, and the host's load average (the numbers
+are only comparable at a similar load). Run: ``python bench/bench_network.py -n 5``.
 """
 
 from __future__ import annotations
@@ -23,27 +24,16 @@ import time
 from pathlib import Path
 from typing import Any
 
+import bench_runtime
 from common import ensure_kernelspecs
 from jupyter_client.manager import KernelManager
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
 
-def first_result(name: str, egress: list[str] | None = None) -> float:
-    t0 = time.perf_counter()
-    km = KernelManager(kernel_name=name)
-    km.start_kernel()
-    kc = km.client()
-    kc.start_channels()
-    try:
-        kc.execute("", silent=True, user_expressions={"r": "1+1"})
-        reply = kc.get_shell_msg(timeout=120)
-        dt = time.perf_counter() - t0
-        assert reply["content"]["user_expressions"]["r"]["data"]["text/plain"] == "2", reply
-        return dt
-    finally:
-        kc.stop_channels()
-        km.shutdown_kernel(now=True)
+def first_result(name: str) -> float:
+    """create -> first result, measured as bench_runtime measures it (one definition)."""
+    return bench_runtime.first_result(name)[0]
 
 
 def download(out: str, mb: int) -> float:
@@ -81,6 +71,7 @@ def main() -> None:
     args = ap.parse_args()
     if os.geteuid() != 0:
         sys.exit("bench_network: needs root (network namespaces)")
+    os.environ.setdefault("VMKG_TEST_OUTSIDE_NET", "98")  # not the tests' subnet: both may run
     import test_network_vm as tn  # the outside namespace of the tests
     os.environ.update(tn.ENV)
     os.environ["VMKG_NET_POOL"] = "2"
@@ -96,6 +87,7 @@ def main() -> None:
         s = slots._allocate(settings)
         setup.append(time.perf_counter() - t)
         s.destroy()
+    print(f"load average at start: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
     print(f"slot setup (namespace, veth, tap, nftables, resolver socket): p50 {statistics.median(setup) * 1000:.0f} ms")
 
     outside = tn.Outside()
@@ -125,6 +117,7 @@ def main() -> None:
     finally:
         outside.down()
         slots.close_pool()
+        print(f"load average at end: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
 
 
 if __name__ == "__main__":

@@ -13,19 +13,76 @@ deny-all until then, so nothing leaks in between); PATCH is for the kernel's own
 admin (``check_owner``: 404 for someone else's kernel) and answers 409 for a kernel
 without a NIC. A kernel's model carries its policy as ``vmkg.network`` (None without a
 NIC). Networked templates are not pooled unless ``pool_sizes`` names them.
+
+Metrics: ``vmkg_network_denied_connections_total{template}``, the connections the kernels'
+firewalls refused (by template, not by kernel: bounded labels). Reading them costs one
+``nft`` per networked kernel, so a scrape serves the totals of the last refresh (at most
+``REFRESH`` seconds old) and starts the next one in a worker thread: never on the loop.
 """
 
 from __future__ import annotations
 
+import threading
+import time
+from collections.abc import Iterator
 from typing import Any
 
 from jupyter_server.base.handlers import APIHandler
+from prometheus_client import REGISTRY
+from prometheus_client.core import CounterMetricFamily
+from prometheus_client.registry import Collector
 from tornado import web
 
-from kernelmanager import check_egress, egress_info, egress_stats, network_templates, set_egress
+from kernelmanager import (
+    check_egress,
+    denied_totals,
+    egress_info,
+    egress_stats,
+    network_templates,
+    set_egress,
+)
 
 from . import errors
 from .handlers import GatewayHandlerMixin, _finish_json, check_owner
+
+REFRESH = 5.0
+
+
+class DeniedCollector(Collector):
+    """``vmkg_network_denied_connections_total{template}`` (see the module docstring)."""
+
+    def __init__(self) -> None:
+        self.values: dict[str, int] = {}
+        self.at = float("-inf")
+        self._lock = threading.Lock()
+        self._refreshing = False
+
+    def _refresh(self) -> None:
+        try:
+            values = denied_totals()
+        except Exception:  # noqa: BLE001 - a metric must not break a scrape; retried next time
+            values = None
+        with self._lock:
+            if values is not None:
+                self.values = values
+            self.at, self._refreshing = time.monotonic(), False
+
+    def collect(self) -> Iterator[CounterMetricFamily]:
+        with self._lock:
+            if not self._refreshing and time.monotonic() - self.at >= REFRESH:
+                self._refreshing = True
+                threading.Thread(target=self._refresh, name="vmkg-net-metrics", daemon=True).start()
+            values = dict(self.values)
+        fam = CounterMetricFamily("vmkg_network_denied_connections",
+                                  "Connections the networked kernels' firewalls refused, by template",
+                                  labels=["template"])
+        for template, n in sorted(values.items()):
+            fam.add_metric([template or "unknown"], n)
+        yield fam
+
+
+DENIED = DeniedCollector()
+REGISTRY.register(DENIED)
 
 
 def template_of(mkm: Any, kernel_name: str) -> str:

@@ -45,7 +45,7 @@ Networking (``kernelmanager.net``; templates with ``network: true``)
     ``network_templates()``, ``check_egress(template, egress)`` (validate a create
     request), ``set_egress(km, egress)`` (async; a running kernel's rules, at once),
     ``egress_info(km)`` (its policy, None without a NIC), ``egress_stats(km)`` (async;
-    with denied counts).
+    with denied counts), ``denied_totals()`` (blocking; refused connections by template).
 
 Operator functions (CLI, server start and stop)
     ``start_runtime()``, ``stop_runtime()``, ``build_image(template)``,
@@ -107,7 +107,14 @@ from .exceptions import (
 )
 from .handle import FILE_CHUNK, FileChunk, ForkSource, Lineage, MemoryStats, VMHandle
 from .kernelspec import kernelspec_json, kernelspec_name
-from .net.api import check_egress, egress_info, egress_stats, network_templates, set_egress
+from .net.api import (
+    check_egress,
+    denied_totals,
+    egress_info,
+    egress_stats,
+    network_templates,
+    set_egress,
+)
 from .provisioner import (
     ForkRequest,
     ForkRequestHandler,
@@ -152,6 +159,7 @@ __all__ = [
     "set_egress",
     "egress_info",
     "egress_stats",
+    "denied_totals",
     # operator functions
     "start_runtime",
     "stop_runtime",

@@ -17,7 +17,9 @@ What a *durable image* is (one directory, 0700, files 0600, under
   template is committed into one layer (``qemu-img commit`` on copies; QEMU 7.2's
   ``convert -B`` drops intermediate layers), so an image depends on nothing but its
   template, survives the gateway, and outlives the forks it was taken through.
-* ``image.json``: kernel id, name, time, the template snapshot's directory, sizes.
+* ``image.json``: kernel id, name, time, the template snapshot's directory, sizes, and
+  a networked kernel's egress policy (``info["network"]``: it travels with the image and
+  is in force again wherever the image is brought back; ``kernelmanager.net.api``).
 
 Bringing an image back (a wake, a checkpoint restore, a fork from a checkpoint):
 :func:`materialize` makes a *fork-kind* snapshot directory (``forks_dir()``; reference
@@ -80,6 +82,7 @@ from .exceptions import (
     VMKGError,
 )
 from .forks import PAGE, ForkableKernel, copy_dirty, dirty_runs, forks_dir, ram_vmas
+from .net.api import record as net_record
 from .snapshots import Snapshot, empty_overlay, qemu_img
 from .vm.jail import backing_chain, share_with_jails
 from .vm.qemu import QemuVM, write_owner
@@ -560,7 +563,7 @@ async def _capture(vk: ForkableKernel, tmp: Path, name: str, stop: bool, idle_ti
     (tmp / "disk.top").unlink()
     timings["write"] = time.monotonic() - t2
     image = DurableImage(path=tmp, kernel_id=vk.kernel_id, name=name, created=time.time(),
-                         template=tdir, delta_bytes=copied, info={"timings": timings})
+                         template=tdir, delta_bytes=copied, info={"timings": timings, **net_record(vm)})
     image.save()
     log.info("kernel %s: %s saved: %.1f MB of RAM delta, %.1f MB on disk, quiesce %.0f ms, "
              "paused %.0f ms, write %.0f ms", vk.kernel_id, name, copied / 2**20,
@@ -604,7 +607,8 @@ def materialize(image: DurableImage) -> Snapshot:
             tsnap, path=d, state_file=d / "state", disk=d / "disk.qcow2", created=image.created,
             kind="fork", parent=image.kernel_id,
             info={**tsnap.info, "ancestors": [], "mem_delta": str(d / DELTA),
-                  "template_dir": str(tsnap.path), "durable": image.name})
+                  "template_dir": str(tsnap.path), "durable": image.name,
+                  **{k: image.info[k] for k in ("network",) if k in image.info}})
         snap.save()
         os.chmod(d / "snapshot.json", 0o600)
     except OSError as exc:

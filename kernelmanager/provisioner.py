@@ -382,7 +382,8 @@ class MicroVMProvisioner(KernelProvisionerBase):
                 kernel.env = {**guest_env(), **kernel.env}
                 kernel.vm.net_label = self.kernel_id
                 kernel.vm.net_policy = launch_policy(
-                    self, fork_source.lineage.parent_id if fork_source is not None else None)
+                    self, fork_source.lineage.parent_id if fork_source is not None else None,
+                    snap.info.get("network"))
             rt.register(kernel)  # before starting: a shutdown also stops starts under way
             await kernel.start(timeout=self.launch_timeout)
             assert kernel.channel is not None
@@ -628,6 +629,10 @@ class MicroVMProvisioner(KernelProvisionerBase):
         kernel = VMKernel(snap, kernel_id=self.kernel_id, env={} if not reseed else self._env,
                           cwd=None, reseed=reseed, on_jupyter=relay.from_guest,
                           connection_file=getattr(km, "connection_file", None) if km is not None else None)
+        if kernel.vm.networked:  # a new slot (the old one went with the old VM), the same policy
+            from .net.api import launch_policy
+            kernel.vm.net_label = self.kernel_id
+            kernel.vm.net_policy = launch_policy(self, None, snap.info.get("network"))
         Runtime.instance().register(kernel)
         try:
             await kernel.start(timeout=self.launch_timeout)

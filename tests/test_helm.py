@@ -66,6 +66,7 @@ GOOD: dict[str, dict[str, Any]] = {
                     "router": {"podDisruptionBudget": {"enabled": False}},
                     "networkPolicy": {"enabled": False}},
     "open-router": {"networkPolicy": {"allowExternal": True}, "fullnameOverride": "vmkg"},
+    "networking": {"host": {"networking": {"enabled": True}}},
 }
 
 BAD: dict[str, dict[str, Any]] = {
@@ -81,6 +82,8 @@ BAD: dict[str, dict[str, Any]] = {
     "bad-pull-policy": {"image": {"pullPolicy": "Sometimes"}},
     "bad-service-type": {"router": {"service": {"type": "ExternalName"}}},
     "bad-namespace": {"networkPolicy": {"allowedNamespaces": ["Not_A_Namespace"]}},
+    "bad-networking": {"host": {"networking": {"enabled": "yes"}}},
+    "networking-extra": {"host": {"networking": {"enabled": True, "privileged": True}}},
 }
 
 
@@ -198,7 +201,8 @@ def test_host_privileges_are_exactly_the_jails(rendered: dict[str, Any]) -> None
         assert pod["automountServiceAccountToken"] is False
         sc = container({"spec": {"template": {"spec": pod}}})["securityContext"]
         assert sc["privileged"] is False, case
-        assert sc["capabilities"] == {"drop": ["ALL"], "add": HOST_CAPS}, case
+        net = GOOD[case].get("host", {}).get("networking", {}).get("enabled", False)
+        assert sc["capabilities"] == {"drop": ["ALL"], "add": HOST_CAPS + ["NET_ADMIN"] * net}, case
         assert sc["runAsUser"] == 0 and sc["runAsNonRoot"] is False
         # Kubernetes refuses allowPrivilegeEscalation=false with SYS_ADMIN; the jail sets
         # no_new_privs on each QEMU. Nothing else may turn it on.
@@ -215,9 +219,12 @@ def test_host_privileges_are_exactly_the_jails(rendered: dict[str, Any]) -> None
             expected["kvm"] = {"path": "/dev/kvm", "type": "CharDevice"}
         if GOOD[case].get("host", {}).get("cache", {}).get("type") == "hostPath":
             expected["cache"] = {"path": "/var/cache/vmkg", "type": "DirectoryOrCreate"}
+        if net:
+            expected["tun"] = {"path": "/dev/net/tun", "type": "CharDevice"}
         assert host_paths == expected, case
         mounts = {m["mountPath"] for m in container(kvm)["volumeMounts"]}
         assert ("/dev/kvm" in mounts) == (mode == "hostPath")
+        assert ("/dev/net/tun" in mounts) == net, case
     sc = container(one(rendered, "full", "DaemonSet"))["securityContext"]
     assert sc["appArmorProfile"] == {"type": "Localhost", "localhostProfile": "vmkg-host"}
 
@@ -248,6 +255,12 @@ def test_every_privilege_is_documented_with_a_reason() -> None:
     for setting in ("runAsUser", "allowPrivilegeEscalation", "seccompProfile", "appArmorProfile",
                     "readOnlyRootFilesystem", "privileged", "/dev/kvm"):
         assert setting in values and setting in section, setting
+    # networking (opt-in): NET_ADMIN and /dev/net/tun, each with its reason
+    assert re.search(r"#\s+NET_ADMIN - \S", values) and re.search(r"#\s+/dev/net/tun - \S", values)
+    assert re.search(r"^\| `NET_ADMIN` [^|]*\| \S", section, re.M)
+    assert re.search(r"^\| `/dev/net/tun` [^|]*\| \S", section, re.M)
+    schema = json.loads((CHART / "values.schema.json").read_text())
+    assert "NET_ADMIN" in schema["properties"]["host"]["properties"]["networking"]["description"]
 
 
 def test_kvm_from_a_device_plugin(rendered: dict[str, Any]) -> None:

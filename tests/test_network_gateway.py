@@ -4,6 +4,7 @@ the gateway leaving no slot behind."""
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import json
 import os
@@ -12,7 +13,7 @@ import time
 from pathlib import Path
 
 import pytest
-from gateway_helpers import Gateway
+from gateway_helpers import Channels, Gateway
 
 pytestmark = pytest.mark.vm
 if os.geteuid() != 0:
@@ -77,6 +78,32 @@ def test_policy_in_the_model_and_patch(gw: Gateway) -> None:
         assert r.status_code == 409 and "python3-net" in r.json()["message"], r.text
     finally:
         gw.delete_kernel(plain["id"])
+
+
+async def test_denied_connections_metric(gw: Gateway) -> None:
+    """``vmkg_network_denied_connections_total{template}`` counts what the kernels'
+    firewalls refused, and keeps counting what a deleted kernel's slot had refused."""
+    metric = "vmkg_network_denied_connections_total"
+    before = gw.metric(metric, template="python3-net")
+    kid = gw.start_kernel(NET)["id"]  # deny-all
+    try:
+        ch = await Channels.open(gw, kid)
+        try:
+            r = await ch.execute("import socket\nfor p in (80, 81, 82):\n    try:\n"
+                                 "        socket.create_connection(('198.51.100.7', p), timeout=5)\n"
+                                 "    except OSError as e:\n        print(type(e).__name__)", timeout=300)
+        finally:
+            await ch.close()
+        assert r.stdout.split() == ["ConnectionRefusedError"] * 3, r
+        gw.wait_for(lambda: gw.metric(metric, template="python3-net") >= before + 3, 60, "the metric")
+    finally:
+        gw.delete_kernel(kid)
+    # a refresh started after the deletion (the scrape after REFRESH s starts one, the
+    # next serves it): the deleted kernel's refusals are still counted
+    await asyncio.sleep(6)
+    gw.metrics()
+    await asyncio.sleep(3)
+    assert gw.metric(metric, template="python3-net") >= before + 3
 
 
 def test_kill_9_of_the_gateway_leaves_no_slot(tmp_path: Path) -> None:

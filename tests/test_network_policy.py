@@ -96,3 +96,16 @@ def test_guest_reads_its_address_from_the_command_line() -> None:
     assert parse_cmdline(get_spec("python3").machine("tcg").cmdline) is None
     with pytest.raises(OSError):
         parse_cmdline("vmkg.net=1.2.3/30,x")
+
+
+def test_a_saved_policy_is_restored_as_it_was() -> None:
+    """A policy carried by a durable image comes back without the user check (it was
+    checked when set), and a preset this host does not define is dropped (denied)."""
+    s = NetSettings.from_env({"VMKG_NET_USER_EGRESS": "pypi", "VMKG_NET_PRESETS": '{"corp": ["10.1.0.0/16"]}'})
+    p = s.restore(["10.0.0.0/8:443", "pypi", "corp"])
+    assert p.to_json() == {"egress": ["10.0.0.0/8:443", "pypi", "corp"]}
+    assert (ipaddress.IPv4Network("10.1.0.0/16"), None) in p.nets
+    other = NetSettings.from_env({})
+    assert other.restore(["10.0.0.0/8:443", "corp"]).to_json() == {"egress": ["10.0.0.0/8:443"]}
+    with pytest.raises(NetworkPolicyInvalid):
+        other.restore(["10.0.0.0/33"])

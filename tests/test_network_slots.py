@@ -50,6 +50,30 @@ def test_rulesets_render() -> None:
     assert "allow_any { 10.0.0.0/8 }" in text and "192.0.2.1/32 . 443" in text
     assert "dyn_any" in text  # the resolver's entries go with a policy change
     assert 'ct count over 7' in nft.slot_ruleset(forbidden=[], bandwidth_mbit=8, max_connections=7)
+    # a policy change is a new generation: connections are judged again by their mark
+    text = nft.policy_sets(s.policy(["10.0.0.0/8"]), 7, "add element inet vmkg dyn_any { 192.0.2.9 timeout 60s }\n")
+    assert "flush chain inet vmkg allowed" in text and "ct mark 7 accept" in text and "ct mark set 7" in text
+    assert text.index("flush set inet vmkg dyn_any") < text.index("add element inet vmkg dyn_any")
+    fwd = nft.slot_ruleset(forbidden=[], bandwidth_mbit=0, max_connections=0)
+    assert fwd.index("jump allowed") < fwd.index('ct state established,related meta l4proto tcp counter name "cut" '
+                                                 'reject with tcp reset')
+
+
+def test_resolver_keeps_what_it_opened_for_names_still_allowed() -> None:
+    class FakeSlot:
+        kernel_id = "k"
+    r = dns.Resolver(FakeSlot(), ("192.0.2.53", 53))
+    r._remember("a.example.org", ["192.0.2.1", "192.0.2.2"], 60)
+    r._remember("b.example.org", ["192.0.2.2"], 60)
+    s = NetSettings.from_env(ENV)
+    got = {a: (ports, left) for a, ports, left in r.still_open(s.policy(["a.example.org:443"]))}
+    assert set(got) == {"192.0.2.1", "192.0.2.2"} and got["192.0.2.1"][0] == [443] and 55 <= got["192.0.2.1"][1] <= 60
+    got = {a: ports for a, ports, _ in r.still_open(s.policy(["*.example.org", "b.example.org:80"]))}
+    assert got == {"192.0.2.1": [None], "192.0.2.2": [None, 80]}
+    assert r.still_open(s.policy(["c.example.org"])) == []
+    for i in range(dns.MAX_OPENED + 10):  # bounded
+        r._remember("a.example.org", [f"10.{i >> 16 & 255}.{i >> 8 & 255}.{i & 255}"], 60)
+    assert len(r.opened) <= dns.MAX_OPENED
 
 
 @needs_root

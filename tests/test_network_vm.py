@@ -3,7 +3,8 @@
 The outside is a network namespace this module creates (``vmkgt-out-<pid>``) behind a veth
 pair with 10.99.<k>.0/24 (never a real external address): an HTTP server on :8080 that is
 also a tiny package index serving a wheel this test builds, a second HTTP server on :8081
-(a port no rule allows), a second address .3, and a DNS server the slots' resolvers use as
+(a port no rule allows), a line echo server on :8082 (long-lived connections), a
+second address .3, and a DNS server the slots' resolvers use as
 their upstream (``allowed.vmkg.test`` -> .2, ``denied.vmkg.test`` -> .2,
 ``other.vmkg.test`` -> .3). Kernels run through jupyter_client with the microVM
 provisioner, as the gateway runs them.
@@ -37,7 +38,7 @@ pytestmark = pytest.mark.vm
 if os.geteuid() != 0:
     pytest.skip("network namespaces need root", allow_module_level=True)
 
-K = 99
+K = int(os.environ.get("VMKG_TEST_OUTSIDE_NET", "99"))  # 10.99.K.0/24: bench_network uses another
 OUT_NS = f"vmkgt-out-{os.getpid()}"
 OUT_HOST_IF = f"vkto{os.getpid() % 100000}"
 OUT = f"10.99.{K}.2"
@@ -138,6 +139,18 @@ class Outside:
             t = threading.Thread(target=srv.serve_forever, daemon=True)
             t.start()
             self.threads.append(t)
+        import socketserver
+
+        class Echo(socketserver.StreamRequestHandler):
+            def handle(self) -> None:
+                for line in self.rfile:
+                    self.wfile.write(line)
+        echo = in_netns(OUT_NS, lambda: socketserver.ThreadingTCPServer((OUT, 8082), Echo))
+        echo.daemon_threads = True
+        self.servers.append(echo)
+        t = threading.Thread(target=echo.serve_forever, daemon=True)
+        t.start()
+        self.threads.append(t)
         self.dns_sock = in_netns(OUT_NS, lambda: socket.socket(socket.AF_INET, socket.SOCK_DGRAM))
         self.dns_sock.bind((OUT, 53))
         self.dns_sock.settimeout(0.2)
@@ -305,23 +318,55 @@ def test_even_a_wide_rule_never_opens_the_host_or_other_slots(outside: Outside) 
             assert run(kc, f"print(fetch({url!r}, timeout=3))").startswith("FAIL"), url
 
 
+PIP_LOG_SPAN = r"""
+import datetime, re
+def log_span(path):
+    # seconds pip waited on the network, from its --log file (timestamped lines): from its
+    # first request for the index page to its line giving up on it (the refusal, after its
+    # one retry); pip's Python work under TCG before and after is not in it
+    start = end = None
+    for line in open(path):
+        m = re.match(r"(\S+?,\d+) ", line)
+        if not m:
+            continue
+        t = datetime.datetime.strptime(m.group(1), "%Y-%m-%dT%H:%M:%S,%f")
+        if start is None and re.search(r"Getting page|Fetching project page|Starting new HTTP", line):
+            start = t
+        elif start is not None and "Could not fetch URL" in line:
+            end = t
+            break
+    assert start is not None and end is not None, open(path).read()[-3000:]
+    return (end - start).total_seconds()
+"""
+
+
+@pytest.mark.timeout(1800)  # pip under TCG on a loaded 2-core host: minutes per run
 def test_pip_install_when_allowed_and_fast_failure_when_not(outside: Outside) -> None:
-    """Under TCG pip alone is slow (``pip --version`` took 90 s on a loaded 2-core host), so
-    "fails fast" is measured against pip's own start-up: the refused install may take at
-    most 30 s more than ``pip --version``, i.e. no network timeout is waited for."""
+    """With the package-index preset (``pypi``: here the test's index, $VMKG_NET_PIP_INDEX)
+    ``%pip install`` works with no flag from the user: the kernel's environment points pip
+    at the index and tells it to fail fast (``api.guest_env``). Without the preset it
+    fails with a network error ("Connection refused"), at once: pip's own log shows it
+    waited < 10 s from its first request for the index page to giving up on it (pip's
+    defaults, 5 retries with a 15 s timeout, hang for minutes where packets are dropped),
+    and the whole command takes less than the successful install did.
+    Under TCG pip's Python start-up alone is tens of seconds to minutes on a loaded host,
+    so the whole command gets no absolute bound here."""
     with kernel(["pypi"]) as (km, kc):
-        r = run(kc, "%pip install --no-cache-dir vmkgdemo", timeout=1200)
+        t = time.monotonic()
+        r = run(kc, "%pip install vmkgdemo", timeout=1200)
+        allowed = time.monotonic() - t
         assert "Successfully installed vmkgdemo-1.0" in r, r
         assert run(kc, "import importlib, vmkgdemo; print(vmkgdemo.MAGIC)").strip() == "wheel-from-the-outside"
     with kernel([]) as (km, kc):
+        run(kc, PIP_LOG_SPAN)
         t = time.monotonic()
-        run(kc, "%pip --version", timeout=1200)
-        baseline = time.monotonic() - t
-        t = time.monotonic()
-        r = run(kc, "%pip install --no-cache-dir vmkgdemo", timeout=1200)
+        r = run(kc, "%pip install --log /tmp/pip-denied.log vmkgdemo", timeout=1200)
         took = time.monotonic() - t
-        assert "Successfully" not in r and ("Connection refused" in r or "No matching distribution" in r), r
-        assert took < baseline + 30, (took, baseline)
+        assert "Successfully" not in r and "Connection refused" in r, r
+        span = float(run(kc, "print(log_span('/tmp/pip-denied.log'))").strip())
+        print(f"pip: allowed install {allowed:.0f} s; refused {took:.0f} s, of which waiting on the network {span:.1f} s")
+        assert span < 10, (span, r)
+        assert took < allowed, (took, allowed)
 
 
 async def arun(km: Any, code: str, timeout: float = 120) -> str:
@@ -399,3 +444,120 @@ def test_nothing_left_after_kill_9(outside: Outside, tmp_path: Path) -> None:
     assert not (_netns_names() - before)
     live = {n.split("-")[1] for n in _netns_names()}
     assert not [x for x in os.listdir("/sys/class/net") if x.startswith("vkh") and x[3:] not in live]
+
+
+def _live_slots() -> set[Any]:
+    from kernelmanager.net import slots
+    return set(slots.SlotPool.instance().live)
+
+
+def test_policy_carried_across_hibernation_checkpoints_forks_and_restart(outside: Outside) -> None:
+    """A networked kernel keeps its egress policy wherever its saved state comes back: a
+    wake (its slot given back while asleep, a new one taken on wake), an in-place
+    checkpoint restore, a fork from a checkpoint of the sleeping kernel (the policy read
+    from the image: the parent has no live policy), and a "gateway restart": a new
+    kernel manager resuming the persisted kernel under the same id (nothing in memory;
+    the image's record alone)."""
+    from jupyter_client.manager import AsyncKernelManager
+
+    import kernelmanager
+    from kernelmanager import durable, vm_handle
+    allowed = [f"{OUT}/32:8080"]
+
+    async def reach(km: Any) -> tuple[bool, bool]:
+        """Does the kernel reach the outside's :8080, its :8081?"""
+        r = await arun(km, FETCH + f"\nprint(fetch('http://{OUT}:8080/'), '|', fetch('http://{OUT}:8081/'))",
+                       timeout=300)
+        a, sep, b = r.partition("|")
+        assert sep, r
+        return a.strip().startswith("OK"), b.strip().startswith("OK")
+
+    async def go() -> None:
+        km = AsyncKernelManager(kernel_name="python3-net-microvm")
+        await km.start_kernel()
+        kid = km.kernel_id
+        others: list[Any] = []
+        try:
+            await kernelmanager.set_egress(km, allowed)
+            assert await reach(km) == (True, False)
+            handle = vm_handle(km)
+            assert handle is not None
+            first = km.provisioner.vm_kernel.vm.slot
+            await handle.hibernate()
+            # asleep: its slot is given back (destroyed, not kept for the wake)
+            assert first not in _live_slots() and first.destroyed
+            assert kernelmanager.egress_info(km) == {"egress": allowed}
+            image = durable.latest_image(kid)
+            assert image is not None and image.info["network"] == {"egress": allowed}
+            # a fork from a checkpoint of the sleeping kernel: the image's policy, its own slot
+            await handle.checkpoint("c1")
+            children = await kernelmanager.fork(km, 1, checkpoint="c1")
+            others.extend(children)
+            assert kernelmanager.egress_info(children[0]) == {"egress": allowed}
+            assert await reach(children[0]) == (True, False)
+            # a wake: a new slot, the same policy
+            assert await reach(km) == (True, False)
+            woken = km.provisioner.vm_kernel.vm.slot
+            assert woken is not None and woken in _live_slots() and woken is not first
+            assert woken is not children[0].provisioner.vm_kernel.vm.slot
+            # an in-place checkpoint restore keeps the kernel's (current) policy
+            await kernelmanager.set_egress(km, [f"{OUT}:8081"])
+            await handle.restore_checkpoint("c1")
+            assert await reach(km) == (False, True)
+            assert kernelmanager.egress_info(km) == {"egress": [f"{OUT}:8081"]}
+            # a restart: persisted and hibernated, then a new manager resumes it by id
+            handle.persist("python3-net-microvm", {})
+            await handle.hibernate()
+            rec = next(r for r in durable.persisted_kernels() if r.kernel_id == kid)
+            from kernelmanager.net import api
+            api._policies.pop(kid, None)  # a new process knows nothing of it
+            await km.shutdown_kernel(now=True)  # its images are kept (persisted)
+            km = AsyncKernelManager(kernel_name="python3-net-microvm")
+            await km.start_kernel(kernel_id=kid, durable_resume=rec)
+            assert km.provisioner.vm_kernel is None  # asleep until used
+            assert await reach(km) == (False, True)
+            assert kernelmanager.egress_info(km) == {"egress": [f"{OUT}:8081"]}
+        finally:
+            durable.forget_persisted(kid)
+            for k in (*others, km):
+                if k.provisioner is not None:
+                    k.provisioner._keep_durable = False
+                await k.shutdown_kernel(now=True)
+    asyncio.run(go())
+
+
+ECHO = """
+import socket
+def echo(s, word):
+    try:
+        s.sendall(word.encode() + b"\\n")
+        return s.recv(100).decode().strip() or "FAIL closed"
+    except OSError as e:
+        return f"FAIL {type(e).__name__}: {e}"
+"""
+
+
+def test_a_rule_change_cuts_connections_it_no_longer_allows(outside: Outside) -> None:
+    """Open TCP connections are judged again by a PATCH: one the new rules still allow
+    carries on, one they do not is cut (a reset at the guest's next packet), at once."""
+    with kernel([f"{OUT}/32:8082", f"{OUT}/32:8080"]) as (km, kc):
+        assert run(kc, ECHO + f"""
+a = socket.create_connection(("{OUT}", 8082), timeout=10)
+print(echo(a, "one"))""").strip() == "one"
+        import kernelmanager
+        asyncio.run(_set(km, [f"{OUT}/32:8082"]))  # still allowed: a new generation, the same rule
+        assert run(kc, "print(echo(a, 'two'))").strip() == "two"
+        asyncio.run(_set(km, [f"{OUT}/32:8080"]))  # the echo port removed
+        t = time.monotonic()
+        r = run(kc, "print(echo(a, 'three'))").strip()
+        assert r.startswith("FAIL") and "reset" in r.lower(), r
+        assert time.monotonic() - t < 60
+        # a new connection to it is refused
+        r = run(kc, f"""
+try:
+    socket.create_connection(("{OUT}", 8082), timeout=5)
+    print("connected")
+except OSError as e:
+    print("FAIL", e)""").strip()
+        assert r.startswith("FAIL") and "refused" in r.lower(), r
+        assert kernelmanager.egress_info(km) == {"egress": [f"{OUT}/32:8080"]}

@@ -10,7 +10,10 @@ namespace), and before the answer goes back, every address in it is added to the
 slot's ``dyn_*`` sets for its TTL (clamped to 30 s .. 1 h), on the ports the matching
 rules name. ``AAAA`` queries get an empty answer (slots are IPv4 only). At most
 ``MAX_INFLIGHT`` forwarded queries per slot; an upstream that does not answer in
-``UPSTREAM_TIMEOUT`` gets ``SERVFAIL``.
+``UPSTREAM_TIMEOUT`` gets ``SERVFAIL``. The resolver remembers which name each opened
+address was returned for, until it expires (``opened``, at most ``MAX_OPENED``
+addresses), so a policy change keeps what was opened for names it still allows
+(``still_open``).
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ MAX_QUERY = 512
 MAX_INFLIGHT = 32
 UPSTREAM_TIMEOUT = 3.0
 TTL_MIN, TTL_MAX = 30, 3600
+MAX_OPENED = 4096
 NOERROR, SERVFAIL, NXDOMAIN, REFUSED = 0, 2, 3, 5
 QTYPE_A, QTYPE_AAAA = 1, 28
 
@@ -112,6 +116,7 @@ class Resolver(asyncio.DatagramProtocol):
         self._last_log = 0.0
         self._suppressed = 0
         self._tasks: set[asyncio.Task[None]] = set()
+        self.opened: dict[str, dict[str, float]] = {}  # address -> {name: expiry (monotonic)}
 
     @classmethod
     async def start(cls, slot: Any, sock: socket.socket, upstream: tuple[str, int]) -> Resolver:
@@ -157,11 +162,37 @@ class Resolver(asyncio.DatagramProtocol):
         if self.inflight >= MAX_INFLIGHT or not self.upstream[0]:
             self.transport.sendto(reply(data, qend, SERVFAIL), addr)
             return
-        task = asyncio.ensure_future(self._forward(data, qend, ports, addr))
+        task = asyncio.ensure_future(self._forward(data, qend, ports, addr, name))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    async def _forward(self, data: bytes, qend: int, ports: list[int | None], addr: tuple[str, int]) -> None:
+    def _remember(self, name: str, addrs: list[str], ttl: int) -> None:
+        now = time.monotonic()
+        if len(self.opened) >= MAX_OPENED:
+            self.opened = {a: live for a, names in self.opened.items()
+                           if (live := {n: t for n, t in names.items() if t > now})}
+        for a in addrs:
+            if a in self.opened or len(self.opened) < MAX_OPENED:
+                self.opened.setdefault(a, {})[name] = now + ttl
+
+    def still_open(self, policy: Any) -> list[tuple[str, list[int | None], int]]:
+        """``(address, ports, seconds left)`` of what this resolver opened for names
+        ``policy`` allows (the ports are ``policy``'s for those names)."""
+        now, out = time.monotonic(), []
+        for a, names in self.opened.items():
+            ports: set[int | None] = set()
+            left = 0.0
+            for n, t in names.items():
+                allowed = policy.name_ports(n) if t > now else None
+                if allowed is not None:
+                    ports.update(allowed)
+                    left = max(left, t - now)
+            if ports and left >= 1:
+                out.append((a, sorted(ports, key=lambda p: -1 if p is None else p), int(left)))
+        return out
+
+    async def _forward(self, data: bytes, qend: int, ports: list[int | None], addr: tuple[str, int],
+                       name: str = "") -> None:
         self.inflight += 1
         try:
             try:
@@ -174,6 +205,7 @@ class Resolver(asyncio.DatagramProtocol):
             if found:
                 ttl = max(TTL_MIN, min(TTL_MAX, max(t for _, t in found)))
                 await asyncio.to_thread(self.slot.open_dynamic, [a for a, _ in found], ports, ttl)
+                self._remember(name, [a for a, _ in found], ttl)
             self.answered += 1
             if self.transport is not None:
                 self.transport.sendto(resp, addr)

@@ -289,6 +289,15 @@ class NetSettings:
                 rules += (r,)
         return Policy(rules=rules, expanded=self.expand(rules))
 
+    def restore(self, recorded: object) -> Policy:
+        """A policy carried by a saved kernel (``Policy.to_json()``'s ``egress``) back into
+        force on a wake, a restore or a fork: not checked against what users may ask for
+        (it was when it was set, and the kernel keeps it), but a preset this host does not
+        define is dropped (denied), never guessed."""
+        rules = parse_rules(recorded)
+        kept = tuple(r for r in rules if r.preset is None or r.preset in self.presets)
+        return Policy(rules=kept, expanded=self.expand(kept))
+
     def replace(self, requested: object) -> Policy:
         """A running kernel's new policy (PATCH): the operator default plus the request."""
         return self.policy(requested)

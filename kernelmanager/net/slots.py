@@ -58,6 +58,8 @@ T = TypeVar("T")
 _libc = ctypes.CDLL(None, use_errno=True)
 _host_ready: set[str] = set()
 _host_lock = threading.Lock()
+_denied_gone: dict[str, int] = {}  # template -> connections refused in slots since destroyed
+_totals_lock = threading.Lock()
 
 
 def _owner_tag() -> str:
@@ -151,6 +153,8 @@ class Slot:
         self.tap_fd = -1
         self.setup_seconds = 0.0
         self.destroyed = False
+        self.generation = 0  # of the policy in force (conntrack marks; nft.py)
+        self.template = ""   # of the kernel it was given to (the denied-connections metric)
 
     @property
     def path(self) -> Path:
@@ -222,15 +226,24 @@ class Slot:
         """Give the slot to a VM: its policy, then the resolver (on the running loop)."""
         from .dns import Resolver
         self.kernel_id = kernel_id
+        from .api import template_of
+        self.template = template_of(kernel_id)
         await asyncio.to_thread(self.apply, policy)
         if self.dns_sock is not None:
             sock, self.dns_sock = self.dns_sock, None
             self.resolver = await Resolver.start(self, sock, self.settings.dns_upstream)
 
     def apply(self, policy: Policy) -> None:
-        """Make ``policy`` the slot's (one nft transaction; DNS-opened entries dropped)."""
-        nft_run(self.name, nft.policy_sets(policy))
-        self.policy = policy
+        """Make ``policy`` the slot's (one nft transaction): a new generation, so that
+        connections the new policy does not allow are cut; the DNS-opened entries of
+        names it no longer allows dropped, the others kept."""
+        keep = ""
+        if self.resolver is not None:
+            keep = "".join(nft.dyn_elements([a], ports, left)
+                           for a, ports, left in self.resolver.still_open(policy))
+        generation = self.generation + 1
+        nft_run(self.name, nft.policy_sets(policy, generation, keep))
+        self.policy, self.generation = policy, generation
 
     def open_dynamic(self, addrs: list[str], ports: list[int | None], ttl: int) -> None:
         if addrs and not self.destroyed:
@@ -251,6 +264,13 @@ class Slot:
     def destroy(self) -> None:
         if self.destroyed:
             return
+        if self.kernel_id:  # its refusals stay in the process-wide totals
+            try:
+                n = self.denied()
+            except (OSError, subprocess.SubprocessError, ValueError):
+                n = 0
+            with _totals_lock:
+                _denied_gone[self.template] = _denied_gone.get(self.template, 0) + n
         self.destroyed = True
         if self.resolver is not None:
             self.resolver.close()
@@ -428,6 +448,24 @@ async def release_slot(slot: Slot) -> None:
         slot.resolver.close()
         slot.resolver = None
     await asyncio.to_thread(SlotPool.instance().release, slot)
+
+
+def denied_totals() -> dict[str, int]:
+    """Connections refused by the slots of this process since it started, by template
+    (destroyed slots' last counts plus the live ones'; a monotonic counter). Runs one
+    ``nft`` per live slot: call it from a worker thread."""
+    pool = SlotPool._instance
+    live = list(pool.live) if pool is not None else []
+    with _totals_lock:
+        out = dict(_denied_gone)
+    for slot in live:
+        if slot.kernel_id and not slot.destroyed:
+            try:
+                n = slot.denied()
+            except (OSError, subprocess.SubprocessError, ValueError):
+                continue
+            out[slot.template] = out.get(slot.template, 0) + n
+    return out
 
 
 def close_pool() -> None:
