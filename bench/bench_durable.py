@@ -295,6 +295,16 @@ async def part_density(n: int, mb: int, wakes: int, awake: int, parallel: int) -
         load_idle = os.getloadavg()
         disk = durable_usage()
         sleeping = [i for i in ok if i >= awake]
+        print(f"made {len(ok)} of {n} kernels in {make_s:.0f} s ({len(failed)} failed)")
+        print(f"while they sat idle: MemAvailable {(avail0 - avail) / 2**20:.0f} MB lower than before "
+              f"({(avail0 - avail) / max(1, len(ok)) / 2**20:.1f} MB a kernel); RSS of the "
+              f"{len(pids)} awake QEMUs {qemu_rss / 2**20:.0f} MB; no QEMU for the "
+              f"{len(ok) - len(pids)} hibernated")
+        print(f"CPU over {dt:.0f} s idle: awake QEMUs {qemu_cpu * 100:.1f}% of a core, this process "
+              f"(the runtime) {my_cpu * 100:.1f}%, whole host {host_cpu * 100:.0f}% of 2 cores "
+              f"(other jobs included; load {load_idle[0]:.1f} {load_idle[1]:.1f} {load_idle[2]:.1f})")
+        print(f"disk: {disk / 2**20:.0f} MB of durable images ({disk / max(1, len(sleeping)) / 2**20:.1f} MB "
+              f"per hibernated kernel)", flush=True)
         lat, restore = [], []
         for i in random.sample(sleeping, min(wakes, len(sleeping))):
             km = kms[i]
@@ -306,16 +316,6 @@ async def part_density(n: int, mb: int, wakes: int, awake: int, parallel: int) -
             h = vm_handle(km)
             if h is not None and h.last_wake_seconds is not None:
                 restore.append(h.last_wake_seconds)
-        print(f"made {len(ok)} of {n} kernels in {make_s:.0f} s ({len(failed)} failed)")
-        print(f"while they sat idle: MemAvailable {(avail0 - avail) / 2**20:.0f} MB lower than before "
-              f"({(avail0 - avail) / max(1, len(ok)) / 2**20:.1f} MB a kernel); RSS of the "
-              f"{len(pids)} awake QEMUs {qemu_rss / 2**20:.0f} MB; no QEMU for the "
-              f"{len(ok) - len(pids)} hibernated")
-        print(f"CPU over {dt:.0f} s idle: awake QEMUs {qemu_cpu * 100:.1f}% of a core, this process "
-              f"(the runtime) {my_cpu * 100:.1f}%, whole host {host_cpu * 100:.0f}% of 2 cores "
-              f"(other jobs included; load {load_idle[0]:.1f} {load_idle[1]:.1f} {load_idle[2]:.1f})")
-        print(f"disk: {disk / 2**20:.0f} MB of durable images ({disk / max(1, len(sleeping)) / 2**20:.1f} MB "
-              f"per hibernated kernel)")
         if lat:
             print(f"wake -> result of {len(lat)} random hibernated ones (SHA-256 of the {mb} MB checked): "
                   f"p50 {pct(lat, 50):.2f} s, p90 {pct(lat, 90):.2f} s, max {max(lat):.2f} s (of which "
