@@ -1,0 +1,98 @@
+"""Fork snapshots through the store: how a fork's branches restore on other hosts.
+
+What travels is a *durable image* (``kernelmanager.durable``): the RAM pages that differ
+from the template (``mem.delta``), the device state, and the disk as one qcow2 layer over
+the template's disk. It depends on nothing but its template, so a host that has the same
+template restores it exactly as it would wake a hibernated kernel.
+
+``push_fork`` uploads an image as a ``fork`` manifest named by its content (the SHA-256
+of its chunk list and facts; ``archive.push_dir`` without an id). Its ``compat`` is the
+template's (QEMU, agent protocol, accelerator, CPU model, memory, vCPUs, kernel command
+line, image, preloads) plus the template id, its ``meta`` the parent kernel, the template's
+name and the delta's size.
+
+``pull_fork`` is the other end: the fork manifest must name exactly the template this host
+restores kernels of that template from (same id, same facts: a fork made under TCG never
+restores under KVM, nor on another QEMU), or it raises ``TemplateIncompatible`` saying
+which facts differ. The chunks are verified as every pull's (``StoreCorrupt``: nothing is
+used), the disk layer is rebased onto this host's copy of the template disk and the image
+record written, all in the temp directory before the rename.
+"""
+
+from __future__ import annotations
+
+import logging
+import subprocess
+from pathlib import Path
+from typing import Any
+
+from ..durable import DELTA, DurableImage
+from ..exceptions import TemplateIncompatible
+from ..snapshots import Snapshot
+from .archive import TransferStats, get_manifest, pull_dir, push_dir
+from .backends import ObjectStore, StoreError
+from .templates import compat_facts
+
+log = logging.getLogger(__name__)
+
+FORK_FILES = ["state", "disk.qcow2", DELTA]
+
+
+def template_facts(template: Snapshot) -> dict[str, Any]:
+    """What a fork's restore must match: the template's facts and its id."""
+    facts = compat_facts(template.machine, template.qemu_version, template.image_id,
+                         template.info.get("preload", []))
+    facts.pop("kernel_release", None)
+    facts["template"] = template.path.name
+    return facts
+
+
+def push_fork(store: ObjectStore, image: DurableImage, template: Snapshot, *,
+              parent_id: str, template_name: str) -> TransferStats:
+    """Upload the durable image of a fork; ``stats.id`` is its content address."""
+    stats = push_dir(store, "fork", None, image.path, FORK_FILES, compat=template_facts(template),
+                     meta={"parent_id": parent_id, "template_name": template_name,
+                           "delta_bytes": image.delta_bytes, "created": image.created})
+    log.info("kernel %s: fork snapshot %s pushed to %s (%.1f MB new in %.1f s)", parent_id,
+             stats.id[:12], store.url, stats.bytes / 1e6, stats.seconds)
+    return stats
+
+
+def _check_id(fork_id: str) -> str:
+    if len(fork_id) != 64 or any(c not in "0123456789abcdef" for c in fork_id):
+        raise StoreError(f"{fork_id!r} is not a fork snapshot id (64 hex digits)")
+    return fork_id
+
+
+def pull_fork(store: ObjectStore, fork_id: str, template: Snapshot, dest: Path,
+              stats: TransferStats | None = None) -> DurableImage:
+    """Download fork snapshot ``fork_id`` into ``dest`` (new) as a durable image over this
+    host's ``template``. Raises StoreError (missing), StoreCorrupt, TemplateIncompatible."""
+    manifest = get_manifest(store, "fork", _check_id(fork_id))
+    if manifest is None:
+        raise StoreError(f"store {store.url}: there is no fork snapshot {fork_id[:12]}")
+    wanted = template_facts(template)
+    differs = {k: (manifest.compat.get(k), v) for k, v in wanted.items() if manifest.compat.get(k) != v}
+    if differs:
+        raise TemplateIncompatible(
+            f"fork snapshot {fork_id[:12]} cannot restore on this host: " + ", ".join(
+                f"{k} {theirs!r} (this host: {ours!r})" for k, (theirs, ours) in differs.items()))
+    if {f["name"] for f in manifest.files} != set(FORK_FILES):
+        raise StoreError(f"fork snapshot {fork_id[:12]} does not hold {', '.join(FORK_FILES)}")
+    meta = manifest.meta
+
+    def finish(tmp: Path) -> None:
+        try:
+            subprocess.run(["qemu-img", "rebase", "-u", "-F", "qcow2", "-b", str(template.disk),
+                            str(tmp / "disk.qcow2")], check=True, capture_output=True, text=True)
+        except (OSError, subprocess.CalledProcessError) as exc:
+            raise StoreError(f"fork snapshot {fork_id[:12]}: cannot rebase its disk: "
+                             f"{getattr(exc, 'stderr', '') or exc}") from exc
+        DurableImage(path=tmp, kernel_id=str(meta.get("parent_id", "")), name=f"fork-{fork_id[:12]}",
+                     created=float(meta.get("created") or manifest.created), template=template.path,
+                     delta_bytes=int(meta.get("delta_bytes") or 0), info={"fork": fork_id}).save()
+
+    pull_dir(store, manifest, dest, done_marker="image.json", finish=finish, stats=stats)
+    image = DurableImage.load(dest)
+    image.path = dest
+    return image
