@@ -17,19 +17,25 @@ restores under KVM, nor on another QEMU), or it raises ``TemplateIncompatible`` 
 which facts differ. The chunks are verified as every pull's (``StoreCorrupt``: nothing is
 used), the disk layer is rebased onto this host's copy of the template disk and the image
 record written, all in the temp directory before the rename.
+
+The RAM delta's *holes* mean something (a hole: the template's page; data, even zeros: the
+kernel's page), but chunks drop zeros and a pulled chunk is dense. So the delta's data
+ranges travel in the manifest (``meta["delta_extents"]``) and a pull rebuilds the file
+from them: exactly those ranges as data (zeros included), holes elsewhere.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import subprocess
 from pathlib import Path
 from typing import Any
 
-from ..durable import DELTA, DurableImage
+from ..durable import DELTA, DurableImage, data_ranges
 from ..exceptions import TemplateIncompatible
 from ..snapshots import Snapshot
-from .archive import TransferStats, get_manifest, pull_dir, push_dir
+from .archive import CHUNK, StoreCorrupt, TransferStats, get_manifest, pull_dir, push_dir
 from .backends import ObjectStore, StoreError
 from .templates import compat_facts
 
@@ -50,9 +56,15 @@ def template_facts(template: Snapshot) -> dict[str, Any]:
 def push_fork(store: ObjectStore, image: DurableImage, template: Snapshot, *,
               parent_id: str, template_name: str) -> TransferStats:
     """Upload the durable image of a fork; ``stats.id`` is its content address."""
+    fd = os.open(image.path / DELTA, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        extents = data_ranges(fd, os.fstat(fd).st_size)
+    finally:
+        os.close(fd)
     stats = push_dir(store, "fork", None, image.path, FORK_FILES, compat=template_facts(template),
                      meta={"parent_id": parent_id, "template_name": template_name,
-                           "delta_bytes": image.delta_bytes, "created": image.created})
+                           "delta_bytes": image.delta_bytes, "created": image.created,
+                           "delta_extents": [list(e) for e in extents]})
     log.info("kernel %s: fork snapshot %s pushed to %s (%.1f MB new in %.1f s)", parent_id,
              stats.id[:12], store.url, stats.bytes / 1e6, stats.seconds)
     return stats
@@ -81,7 +93,11 @@ def pull_fork(store: ObjectStore, fork_id: str, template: Snapshot, dest: Path,
         raise StoreError(f"fork snapshot {fork_id[:12]} does not hold {', '.join(FORK_FILES)}")
     meta = manifest.meta
 
+    size = next(f["size"] for f in manifest.files if f["name"] == DELTA)
+    extents = _extents(meta.get("delta_extents"), size, fork_id)
+
     def finish(tmp: Path) -> None:
+        _rebuild_delta(tmp / DELTA, extents, size)
         try:
             subprocess.run(["qemu-img", "rebase", "-u", "-F", "qcow2", "-b", str(template.disk),
                             str(tmp / "disk.qcow2")], check=True, capture_output=True, text=True)
@@ -96,3 +112,35 @@ def pull_fork(store: ObjectStore, fork_id: str, template: Snapshot, dest: Path,
     image = DurableImage.load(dest)
     image.path = dest
     return image
+
+
+def _extents(raw: Any, size: int, fork_id: str) -> list[tuple[int, int]]:
+    """The delta's data ranges from a manifest, checked: sorted, disjoint, within the file."""
+    out: list[tuple[int, int]] = []
+    try:
+        for start, end in raw:
+            if not (isinstance(start, int) and isinstance(end, int)
+                    and (out[-1][1] if out else 0) <= start < end <= size):
+                raise ValueError
+            out.append((start, end))
+    except (TypeError, ValueError) as exc:
+        raise StoreCorrupt(f"fork snapshot {fork_id[:12]}: bad RAM delta extents") from exc
+    return out
+
+
+def _rebuild_delta(path: Path, extents: list[tuple[int, int]], size: int) -> None:
+    """Rewrite the pulled (dense) delta with exactly ``extents`` as data, holes elsewhere."""
+    new = path.with_name(".delta.rebuilt")
+    with open(path, "rb", buffering=0) as src:
+        fd = os.open(new, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+        try:
+            os.ftruncate(fd, size)
+            for start, end in extents:
+                for pos in range(start, end, CHUNK):
+                    n = min(CHUNK, end - pos)
+                    data = os.pread(src.fileno(), n, pos)
+                    if len(data) != n or os.pwrite(fd, data, pos) != n:
+                        raise StoreCorrupt(f"short read or write rebuilding {path.name}")
+        finally:
+            os.close(fd)
+    os.replace(new, path)
