@@ -192,6 +192,7 @@ class ForkExportHandler(_ForkBase):
             t = time.time()
             out = await export_fork(parent, local=local, reseed=body.get("reseed", True),
                                     idle_timeout=float(timeout), start_child=start_child,
+                                    owner=users.tenant(self.current_user) or "",
                                     stop_child=stop_child)
         log.info("kernel %s: fork exported (%s), %d branches here", kernel_id, out.fork_id[:12], local)
         _finish_json(self, {"fork_id": out.fork_id, "template": out.template,
@@ -203,8 +204,8 @@ class ForkExportHandler(_ForkBase):
 class ForkImportHandler(_ForkBase):
     """``POST /api/vmkg/fork-import`` on another host (a router's second step): body
     ``{"fork_id", "count", "template", "kernel_name", "parent_id", "forked_at", "reseed"}``.
-    Pulls the fork snapshot (verified) and starts ``count`` branches of the request's user.
-    Answers ``201 {"kernels": [...]}``."""
+    Pulls the fork snapshot (verified; only one the same user exported, unless the admin
+    asks) and starts ``count`` branches of the request's user. Answers ``201 {"kernels": [...]}``."""
 
     @web.authenticated
     async def post(self) -> None:
@@ -215,6 +216,8 @@ class ForkImportHandler(_ForkBase):
         if bad:
             raise web.HTTPError(400, f"fork-import needs {', '.join(bad)} (strings)")
         fields = {k: str(v) for k, v in raw.items()}
+        if len(fields["fork_id"]) != 64 or fields["fork_id"].strip("0123456789abcdef"):
+            raise web.HTTPError(400, "'fork_id' must be a fork snapshot id (64 hex digits)")
         forked_at = body.get("forked_at")
         if forked_at is not None and (isinstance(forked_at, bool) or not isinstance(forked_at, (int, float))):
             raise web.HTTPError(400, "'forked_at' must be a Unix time")
@@ -227,7 +230,7 @@ class ForkImportHandler(_ForkBase):
             ids = await import_fork(fields["fork_id"], count, template=fields["template"],
                                     parent_id=fields["parent_id"], forked_at=forked_at,
                                     reseed=body.get("reseed", True), start_child=start_child,
-                                    stop_child=stop_child)
+                                    stop_child=stop_child, owner=users.tenant(self.current_user))
         log.info("kernel %s: %d branches imported here (%s)", fields["parent_id"], count,
                  ", ".join(i[:8] for i in ids))
         _finish_json(self, {"kernels": [mkm.kernel_model(k) for k in ids if k in mkm]}, 201)

@@ -19,8 +19,9 @@ differs). The fork snapshot is pulled and verified (a corrupt chunk: ``StoreCorr
 nothing started), brought back as a fork-kind snapshot (``durable.materialize``) and held
 as a :class:`ForkSource` with the parent's lineage; the branches start from it through
 the caller's ``start_child`` (as a local fork's: the gateway's kernel manager, owner and
-limits), concurrently, all or none. The downloaded copy is removed once the branches hold
-their hard links.
+limits), concurrently, all or none. The snapshot records its ``owner`` (the user who
+forked; "" for the admin) and an import for another user (``owner=``; None: the admin)
+finds none. The downloaded copy is removed once the branches hold their hard links.
 
 Clone safety is that of every fork: each branch's restore gives the guest fresh CRNG
 entropy and the clock, and with ``reseed`` Python's and NumPy's global random state.
@@ -82,6 +83,7 @@ def _store() -> Any:
 
 
 async def export_fork(km: Any, *, local: int = 0, reseed: bool = True, idle_timeout: float = 30.0,
+                      owner: str = "",
                       start_child: Callable[[ForkSource], Awaitable[Child]] | None = None,
                       stop_child: Callable[[Child], Awaitable[object]] | None = None) -> ExportedFork:
     """Snapshot the kernel of ``km`` into the store and start ``local`` branches here from
@@ -103,7 +105,8 @@ async def export_fork(km: Any, *, local: int = 0, reseed: bool = True, idle_time
             raise durable.DurableError(f"kernel {handle.kernel_id}: its fork checkpoint vanished")
         template = Snapshot.load(image.template)
         stats = await asyncio.to_thread(push_fork, shared, image, template,
-                                        parent_id=handle.kernel_id, template_name=template_name)
+                                        parent_id=handle.kernel_id, template_name=template_name,
+                                        owner=owner)
         children: list[Any] = []
         if local:
             children = await fork(km, local, reseed=reseed, checkpoint=name,
@@ -120,7 +123,7 @@ async def export_fork(km: Any, *, local: int = 0, reseed: bool = True, idle_time
 
 
 async def import_fork(fork_id: str, count: int, *, template: str, parent_id: str,
-                      forked_at: float | None = None, reseed: bool = True,
+                      forked_at: float | None = None, reseed: bool = True, owner: str | None = None,
                       start_child: Callable[[ForkSource], Awaitable[Child]],
                       stop_child: Callable[[Child], Awaitable[object]]) -> list[Child]:
     """Start ``count`` branches on this host from fork snapshot ``fork_id`` in the store
@@ -137,7 +140,7 @@ async def import_fork(fork_id: str, count: int, *, template: str, parent_id: str
     dest = root / f"{fork_id[:16]}-{uuid.uuid4().hex[:8]}"
     t0 = time.monotonic()
     try:
-        image = await asyncio.to_thread(pull_fork, shared, fork_id, tsnap, dest)
+        image = await asyncio.to_thread(pull_fork, shared, fork_id, tsnap, dest, None, owner)
 
         async def hold() -> Snapshot:
             snap = await asyncio.to_thread(durable.materialize, image)

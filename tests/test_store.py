@@ -225,7 +225,7 @@ def test_unnamed_pushes_are_content_addressed_and_old_forks_expire(store: Object
     assert get_manifest(store, "fork", one.id) is None and chunk_objects(store) == []
 
 
-def test_a_fork_from_another_template_is_refused_before_download(tmp_path: Path) -> None:
+def test_a_fork_from_another_template_or_user_is_refused_before_download(tmp_path: Path) -> None:
     from kernelmanager.durable import DurableImage
     from kernelmanager.exceptions import TemplateIncompatible
     from kernelmanager.snapshots import Snapshot
@@ -244,7 +244,10 @@ def test_a_fork_from_another_template_is_refused_before_download(tmp_path: Path)
     for name in ("disk.qcow2", "mem.delta"):
         (src / name).write_bytes(b"q" * 100)
     image = DurableImage(path=src, kernel_id="k1", name="x", created=1.0, template=tmp_path / "t-tcg")
-    fork_id = push_fork(local, image, template("tcg"), parent_id="k1", template_name="python3").id
+    fork_id = push_fork(local, image, template("tcg"), parent_id="k1", template_name="python3",
+                        owner="alice").id
+    with pytest.raises(StoreError, match="no fork snapshot .* of user 'bob'"):
+        pull_fork(local, fork_id, template("tcg"), tmp_path / "dest", owner="bob")
     with pytest.raises(TemplateIncompatible, match=r"accel 'tcg' \(this host: 'kvm'\)"):
         pull_fork(local, fork_id, template("kvm"), tmp_path / "dest")
     assert not (tmp_path / "dest").exists()

@@ -8,8 +8,8 @@ template restores it exactly as it would wake a hibernated kernel.
 ``push_fork`` uploads an image as a ``fork`` manifest named by its content (the SHA-256
 of its chunk list and facts; ``archive.push_dir`` without an id). Its ``compat`` is the
 template's (QEMU, agent protocol, accelerator, CPU model, memory, vCPUs, kernel command
-line, image, preloads) plus the template id, its ``meta`` the parent kernel, the template's
-name and the delta's size.
+line, image, preloads) plus the template id, its ``meta`` the parent kernel, the owner
+(a pull for another user finds nothing), the template's name and the delta's size.
 
 ``pull_fork`` is the other end: the fork manifest must name exactly the template this host
 restores kernels of that template from (same id, same facts: a fork made under TCG never
@@ -54,7 +54,7 @@ def template_facts(template: Snapshot) -> dict[str, Any]:
 
 
 def push_fork(store: ObjectStore, image: DurableImage, template: Snapshot, *,
-              parent_id: str, template_name: str) -> TransferStats:
+              parent_id: str, template_name: str, owner: str = "") -> TransferStats:
     """Upload the durable image of a fork; ``stats.id`` is its content address."""
     fd = os.open(image.path / DELTA, os.O_RDONLY | os.O_CLOEXEC)
     try:
@@ -62,7 +62,7 @@ def push_fork(store: ObjectStore, image: DurableImage, template: Snapshot, *,
     finally:
         os.close(fd)
     stats = push_dir(store, "fork", None, image.path, FORK_FILES, compat=template_facts(template),
-                     meta={"parent_id": parent_id, "template_name": template_name,
+                     meta={"parent_id": parent_id, "template_name": template_name, "owner": owner,
                            "delta_bytes": image.delta_bytes, "created": image.created,
                            "delta_extents": [list(e) for e in extents]})
     log.info("kernel %s: fork snapshot %s pushed to %s (%.1f MB new in %.1f s)", parent_id,
@@ -77,12 +77,14 @@ def _check_id(fork_id: str) -> str:
 
 
 def pull_fork(store: ObjectStore, fork_id: str, template: Snapshot, dest: Path,
-              stats: TransferStats | None = None) -> DurableImage:
+              stats: TransferStats | None = None, owner: str | None = None) -> DurableImage:
     """Download fork snapshot ``fork_id`` into ``dest`` (new) as a durable image over this
-    host's ``template``. Raises StoreError (missing), StoreCorrupt, TemplateIncompatible."""
+    host's ``template``. ``owner``: only a snapshot pushed for that owner (None: any).
+    Raises StoreError (missing), StoreCorrupt, TemplateIncompatible."""
     manifest = get_manifest(store, "fork", _check_id(fork_id))
-    if manifest is None:
-        raise StoreError(f"store {store.url}: there is no fork snapshot {fork_id[:12]}")
+    if manifest is None or owner is not None and manifest.meta.get("owner", "") != owner:
+        raise StoreError(f"store {store.url}: there is no fork snapshot {fork_id[:12]}"
+                         + (f" of user {owner!r}" if owner else ""))
     wanted = template_facts(template)
     differs = {k: (manifest.compat.get(k), v) for k, v in wanted.items() if manifest.compat.get(k) != v}
     if differs:
