@@ -398,6 +398,12 @@ def test_a_fork_puts_branches_on_other_hosts_through_the_store(cluster: Cluster)
         for k in branches:
             cluster.router.delete_kernel(k)
         check_a_corrupt_chunk_is_refused(cluster, parent)
+        # the captures left frozen layers in the parent's disk chain: a local fork reads them
+        home = cluster.host_of(parent)
+        again = home.request("POST", f"/api/kernels/{parent}/fork", json={"count": 1},
+                             token=USERS["alice"])
+        assert again.status_code == 201, again.text
+        home.delete_kernel(again.json()["kernels"][0]["id"])
     finally:
         for k in [*branches, parent]:
             cluster.router.delete_kernel(k)
