@@ -27,6 +27,22 @@ TCP_NODELAY), websockets (``/channels``) are proxied frame for frame, text and b
 kept, the subprotocol (v1 or legacy) negotiated with the host, TCP_NODELAY on both
 hops. ``GET /api/kernels`` merges every up host's list.
 
+**Forks across hosts.** ``POST /api/kernels/{id}/fork {"count": N}`` places each branch
+like a new kernel (least loaded by the hosts' reports, the branches already placed
+counted; the parent's host wins ties, as its branches need no copy), among the hosts that
+report a snapshot store. If every branch lands on the parent's host (or the request names
+a ``checkpoint``, or ``spread_forks`` is off) the fork is forwarded as it is. Otherwise the
+router asks the parent's host ``POST /api/kernels/{id}/fork-export {"local": n}``: it
+captures the kernel once, pushes the snapshot to the store under its content address and
+starts its own ``n`` branches from it (``kernelmanager.remote_fork``); then it asks each
+other host ``POST /api/vmkg/fork-import {"fork_id", "count", ...}`` at once: each pulls the
+snapshot (verified: a corrupt chunk is refused), checks it was taken on the very template
+it runs, and starts its branches, owned by the same user (the requests carry the user's
+identity), reseeded like any fork's. All or none: if a host fails, the branches already
+started are deleted and its error is answered. The answer is the fork's, ``201
+{"kernels": [model, ...]}``, each model with the ``host`` it runs on, plus ``fork_id``.
+Fork snapshots stay in the store until ``vmkg store gc`` drops those older than a day.
+
 **Identity.** The router authenticates clients exactly as the hosts do (the same
 ``TokenIdentityProvider``: ``auth_token``, ``users_file``) and forwards each request as
 that user, signed with the shared ``router_secret`` (``gateway.forwarded``); hosts accept a
@@ -47,6 +63,7 @@ import secrets
 import signal
 import socket
 import time
+import uuid
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any
@@ -60,10 +77,12 @@ from tornado import httpclient, httpserver, netutil, web, websocket
 from traitlets import Bool, Float, Integer, List, Unicode
 from traitlets.config import Application
 
-from . import forwarded, logs, users
+from kernelmanager import export_fork, import_fork, kernelspec_name, store_configured
+
+from . import errors, forwarded, logs, users
 from .auth import TokenIdentityProvider
 from .envvars import env_trait
-from .handlers import GatewayHandlerMixin, unauthorized_message
+from .handlers import GatewayHandlerMixin, _finish_json, unauthorized_message
 
 log = logging.getLogger("vmkg.router")
 
@@ -101,7 +120,120 @@ class HostStatusHandler(GatewayHandlerMixin, APIHandler):
         self.finish(json.dumps({
             "host_id": HOST_ID, "kernels": len(km.list_kernel_ids()), "max_kernels": km.max_kernels,
             "pooled": sum(pooled.values()), "load1": os.getloadavg()[0], "cpus": os.cpu_count(),
+            "store": store_configured(),
         }))
+
+
+class _ForkBase(GatewayHandlerMixin, APIHandler):
+    """What the two halves of a cross-host fork share: the body, and starting branches into
+    this host's kernel map owned by the request's user (as ``gateway.forks``)."""
+
+    def body(self) -> dict[str, Any]:
+        body = self.get_json_body() or {}
+        if not isinstance(body, dict):
+            raise web.HTTPError(400, "The request body must be a JSON object")
+        reseed = body.get("reseed", True)
+        if not isinstance(reseed, bool):
+            raise web.HTTPError(400, "'reseed' must be true or false")
+        return body
+
+    def count(self, body: dict[str, Any], key: str, low: int) -> int:
+        cap = int(self.settings.get("vmkg_max_fork_count", 64))
+        n = body.get(key, low)
+        if isinstance(n, bool) or not isinstance(n, int) or not low <= n <= cap:
+            raise web.HTTPError(400, f"'{key}' must be an integer from {low} to {cap}")
+        return n
+
+    def starter(self, kernel_name: str, count: int) -> tuple[Any, Any]:
+        mkm: Any = self.kernel_manager
+        user = self.current_user
+        username = users.tenant(user) or ""
+        mkm._check_limits(username, count)   # before the snapshot: all fit, or none start
+        env = {"KERNEL_USERNAME": username} if username else {}
+
+        async def start_child(source: Any) -> str:
+            kid = str(uuid.uuid4())
+            try:
+                await mkm.start_kernel(kernel_name=kernel_name, kernel_id=kid, env=env, user=user,
+                                       fork_source=source)
+            except BaseException:
+                if kid in mkm:
+                    await mkm.shutdown_kernel(kid, now=True)
+                raise
+            mkm.sources[kid] = "fork"
+            return kid
+
+        async def stop_child(kid: str) -> None:
+            if kid in mkm:
+                await mkm.shutdown_kernel(kid, now=True)
+
+        return start_child, stop_child
+
+
+class ForkExportHandler(_ForkBase):
+    """``POST /api/kernels/{id}/fork-export`` on the parent's host (a router's first step of
+    a cross-host fork): body ``{"local": N, "reseed": true, "timeout": 30}``. Snapshots the
+    kernel into the store and starts ``local`` (0..) branches here from the same snapshot.
+    Answers ``201 {"fork_id", "template", "kernel_name", "forked_at", "kernels": [...]}``."""
+
+    @web.authenticated
+    async def post(self, kernel_id: str) -> None:
+        body = self.body()
+        local = self.count(body, "local", 0)
+        timeout = body.get("timeout", 30)
+        if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not 0 <= timeout <= 3600:
+            raise web.HTTPError(400, "'timeout' must be a number of seconds from 0 to 3600")
+        mkm: Any = self.kernel_manager
+        with errors.translated():
+            mkm.check_owner(kernel_id, self.current_user)
+            mkm._check_kernel_id(kernel_id)
+            parent = mkm.get_kernel(kernel_id)
+            start_child, stop_child = self.starter(parent.kernel_name, local)
+            t = time.time()
+            out = await export_fork(parent, local=local, reseed=body.get("reseed", True),
+                                    idle_timeout=float(timeout), start_child=start_child,
+                                    owner=users.tenant(self.current_user) or "",
+                                    stop_child=stop_child)
+        log.info("kernel %s: fork exported (%s), %d branches here", kernel_id, out.fork_id[:12], local)
+        _finish_json(self, {"fork_id": out.fork_id, "template": out.template,
+                            "kernel_name": parent.kernel_name, "forked_at": t,
+                            "seconds": out.seconds, "pushed_bytes": out.pushed_bytes,
+                            "kernels": [mkm.kernel_model(k) for k in out.children if k in mkm]}, 201)
+
+
+class ForkImportHandler(_ForkBase):
+    """``POST /api/vmkg/fork-import`` on another host (a router's second step): body
+    ``{"fork_id", "count", "template", "kernel_name", "parent_id", "forked_at", "reseed"}``.
+    Pulls the fork snapshot (verified; only one the same user exported, unless the admin
+    asks) and starts ``count`` branches of the request's user. Answers ``201 {"kernels": [...]}``."""
+
+    @web.authenticated
+    async def post(self) -> None:
+        body = self.body()
+        count = self.count(body, "count", 1)
+        raw = {k: body.get(k) for k in ("fork_id", "template", "kernel_name", "parent_id")}
+        bad = [k for k, v in raw.items() if not isinstance(v, str) or not v or len(v) > 200]
+        if bad:
+            raise web.HTTPError(400, f"fork-import needs {', '.join(bad)} (strings)")
+        fields = {k: str(v) for k, v in raw.items()}
+        if len(fields["fork_id"]) != 64 or fields["fork_id"].strip("0123456789abcdef"):
+            raise web.HTTPError(400, "'fork_id' must be a fork snapshot id (64 hex digits)")
+        forked_at = body.get("forked_at")
+        if forked_at is not None and (isinstance(forked_at, bool) or not isinstance(forked_at, (int, float))):
+            raise web.HTTPError(400, "'forked_at' must be a Unix time")
+        if fields["kernel_name"] != kernelspec_name(fields["template"]):
+            raise web.HTTPError(400, f"kernel {fields['kernel_name']!r} does not run template "
+                                     f"{fields['template']!r}")
+        mkm: Any = self.kernel_manager
+        with errors.translated():
+            start_child, stop_child = self.starter(fields["kernel_name"], count)
+            ids = await import_fork(fields["fork_id"], count, template=fields["template"],
+                                    parent_id=fields["parent_id"], forked_at=forked_at,
+                                    reseed=body.get("reseed", True), start_child=start_child,
+                                    stop_child=stop_child, owner=users.tenant(self.current_user))
+        log.info("kernel %s: %d branches imported here (%s)", fields["parent_id"], count,
+                 ", ".join(i[:8] for i in ids))
+        _finish_json(self, {"kernels": [mkm.kernel_model(k) for k in ids if k in mkm]}, 201)
 
 
 # -- the router's view of its hosts ---------------------------------------------------------
@@ -119,6 +251,7 @@ class Host:
     kernels: int = 0
     max_kernels: int | None = None
     pending: int = 0                 # kernel starts this router has in flight there
+    store: bool = False              # it has a snapshot store: it can take part in cross-host forks
     error: str = "not polled yet"
     since: float = field(default_factory=time.time)
 
@@ -130,7 +263,7 @@ class Host:
 
     def view(self) -> dict[str, Any]:
         return {"url": self.url, "host_id": self.host_id, "up": self.up, "kernels": self.kernels,
-                "max_kernels": self.max_kernels, "pending": self.pending,
+                "max_kernels": self.max_kernels, "pending": self.pending, "store": self.store,
                 "error": None if self.up else self.error, "since": self.since}
 
 
@@ -138,7 +271,8 @@ class Hosts:
     """The hosts, their reports, the HTTP client to them and the kernel-location cache."""
 
     def __init__(self, urls: list[str], dns: str, secret: str, poll_interval: float,
-                 request_timeout: float) -> None:
+                 request_timeout: float, spread_forks: bool = True) -> None:
+        self.spread_forks = spread_forks
         self.hosts: dict[str, Host] = {u.rstrip("/"): Host(u.rstrip("/")) for u in urls}
         self.dns, self.secret, self.poll_interval = dns, secret, poll_interval
         self.locations: OrderedDict[str, str] = OrderedDict()   # kernel id -> host url (LRU)
@@ -204,6 +338,7 @@ class Hosts:
         host.up, host.error = True, ""
         host.host_id = str(report.get("host_id", ""))
         host.kernels = int(report.get("kernels", 0))
+        host.store = bool(report.get("store"))
         mk = report.get("max_kernels")
         host.max_kernels = int(mk) if isinstance(mk, int) else None
 
@@ -420,6 +555,11 @@ class KernelHandler(RouterHandler):
     async def _any(self, kernel_id: str, rest: str = "") -> None:
         hosts = _hosts(self)
         host = await hosts.locate(kernel_id)
+        if self.request.method == "POST" and rest == "/fork":
+            plan = self._fork_plan(host)
+            if plan is not None:
+                await self._cross_host_fork(kernel_id, host, *plan)
+                return
         r = await self.forward(host, "kernel", kernel_id)
         if r is None:
             return
@@ -433,6 +573,132 @@ class KernelHandler(RouterHandler):
                     hosts.remember(cid, host)
 
     get = post = put = delete = patch = _any
+
+    # -- forks across hosts ------------------------------------------------------------------
+
+    def _fork_plan(self, parent: Host) -> tuple[dict[str, Any], dict[str, int]] | None:
+        """(request body, branches per host url) when the fork's branches should not all
+        stay on the parent's host; None: forward the fork to it as it is."""
+        hosts = _hosts(self)
+        try:
+            body = json.loads(self.request.body or b"{}")
+        except ValueError:
+            return None                     # the host answers the 400
+        if not isinstance(body, dict) or body.get("checkpoint") is not None:
+            return None                     # a checkpoint fork stays where the checkpoint is
+        count = body.get("count", 1)
+        if isinstance(count, bool) or not isinstance(count, int) or not 1 <= count <= 1024:
+            return None
+        if not parent.store or not hosts.spread_forks:
+            return None
+        others = [h for h in hosts.placements() if h.store and h is not parent]
+        if not others:
+            return None
+        plan = place_branches(parent, others, count)
+        return (body, plan) if set(plan) != {parent.url} else None
+
+    async def _cross_host_fork(self, kernel_id: str, parent: Host, body: dict[str, Any],
+                               plan: dict[str, int]) -> None:
+        """Export on the parent's host (with its local branches), import on the others; all
+        branches or none (those started are deleted when one host fails)."""
+        hosts = _hosts(self)
+        user = self.user_name
+        t0 = time.perf_counter()
+        common = {k: body[k] for k in ("reseed", "timeout") if k in body}
+        local = plan.get(parent.url, 0)
+        log.info("kernel %s: fork into %d across hosts: %s", kernel_id, sum(plan.values()),
+                 ", ".join(f"{u} x{n}" for u, n in plan.items()))
+        started: list[tuple[Host, str]] = []
+        try:
+            r = await hosts.request(parent, "POST", f"/api/kernels/{kernel_id}/fork-export", user,
+                                    body=json.dumps({**common, "local": local}).encode(),
+                                    headers={"Content-Type": "application/json"})
+        except httpx.HTTPError as exc:
+            FORWARDED.labels("fork", "502").inc()
+            raise web.HTTPError(502, "Host %s did not answer the fork of kernel %s: %s", parent.url,
+                                kernel_id, exc) from exc
+        if r.status_code != 201:
+            FORWARDED.labels("fork", str(r.status_code)).inc()
+            self._relay_error(r)
+            return
+        exported = r.json()
+        branches: list[dict[str, Any]] = []
+        for model in exported.get("kernels", []):
+            started.append((parent, model["id"]))
+            branches.append({**model, "host": parent.url})
+        imports = {
+            "fork_id": exported["fork_id"], "template": exported["template"],
+            "kernel_name": exported["kernel_name"], "parent_id": kernel_id,
+            "forked_at": exported.get("forked_at"), **{k: body[k] for k in ("reseed",) if k in body}}
+        targets = [(hosts.hosts[u], n) for u, n in plan.items() if u != parent.url]
+
+        async def one(host: Host, n: int) -> httpx.Response | Exception:
+            host.pending += n
+            try:
+                return await hosts.request(host, "POST", "/api/vmkg/fork-import", user,
+                                           body=json.dumps({**imports, "count": n}).encode(),
+                                           headers={"Content-Type": "application/json"})
+            except httpx.HTTPError as exc:
+                return exc
+            finally:
+                host.pending -= n
+
+        results = await asyncio.gather(*(one(h, n) for h, n in targets))
+        failure: tuple[Host, httpx.Response | Exception] | None = None
+        for (host, n), res in zip(targets, results, strict=True):
+            if isinstance(res, httpx.Response) and res.status_code == 201:
+                host.kernels += n
+                for model in res.json().get("kernels", []):
+                    started.append((host, model["id"]))
+                    branches.append({**model, "host": host.url})
+            elif failure is None:
+                failure = (host, res)
+        if failure is not None:
+            await asyncio.gather(*(hosts.request(h, "DELETE", f"/api/kernels/{k}", user)
+                                   for h, k in started), return_exceptions=True)
+            host, res = failure
+            if isinstance(res, Exception):
+                FORWARDED.labels("fork", "502").inc()
+                raise web.HTTPError(502, "Host %s did not answer while starting branches of "
+                                    "kernel %s: %s (no branch was kept)", host.url, kernel_id, res)
+            FORWARDED.labels("fork", str(res.status_code)).inc()
+            self._relay_error(res, prefix=f"branches on host {host.url} (no branch was kept): ")
+            return
+        for host, k in started:
+            hosts.remember(k, host)
+        FORWARDED.labels("fork", "201").inc()
+        log.info("kernel %s: forked across hosts into %d in %.1f s (snapshot %s)", kernel_id,
+                 len(branches), time.perf_counter() - t0, str(exported["fork_id"])[:12])
+        self.set_status(201)
+        self.set_header("Content-Type", "application/json")
+        self.finish(json.dumps({"kernels": branches, "fork_id": exported["fork_id"]}))
+
+    def _relay_error(self, r: httpx.Response, prefix: str = "") -> None:
+        try:
+            message = str(r.json().get("message") or r.text)
+        except ValueError:
+            message = r.text[:2000]
+        self.set_status(r.status_code, r.reason_phrase or None)
+        self.set_header("Content-Type", "application/json")
+        self.finish(json.dumps({"message": prefix + message, "reason": r.reason_phrase}))
+
+
+def place_branches(parent: Host, others: list[Host], count: int) -> dict[str, int]:
+    """Branches per host url: each branch goes to the least-loaded host by its report (the
+    branches already placed counted), the parent's host winning ties (no copy through the
+    store); hosts that would become full are skipped."""
+    extra: dict[str, int] = {}
+    candidates = [parent, *others]
+    for _ in range(count):
+        def score(h: Host) -> tuple[float, int]:
+            return ((h.kernels + h.pending + extra.get(h.url, 0)) / (h.max_kernels or 64),
+                    0 if h is parent else 1)
+
+        room = [h for h in candidates if h.max_kernels is None
+                or h.kernels + h.pending + extra.get(h.url, 0) < h.max_kernels]
+        best = min(room, key=score) if room else parent   # the parent's host answers 403 if full
+        extra[best.url] = extra.get(best.url, 0) + 1
+    return extra
 
 
 class HostsHandler(RouterHandler):
@@ -582,6 +848,8 @@ class RouterApp(Application):
     flags = {
         "no-auth": ({"RouterApp": {"auth_enabled": False}}, "Accept requests without a token."),
         "json-logs": ({"RouterApp": {"json_logs": True}}, "Log one JSON object per line."),
+        "no-spread-forks": ({"RouterApp": {"spread_forks": False}},
+                            "Keep every fork's branches on the parent's host."),
     }
 
     ip = env_trait(Unicode, "VMKG_IP", "127.0.0.1", help="Address to listen on.")
@@ -607,6 +875,10 @@ class RouterApp(Application):
     request_timeout = env_trait(Float, "VMKG_ROUTER_REQUEST_TIMEOUT", 600.0, zero_is_default=True,
                                 help="Seconds a forwarded REST call may take (a kernel start that "
                                      "bakes a template takes minutes).")
+    spread_forks = env_trait(Bool, "VMKG_ROUTER_SPREAD_FORKS", True,
+                             help="Place a fork's branches on the least-loaded hosts (the snapshot "
+                                  "goes through the hosts' store); off: every branch stays on the "
+                                  "parent's host.")
     max_body_size = env_trait(Integer, "VMKG_MAX_FILE_SIZE", 100 * 1024 * 1024,
                               help="Largest request body forwarded, in bytes (file uploads).")
     max_message_size = env_trait(Integer, "VMKG_MAX_MESSAGE_SIZE", 64 * 1024 * 1024,
@@ -639,7 +911,7 @@ class RouterApp(Application):
             token = secrets.token_urlsafe(24)
         identity = TokenIdentityProvider(parent=self, log=log, token=token, router_secret="")
         hosts = Hosts(list(self.hosts), self.hosts_dns, self.router_secret, self.poll_interval,
-                      self.request_timeout)
+                      self.request_timeout, self.spread_forks)
         poller = asyncio.ensure_future(hosts.poll_forever())
         await asyncio.wait_for(hosts.ready(), 30)
         app = web.Application(

@@ -31,6 +31,8 @@ with a JSON 404 (after authentication, so it reveals nothing to strangers).
     GET    /dashboard/api/kernels              its JSON (session cookie, not the API's token)
     POST   /dashboard/api/kernels/{id}/delete|fork   (cookie + CSRF header)
     GET    /api/vmkg/host                      this host's report to routers (admin)
+    POST   /api/kernels/{id}/fork-export       cross-host fork, on the parent's host (router)
+    POST   /api/vmkg/fork-import               cross-host fork, on a branch's host (router)
 """
 
 from __future__ import annotations
@@ -48,7 +50,7 @@ from .hibernate import (
     HibernateHandler,
 )
 from .network import NetworkHandler
-from .router import HostStatusHandler
+from .router import ForkExportHandler, ForkImportHandler, HostStatusHandler
 from .websocket import KernelChannelsHandler
 
 KERNEL_ID = r"(?P<kernel_id>\w+-\w+-\w+-\w+-\w+)"
@@ -67,6 +69,8 @@ def route_table() -> list[tuple[str, type]]:
         (rf"/api/kernels/{KERNEL_ID}/(?P<action>restart|interrupt)", handlers.KernelActionHandler),
         (r"/metrics", handlers.MetricsHandler),
         (r"/api/vmkg/host", HostStatusHandler),   # what routers place kernels by (gateway.router)
+        (r"/api/vmkg/fork-import", ForkImportHandler),          # cross-host forks (gateway.router)
+        (rf"/api/kernels/{KERNEL_ID}/fork-export", ForkExportHandler),
         (rf"/api/kernels/{KERNEL_ID}/fork", ForkHandler),
         (rf"/api/kernels/{KERNEL_ID}/forks", ForksListHandler),
         (rf"/api/kernels/{KERNEL_ID}/files/(?P<path>.*)", FileHandler),

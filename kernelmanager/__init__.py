@@ -61,7 +61,10 @@ The snapshot store (templates, images and fork snapshots shared between hosts)
     ``configure_store(url)`` (``s3://bucket/prefix``, a directory, or "" for none; default
     ``$VMKG_STORE``), ``store_gc(grace=...)`` (``GCReport``), ``StoreError``. With a store,
     ``bake_template`` pulls a template another host pushed instead of building, and pushes
-    what it bakes (``kernelmanager.store``).
+    what it bakes (``kernelmanager.store``). Cross-host forks (``kernelmanager.remote_fork``):
+    ``export_fork(km, local=N, ...)`` (``ExportedFork``: the fork snapshot's id in the
+    store, and N branches here), ``import_fork(fork_id, count, ...)`` on another host,
+    ``store_configured()``.
 
 Exceptions
     The tree of ``kernelmanager.exceptions`` (``VMKGError`` and below), re-exported.
@@ -123,6 +126,7 @@ from .provisioner import (
     set_fork_request_handler,
     vm_handle,
 )
+from .remote_fork import ExportedFork, export_fork, import_fork, store_configured
 from .store import GCReport, StoreError
 from .store import configure as configure_store
 from .templates import TemplateSpec, catalog, get_spec
@@ -178,6 +182,10 @@ __all__ = [
     "store_gc",
     "GCReport",
     "StoreError",
+    "export_fork",
+    "import_fork",
+    "ExportedFork",
+    "store_configured",
     # exceptions
     "VMKGError",
     "ConfigError",

@@ -560,6 +560,8 @@ async def _capture(vk: ForkableKernel, tmp: Path, name: str, stop: bool, idle_ti
     if os.path.realpath(vk.snapshot.mem_file) != os.path.realpath(tmem):
         copied += await asyncio.to_thread(fill_diff, vk.snapshot.mem_file, tmem, tmp / DELTA, runs, size)
     await asyncio.to_thread(flatten_disk, tmp / "disk.top", tdisk, tmp / "disk.qcow2")
+    if not stop:  # the frozen layer stays in the running kernel's chain: a later fork's children read it
+        share_with_jails(tmp / "disk.top")
     (tmp / "disk.top").unlink()
     timings["write"] = time.monotonic() - t2
     image = DurableImage(path=tmp, kernel_id=vk.kernel_id, name=name, created=time.time(),

@@ -8,8 +8,9 @@ the image, and pulls the template (and the image) from S3 on its first kernel.
 
 What the router must do is checked through real clients: REST and websockets, the SDK,
 jupyter_server in gateway mode (JupyterLab's server, its GatewayKernelManager), users and their isolation across hosts,
-a forged or unsigned forwarded identity refused by a host, and a host killed with SIGKILL
-(its kernels answer 404 naming the dead host; new kernels land on the others).
+a forged or unsigned forwarded identity refused by a host, a fork whose branches land on
+other hosts through S3 (and a corrupted chunk of one refused), and a host killed with
+SIGKILL (its kernels answer 404 naming the dead host; new kernels land on the others).
 """
 
 from __future__ import annotations
@@ -197,7 +198,7 @@ def test_the_sdk_through_the_router(cluster: Cluster) -> None:
             assert kernel.run_code("x + 1").text == "42"
             kernel.upload("f.txt", "through the router")
             assert kernel.download("f.txt") == b"through the router"
-            branches = kernel.fork(2)                # same host, through the router
+            branches = kernel.fork(2)                # placed by load (gateway.router)
             try:
                 assert [b.run_code("x + 2").text for b in branches] == ["43", "43"]
             finally:
@@ -339,6 +340,117 @@ def test_metrics_and_help(cluster: Cluster) -> None:
                          capture_output=True, text=True, timeout=60,
                          env={**os.environ, "VMKG_ROUTER_SECRET": "x"})
     assert bad.returncode == 2 and "no hosts" in bad.stderr
+
+
+def test_a_fork_puts_branches_on_other_hosts_through_the_store(cluster: Cluster) -> None:
+    """Parent on one host, 3 branches placed by load on all three hosts (the snapshot goes
+    through S3): each has the parent's state, they diverge independently, belong to the
+    parent's user, and reseeded their random state (clone safety). Then a corrupted chunk
+    of a fork snapshot is refused (on the same parent: one kernel start less)."""
+    r = _as(cluster.router, USERS["alice"])
+    parent = r.start_kernel()["id"]
+    branches: list[str] = []
+    try:
+        async def setup() -> Any:
+            ch = await Channels.open(cluster.router, parent)
+            try:
+                await ch.execute("import random\nx = [20261202]\nopen('f.txt', 'w').write('disk')")
+                return await ch.value("random.getstate()[1][:4]")
+            finally:
+                await ch.close()
+
+        parent_rng = asyncio.run(setup())
+        t0 = time.monotonic()
+        got = r.request("POST", f"/api/kernels/{parent}/fork", json={"count": 3})
+        assert got.status_code == 201, got.text
+        print(f"cross-host fork 1 -> 3 in {time.monotonic() - t0:.1f} s")
+        models = got.json()["kernels"]
+        branches = [m["id"] for m in models]
+        assert len(set(branches)) == 3 and parent not in branches
+        for m in models:                        # the answer says where each branch runs
+            assert cluster.host_of(m["id"]).url == m["host"]
+            assert m["parent_id"] == parent
+        assert len({m["host"] for m in models}) >= 2
+        assert cluster.host_of(parent).url in {m["host"] for m in models}   # ties stay local
+        for k in branches:                      # alice's, on whichever host
+            assert r.request("GET", f"/api/kernels/{k}").status_code == 200
+            assert r.request("GET", f"/api/kernels/{k}", token=USERS["bob"]).status_code == 404
+
+        async def check() -> None:
+            chans = {k: await Channels.open(cluster.router, k) for k in [parent, *branches]}
+            try:
+                for k in branches:
+                    assert await chans[k].value("x") == [20261202], k
+                    assert await chans[k].value("open('f.txt').read()") == "disk", k
+                rngs = [await chans[k].value("random.getstate()[1][:4]") for k in branches]
+                assert parent_rng not in rngs and len({tuple(v) for v in rngs}) == 3  # reseeded
+                await chans[branches[0]].execute("x.append(1)")
+                await chans[branches[1]].execute("x.append(2)")
+                assert await chans[branches[0]].value("x") == [20261202, 1]
+                assert await chans[branches[1]].value("x") == [20261202, 2]
+                assert await chans[branches[2]].value("x") == [20261202]
+                assert await chans[parent].value("x") == [20261202]
+            finally:
+                for ch in chans.values():
+                    await ch.close()
+
+        asyncio.run(check())
+        for k in branches:
+            cluster.router.delete_kernel(k)
+        check_a_corrupt_chunk_is_refused(cluster, parent)
+        # the captures left frozen layers in the parent's disk chain: a local fork reads them
+        home = cluster.host_of(parent)
+        again = home.request("POST", f"/api/kernels/{parent}/fork", json={"count": 1},
+                             token=USERS["alice"])
+        assert again.status_code == 201, again.text
+        home.delete_kernel(again.json()["kernels"][0]["id"])
+    finally:
+        for k in [*branches, parent]:
+            cluster.router.delete_kernel(k)
+    assert not {parent, *branches} & cluster.router.kernel_ids()
+    for h in (cluster.a, cluster.b, cluster.c):
+        imports = h.state_dir / "imports"
+        assert not (imports.exists() and list(imports.iterdir())), list(imports.iterdir())
+
+
+def check_a_corrupt_chunk_is_refused(cluster: Cluster, parent: str) -> None:
+    """The two halves of a cross-host fork straight at the hosts: the parent's host exports,
+    a chunk only this fork uses is corrupted in S3, another host refuses it, starts nothing."""
+    import zlib
+
+    from kernelmanager import store
+    from kernelmanager.store.archive import get_manifest, list_manifests
+
+    home = cluster.host_of(parent)
+    other = next(h for h in (cluster.a, cluster.b, cluster.c) if h is not home)
+    shared = store.open_store(cluster.store_url)
+    got = home.request("POST", f"/api/kernels/{parent}/fork-export", json={"local": 0},
+                       token=USERS["alice"])
+    assert got.status_code == 201, got.text
+    exported = got.json()
+    assert exported["kernels"] == [] and len(exported["fork_id"]) == 64
+    manifest = get_manifest(shared, "fork", exported["fork_id"])
+    assert manifest is not None and manifest.meta["parent_id"] == parent
+    elsewhere = set().union(*(m.chunk_keys() for kind in ("image", "template", "fork")
+                              for m in list_manifests(shared, kind) if m.id != manifest.id))
+    key = next(k for k in sorted(manifest.chunk_keys()) if k not in elsewhere)
+    original = shared.get(key, 8 << 20)
+    assert original is not None
+    data = bytearray(zlib.decompress(original))
+    data[len(data) // 2] ^= 0xFF                           # one flipped byte, well compressed
+    shared.put(key, zlib.compress(bytes(data)))
+    try:
+        before = other.kernel_ids()
+        body = {"fork_id": exported["fork_id"], "count": 1, "template": exported["template"],
+                "kernel_name": exported["kernel_name"], "parent_id": parent}
+        refused = other.request("POST", "/api/vmkg/fork-import", json=body, token=USERS["alice"])
+        assert refused.status_code == 503, refused.text
+        assert "corrupt" in refused.json()["message"]
+        assert other.kernel_ids() == before
+        imports = other.state_dir / "imports"
+        assert not (imports.exists() and list(imports.iterdir()))
+    finally:
+        shared.put(key, original)
 
 
 def test_a_killed_host_answers_clearly_and_new_kernels_go_elsewhere(cluster: Cluster) -> None:

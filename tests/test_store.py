@@ -20,7 +20,15 @@ import pytest
 from s3server import SeaweedS3, weed_binary
 
 from kernelmanager.exceptions import ConfigError
-from kernelmanager.store import LocalStore, ObjectStore, S3Store, StoreCorrupt, gc, open_store
+from kernelmanager.store import (
+    LocalStore,
+    ObjectStore,
+    S3Store,
+    StoreCorrupt,
+    StoreError,
+    gc,
+    open_store,
+)
 from kernelmanager.store.archive import (
     CHUNK,
     chunk_key,
@@ -201,3 +209,90 @@ def test_a_host_whose_store_has_no_matching_template_is_told_why(tmp_path: Path,
     assert "accel 'tcg' (this host: 'kvm')" in text and "cpu 'max' (this host: 'host')" in text
     assert "baking one on this host" in text
     assert "has no template 'other'" in text
+
+
+def test_unnamed_pushes_are_content_addressed_and_old_forks_expire(store: ObjectStore,
+                                                                  tmp_path: Path) -> None:
+    one = push_dir(store, "fork", None, make_dir(tmp_path / "a"), ["mem", "state"])
+    again = push_dir(store, "fork", None, make_dir(tmp_path / "a2"), ["mem", "state"])
+    other = push_dir(store, "fork", None, make_dir(tmp_path / "b", b"b"), ["mem", "state"])
+    assert len(one.id) == 64 and one.id == again.id != other.id
+    assert again.transferred == 0                                   # nothing new to upload
+    assert get_manifest(store, "fork", one.id) is not None
+    assert gc(store, grace=0).expired == []                         # young forks are kept
+    report = gc(store, grace=0, fork_grace=0)                       # old ones go, then their chunks
+    assert sorted(report.expired) == sorted(manifest_key("fork", i) for i in (one.id, other.id))
+    assert get_manifest(store, "fork", one.id) is None and chunk_objects(store) == []
+
+
+def test_a_fork_from_another_template_or_user_is_refused_before_download(tmp_path: Path) -> None:
+    from kernelmanager.durable import DurableImage
+    from kernelmanager.exceptions import TemplateIncompatible
+    from kernelmanager.snapshots import Snapshot
+    from kernelmanager.store.forks import pull_fork, push_fork
+    from kernelmanager.vm.qemu import MachineSpec
+
+    local = LocalStore(tmp_path / "store")
+
+    def template(accel: str) -> Snapshot:
+        d = tmp_path / f"t-{accel}"
+        return Snapshot(path=d, mem_file=d / "mem", state_file=d / "state", disk=d / "disk.qcow2",
+                        machine=MachineSpec(accel=accel), qemu_version="7.2.22", protocol_version=2,
+                        image_id="img", created=0.0)
+
+    src = make_dir(tmp_path / "img")
+    for name in ("disk.qcow2", "mem.delta"):
+        (src / name).write_bytes(b"q" * 100)
+    image = DurableImage(path=src, kernel_id="k1", name="x", created=1.0, template=tmp_path / "t-tcg")
+    fork_id = push_fork(local, image, template("tcg"), parent_id="k1", template_name="python3",
+                        owner="alice").id
+    with pytest.raises(StoreError, match="no fork snapshot .* of user 'bob'"):
+        pull_fork(local, fork_id, template("tcg"), tmp_path / "dest", owner="bob")
+    with pytest.raises(TemplateIncompatible, match=r"accel 'tcg' \(this host: 'kvm'\)"):
+        pull_fork(local, fork_id, template("kvm"), tmp_path / "dest")
+    assert not (tmp_path / "dest").exists()
+    with pytest.raises(StoreError, match="no fork snapshot"):
+        pull_fork(local, "0" * 64, template("tcg"), tmp_path / "dest")
+
+
+def test_a_pulled_fork_delta_keeps_its_holes_and_its_zero_pages(tmp_path: Path) -> None:
+    """In a RAM delta a hole means "the template's page" and zeros mean "a page the kernel
+    zeroed": chunks drop zeros and are dense, so the pull rebuilds the delta's extents."""
+    from kernelmanager.durable import DELTA, DurableImage, data_ranges
+    from kernelmanager.snapshots import Snapshot
+    from kernelmanager.store.forks import pull_fork, push_fork
+    from kernelmanager.vm.qemu import MachineSpec
+
+    local = LocalStore(tmp_path / "store")
+    t = tmp_path / "t"
+    tsnap = Snapshot(path=t, mem_file=t / "mem", state_file=t / "state", disk=t / "disk.qcow2",
+                     machine=MachineSpec(), qemu_version="7.2.22", protocol_version=2,
+                     image_id="img", created=0.0)
+    src = tmp_path / "img"
+    src.mkdir()
+    (src / "state").write_bytes(b"devices")
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(src / "disk.qcow2"), "1M"], check=True)
+    size = 3 * CHUNK
+    with open(src / DELTA, "wb") as f:
+        f.truncate(size)
+        f.seek(4096)
+        f.write(b"k" * 4096)                     # a page the kernel wrote, in a chunk with holes
+        f.seek(CHUNK + 8192)
+        f.write(bytes(3 * 4096))                 # pages the kernel zeroed (a zero chunk otherwise)
+    fd = os.open(src / DELTA, os.O_RDONLY)
+    want = data_ranges(fd, size)
+    os.close(fd)
+    assert want == [(4096, 8192), (CHUNK + 8192, CHUNK + 8192 + 3 * 4096)]
+    image = DurableImage(path=src, kernel_id="k1", name="x", created=1.0, template=t)
+    fork_id = push_fork(local, image, tsnap, parent_id="k1", template_name="python3").id
+    got = pull_fork(local, fork_id, tsnap, tmp_path / "dest")
+    fd = os.open(got.path / DELTA, os.O_RDONLY)
+    try:
+        assert data_ranges(fd, size) == want
+        assert os.pread(fd, 4096, 4096) == b"k" * 4096
+    finally:
+        os.close(fd)
+    assert got.template == t and got.kernel_id == "k1"
+    info = subprocess.run(["qemu-img", "info", "-U", str(got.path / "disk.qcow2")],
+                          capture_output=True, text=True, check=True).stdout
+    assert str(t / "disk.qcow2") in info                        # rebased onto this host's template

@@ -6,7 +6,9 @@ Layout in an ``ObjectStore``::
                                      SHA-256 of the *uncompressed* bytes
     manifests/<kind>/<id>.json       what one directory is: kind (image, template, fork),
                                      compatibility facts, and per file its size, mode and
-                                     (offset, length, sha) of every non-zero chunk
+                                     (offset, length, sha) of every non-zero chunk. A push
+                                     without an id names it by its content: the SHA-256 of
+                                     its file list and facts (a fork snapshot's id)
 
 A push uploads the chunks the store lacks (zero chunks and file holes are skipped: a
 template's 1 GiB RAM image is mostly zeros) and writes the manifest *last*, so a manifest
@@ -21,7 +23,9 @@ directory that is complete, verified and fixed up (``finish``) is renamed into p
 corrupt chunk raises ``StoreCorrupt`` and leaves nothing behind.
 
 ``gc`` deletes chunks no manifest names, older than a grace period (a push in progress has
-uploaded chunks whose manifest does not exist yet).
+uploaded chunks whose manifest does not exist yet). Fork snapshots are transient (they carry
+a fork from one host to others, which restore them at once): ``gc`` first drops fork
+manifests older than ``fork_grace``, then their chunks go with the others.
 """
 
 from __future__ import annotations
@@ -65,6 +69,7 @@ class TransferStats:
     transferred: int = 0         # chunks actually uploaded or downloaded
     bytes: int = 0               # compressed bytes moved
     seconds: float = 0.0
+    id: str = ""                 # the pushed directory's id (its content address if unnamed)
 
 
 @dataclass
@@ -152,13 +157,19 @@ def _data_ranges(fd: int, size: int) -> list[tuple[int, int]]:
     return [(off, min(CHUNK, size - off)) for off in offsets]
 
 
-def push_dir(store: ObjectStore, kind: str, id_: str, src: Path, names: list[str], *,
+def content_id(files: list[dict[str, Any]], compat: dict[str, Any]) -> str:
+    """The content address of a directory: SHA-256 of its file list (names, sizes, modes,
+    chunk hashes) and compatibility facts."""
+    return hashlib.sha256(json.dumps([files, compat], sort_keys=True).encode()).hexdigest()
+
+
+def push_dir(store: ObjectStore, kind: str, id_: str | None, src: Path, names: list[str], *,
              compat: dict[str, Any] | None = None, meta: dict[str, Any] | None = None) -> TransferStats:
     """Upload the files ``names`` of ``src`` as ``kind``/``id_`` (a no-op if the store has
-    it). Chunks first, manifest last."""
-    stats = TransferStats()
+    it; ``id_`` None: named by its content, ``stats.id``). Chunks first, manifest last."""
+    stats = TransferStats(id=id_ or "")
     t0 = time.monotonic()
-    if store.exists(manifest_key(kind, id_)):
+    if id_ is not None and store.exists(manifest_key(kind, id_)):
         return stats
     files: list[dict[str, Any]] = []
     counting = threading.Lock()   # the workers count into stats
@@ -193,6 +204,8 @@ def push_dir(store: ObjectStore, kind: str, id_: str, src: Path, names: list[str
             stats.chunks += len(chunks)
             files.append({"name": name, "size": st.st_size, "mode": st.st_mode & 0o777,
                           "chunks": [list(c) for c in chunks]})
+    if id_ is None:
+        id_ = stats.id = content_id(files, compat or {})
     manifest = Manifest(kind=kind, id=id_, files=files, compat=compat or {}, meta=meta or {},
                         created=time.time(), host=socket.gethostname())
     store.put(manifest_key(kind, id_), json.dumps(manifest.to_json()).encode())
@@ -279,16 +292,25 @@ class GCReport:
     manifests: int = 0
     chunks: int = 0
     deleted: list[str] = field(default_factory=list)
+    expired: list[str] = field(default_factory=list)   # fork manifests past fork_grace
 
 
-def gc(store: ObjectStore, *, grace: float = 3600.0, dry_run: bool = False) -> GCReport:
-    """Delete the chunks no manifest names that are older than ``grace`` seconds."""
+def gc(store: ObjectStore, *, grace: float = 3600.0, fork_grace: float = 86400.0,
+       dry_run: bool = False) -> GCReport:
+    """Delete fork manifests older than ``fork_grace`` seconds, then the chunks no manifest
+    names that are older than ``grace`` seconds."""
     report = GCReport()
     live: set[str] = set()
+    now = time.time()
     for kind in ("image", "template", "fork"):
         for m in list_manifests(store, kind):
+            if kind == "fork" and m.created < now - fork_grace:
+                report.expired.append(manifest_key(kind, m.id))
+                continue
             report.manifests += 1
             live |= m.chunk_keys()
+    if not dry_run and report.expired:
+        store.delete(report.expired)
     cutoff = time.time() - grace
     for key, mtime in store.keys("chunks/"):
         report.chunks += 1
