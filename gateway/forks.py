@@ -32,6 +32,7 @@ from __future__ import annotations
 import time
 import uuid
 from collections import deque
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from jupyter_server.auth.identity import User
@@ -69,22 +70,17 @@ def children_of(mkm: Any, kernel_id: str, user: Any = None) -> list[str]:
             and (user is None or users.may_act(user, kid, mkm.owners.get(kid)))]
 
 
-async def fork_kernel(mkm: Any, kernel_id: str, count: int, *, reseed: bool = True,
-                      timeout: float = 30.0, user: Any = None, checkpoint: str | None = None) -> list[str]:
-    """Fork ``kernel_id`` into ``count`` new kernels of ``mkm`` owned by ``user`` (None: the
-    admin); returns their ids."""
-    if user is not None:
-        mkm.check_owner(kernel_id, user)
-    mkm._check_kernel_id(kernel_id)
-    parent = mkm.get_kernel(kernel_id)
-    username = users.tenant(user) or mkm.usernames.get(kernel_id, "")
-    mkm._check_limits(username, count)  # before the snapshot: all the children fit, or none start
+def child_starters(mkm: Any, kernel_name: str, user: Any, username: str
+                   ) -> tuple[Callable[[ForkSource], Awaitable[str]], Callable[[str], Awaitable[None]]]:
+    """``(start_child, stop_child)`` for ``kernelmanager.fork`` and the cross-host fork:
+    each branch a kernel of ``mkm`` owned by ``user`` (tenant ``username``), started from
+    a fork source; one that fails to start is shut down before the error goes on."""
     env = {"KERNEL_USERNAME": username} if username else {}
 
     async def start_child(source: ForkSource) -> str:
         kid = str(uuid.uuid4())
         try:
-            await mkm.start_kernel(kernel_name=parent.kernel_name, kernel_id=kid, env=env,
+            await mkm.start_kernel(kernel_name=kernel_name, kernel_id=kid, env=env,
                                    user=user, fork_source=source)
         except BaseException:
             if kid in mkm:
@@ -97,6 +93,20 @@ async def fork_kernel(mkm: Any, kernel_id: str, count: int, *, reseed: bool = Tr
         if kid in mkm:
             await mkm.shutdown_kernel(kid, now=True)
 
+    return start_child, stop_child
+
+
+async def fork_kernel(mkm: Any, kernel_id: str, count: int, *, reseed: bool = True,
+                      timeout: float = 30.0, user: Any = None, checkpoint: str | None = None) -> list[str]:
+    """Fork ``kernel_id`` into ``count`` new kernels of ``mkm`` owned by ``user`` (None: the
+    admin); returns their ids."""
+    if user is not None:
+        mkm.check_owner(kernel_id, user)
+    mkm._check_kernel_id(kernel_id)
+    parent = mkm.get_kernel(kernel_id)
+    username = users.tenant(user) or mkm.usernames.get(kernel_id, "")
+    mkm._check_limits(username, count)  # before the snapshot: all the children fit, or none start
+    start_child, stop_child = child_starters(mkm, parent.kernel_name, user, username)
     ids: list[str] = await fork(parent, count, reseed=reseed, idle_timeout=timeout,
                                 checkpoint=checkpoint, start_child=start_child, stop_child=stop_child)
     mkm.log.info("kernel %s: forked into %d (%s)", kernel_id, count, ", ".join(i[:8] for i in ids))

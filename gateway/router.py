@@ -63,7 +63,6 @@ import secrets
 import signal
 import socket
 import time
-import uuid
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any
@@ -82,6 +81,7 @@ from kernelmanager import export_fork, import_fork, kernelspec_name, store_confi
 from . import errors, forwarded, logs, users
 from .auth import TokenIdentityProvider
 from .envvars import env_trait
+from .forks import child_starters
 from .handlers import GatewayHandlerMixin, _finish_json, unauthorized_message
 
 log = logging.getLogger("vmkg.router")
@@ -149,25 +149,7 @@ class _ForkBase(GatewayHandlerMixin, APIHandler):
         user = self.current_user
         username = users.tenant(user) or ""
         mkm._check_limits(username, count)   # before the snapshot: all fit, or none start
-        env = {"KERNEL_USERNAME": username} if username else {}
-
-        async def start_child(source: Any) -> str:
-            kid = str(uuid.uuid4())
-            try:
-                await mkm.start_kernel(kernel_name=kernel_name, kernel_id=kid, env=env, user=user,
-                                       fork_source=source)
-            except BaseException:
-                if kid in mkm:
-                    await mkm.shutdown_kernel(kid, now=True)
-                raise
-            mkm.sources[kid] = "fork"
-            return kid
-
-        async def stop_child(kid: str) -> None:
-            if kid in mkm:
-                await mkm.shutdown_kernel(kid, now=True)
-
-        return start_child, stop_child
+        return child_starters(mkm, kernel_name, user, username)
 
 
 class ForkExportHandler(_ForkBase):
