@@ -64,6 +64,8 @@ PANDAS_CELL = "import numpy, pandas; pandas.DataFrame({'a': range(1000)}).descri
 PLOT_CELL = ("import io, matplotlib.pyplot as plt\nfig, ax = plt.subplots(); ax.plot([1, 3, 2])\n"
              "buf = io.BytesIO(); fig.savefig(buf, format='png'); plt.close(fig); len(buf.getvalue()) > 0")
 LOOP_LINES = 200000
+#: extra environment of the vmkg servers (``--tcg-tb-mb``)
+EXTRA_ENV: dict[str, str] = {}
 
 
 def loop_cell(lines: int) -> str:
@@ -125,7 +127,7 @@ def wait_http(url: str, proc: subprocess.Popen[str], timeout: float = 120) -> No
 
 def start_vmkg(workdir: Path, pool: int) -> Server:
     env = {**os.environ, "VMKG_AUTH_TOKEN": TOKEN, "VMKG_STATE_DIR": str(workdir / "state"),
-           "PYTHONUNBUFFERED": "1"}
+           "PYTHONUNBUFFERED": "1", **EXTRA_ENV}
     log = open(workdir / f"vmkg-pool{pool}.log", "w")
     proc = subprocess.Popen([sys.executable, "-c", "from gateway.app import main; main()", "serve",
                              "--ip=127.0.0.1", "--port=0", f"--pool-size={pool}", "--log-level=WARN"],
@@ -748,7 +750,11 @@ def main() -> int:
     ap.add_argument("--only", default="", help="comma-separated sections: create, cells, pooled, rtt, "
                                                "output, burst, sustained, memory, concurrent (default all)")
     ap.add_argument("--json", help="write the raw numbers here")
+    ap.add_argument("--tcg-tb-mb", type=int, default=0,
+                    help="TCG translation cache of vmkg's VMs in MB ($VMKG_TCG_TB_MB; default: the gateway's)")
     args = ap.parse_args()
+    if args.tcg_tb_mb:
+        EXTRA_ENV["VMKG_TCG_TB_MB"] = str(args.tcg_tb_mb)
     results = asyncio.run(main_async(args))
     report(results)
     if args.json:
