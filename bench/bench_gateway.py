@@ -294,18 +294,18 @@ async def pooled_first_execute(srv: Server, n: int) -> tuple[float, float, float
     time is what load does not inflate)."""
     await asyncio.to_thread(wait_pool, srv)
     await asyncio.sleep(1.0)
-    kid = await asyncio.to_thread(srv.post_kernel)
+    kid, procs = await asyncio.to_thread(post_kernel_procs, srv)
     ws = await connect(srv, kid)
     try:
-        k0, t0 = kernel_side_cpu(srv), time.perf_counter()
+        k0, t0 = cpu_of(procs), time.perf_counter()
         await run_cell(ws, "x = 41; x + 1")
-        first, first_cpu = time.perf_counter() - t0, cpu_since(k0, srv)
+        first, first_cpu = time.perf_counter() - t0, cpu_of(procs) - k0
         warm, warm_cpu = [], []
         for _ in range(n):
-            k0, t0 = kernel_side_cpu(srv), time.perf_counter()
+            k0, t0 = cpu_of(procs), time.perf_counter()
             await run_cell(ws, "x = 41; x + 1")
             warm.append(time.perf_counter() - t0)
-            warm_cpu.append(cpu_since(k0, srv))
+            warm_cpu.append(cpu_of(procs) - k0)
         return first, statistics.median(warm), first_cpu, statistics.median(warm_cpu)
     finally:
         await dispose(srv, kid, ws)
@@ -317,15 +317,15 @@ async def loop_output(srv: Server, v1: bool, lines: int = LOOP_LINES
     kernel was busy with it by its own clock, seconds the same loop takes writing to
     /dev/null inside the kernel, CPU seconds of the kernel side - QEMU or ipykernel - and
     of the gateway process during the loop)."""
-    kid = await asyncio.to_thread(srv.post_kernel)
+    kid, procs = await asyncio.to_thread(post_kernel_procs, srv)
     ws = await connect(srv, kid, v1=v1)
     try:
         await settle(srv)
         await run_cell(ws, "1+1")
-        k0, g0, t0 = kernel_side_cpu(srv), cpu_seconds(srv.proc.pid), time.perf_counter()
+        k0, g0, t0 = cpu_of(procs), cpu_seconds(srv.proc.pid), time.perf_counter()
         r = await run_cell(ws, loop_cell(lines), timeout=3600)
         took = time.perf_counter() - t0
-        kcpu, gcpu = cpu_since(k0, srv), cpu_seconds(srv.proc.pid) - g0
+        kcpu, gcpu = cpu_of(procs) - k0, cpu_seconds(srv.proc.pid) - g0
         sink = float((await run_cell(ws, loop_sink_cell(lines), until="result", timeout=3600))["result"])
         return r["stdout"], took, r["kernel"], sink, kcpu, gcpu
     finally:
@@ -375,14 +375,14 @@ async def warm_rtt(srv: Server, n: int, code: str = "1+1",
     the CPU time the gateway process (vmkg: jupyter_server and the relay; Kernel Gateway:
     jupyter_server) spent per round trip to ``gateway_cpu`` (once, over all ``n``: CPU
     time, unlike wall time, does not grow with the machine's load)."""
-    kid = await asyncio.to_thread(srv.post_kernel)
+    kid, procs = await asyncio.to_thread(post_kernel_procs, srv)
     ws = await connect(srv, kid)
     try:
         await settle(srv)
         for _ in range(8):
             await run_cell(ws, code)
         out = []
-        c0, k0 = cpu_seconds(srv.proc.pid), kernel_side_cpu(srv)
+        c0, k0 = cpu_seconds(srv.proc.pid), cpu_of(procs)
         for _ in range(n):
             t0 = time.perf_counter()
             r = await run_cell(ws, code)
@@ -392,7 +392,7 @@ async def warm_rtt(srv: Server, n: int, code: str = "1+1",
         if gateway_cpu is not None:
             gateway_cpu.append((cpu_seconds(srv.proc.pid) - c0) / n)
         if kernel_cpu is not None:
-            kernel_cpu.append(cpu_since(k0, srv) / n)
+            kernel_cpu.append((cpu_of(procs) - k0) / n)
         return out
     finally:
         await ws.close()
@@ -421,22 +421,39 @@ def descendants(pid: int) -> list[int]:
     return out
 
 
-def kernel_side_cpu(srv: Server) -> dict[int, float]:
-    """CPU seconds so far of every process the server started (vmkg: the QEMUs - the
-    emulated guest with its kernel, agent and devices; Kernel Gateway: the ipykernels)."""
-    out = {}
+def kernel_procs(srv: Server) -> set[int]:
+    """The kernel processes the server started: vmkg's QEMUs (the emulated guest with its
+    kernel, agent and devices), Kernel Gateway's ipykernels."""
+    out = set()
     for pid in descendants(srv.proc.pid):
         try:
-            out[pid] = cpu_seconds(pid)
-        except (OSError, IndexError, ValueError):
-            pass
+            comm = Path(f"/proc/{pid}/comm").read_text().strip()
+        except OSError:
+            continue
+        if comm.startswith("qemu") or not srv.label.startswith("vmkg"):
+            out.add(pid)
     return out
 
 
-def cpu_since(before: dict[int, float], srv: Server) -> float:
-    """CPU the server's descendants spent since ``before`` (those that lived through it)."""
-    now = kernel_side_cpu(srv)
-    return sum(now[p] - before[p] for p in now if p in before)
+def post_kernel_procs(srv: Server) -> tuple[str, set[int]]:
+    """POST a kernel: (its id, the processes that are that kernel). A vmkg server with a
+    pool of 1 hands out the one pooled VM that ran before the POST (the refill restores
+    another later: not this kernel's); Kernel Gateway starts a new process."""
+    before = kernel_procs(srv)
+    kid = srv.post_kernel()
+    if srv.label.startswith("vmkg") and "(pool 1)" in srv.label and len(before) == 1:
+        return kid, before
+    return kid, kernel_procs(srv) - before
+
+
+def cpu_of(pids: set[int]) -> float:
+    total = 0.0
+    for pid in pids:
+        try:
+            total += cpu_seconds(pid)
+        except (OSError, IndexError, ValueError):
+            pass
+    return total
 
 
 async def throughput(srv: Server) -> tuple[int, float, float]:

@@ -255,9 +255,12 @@ class WarmPool:
         try:
             info = await kc.kernel_info(reply=True, timeout=WARM_TIMEOUT)
             if self.owner.pool_warmup_code:
+                # the heavy cells first: their code can overflow TCG's translation cache,
+                # which is then flushed whole; the light cells after them translate the
+                # execute path again, last, so a client's first cell finds it translated
+                await kc.execute(IOPUB_WARMUP, reply=True, timeout=WARM_TIMEOUT)
                 for _ in range(2):
                     await kc.execute(self.owner.pool_warmup_code, reply=True, timeout=WARM_TIMEOUT)
-                await kc.execute(IOPUB_WARMUP, reply=True, timeout=WARM_TIMEOUT)
                 await self._drain_iopub(kc)
                 reply = await kc.execute("get_ipython().reset(new_session=True)", silent=True,
                                          store_history=False, reply=True, timeout=WARM_TIMEOUT)
