@@ -33,6 +33,9 @@ Warming (``_warm``): besides ``pool_warmup_code`` on shell, the iopub channel is
 subscribed and ``IOPUB_WARMUP`` is run (print, display, a result, a pandas describe()
 and a matplotlib PNG where the template has them), so the paths a client's first cells
 take have run once in this VM - under TCG, translated - before the kernel is handed out.
+``IOPUB_WARMUP`` runs first and ``pool_warmup_code`` after it: TCG flushes its whole
+translation cache when it fills (``$VMKG_TCG_TB_MB``), and the heavy cells can fill it, so
+the light execute path a client's first cell takes is translated last.
 
 What the pool needs from its owner is :class:`PoolOwner`; nothing else of the kernel
 manager is touched.
