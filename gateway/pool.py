@@ -33,6 +33,9 @@ Warming (``_warm``): besides ``pool_warmup_code`` on shell, the iopub channel is
 subscribed and ``IOPUB_WARMUP`` is run (print, display, a result, a pandas describe()
 and a matplotlib PNG where the template has them), so the paths a client's first cells
 take have run once in this VM - under TCG, translated - before the kernel is handed out.
+``IOPUB_WARMUP`` runs first and ``pool_warmup_code`` after it: TCG flushes its whole
+translation cache when it fills (``$VMKG_TCG_TB_MB``), and the heavy cells can fill it, so
+the light execute path a client's first cell takes is translated last.
 
 What the pool needs from its owner is :class:`PoolOwner`; nothing else of the kernel
 manager is touched.
@@ -255,9 +258,12 @@ class WarmPool:
         try:
             info = await kc.kernel_info(reply=True, timeout=WARM_TIMEOUT)
             if self.owner.pool_warmup_code:
+                # the heavy cells first: their code can overflow TCG's translation cache,
+                # which is then flushed whole; the light cells after them translate the
+                # execute path again, last, so a client's first cell finds it translated
+                await kc.execute(IOPUB_WARMUP, reply=True, timeout=WARM_TIMEOUT)
                 for _ in range(2):
                     await kc.execute(self.owner.pool_warmup_code, reply=True, timeout=WARM_TIMEOUT)
-                await kc.execute(IOPUB_WARMUP, reply=True, timeout=WARM_TIMEOUT)
                 await self._drain_iopub(kc)
                 reply = await kc.execute("get_ipython().reset(new_session=True)", silent=True,
                                          store_history=False, reply=True, timeout=WARM_TIMEOUT)

@@ -71,6 +71,11 @@ DELIM = b"<IDS|MSG>"
 READ_SIZE = 1 << 20
 #: requests served in order with the Jupyter messages around them
 ORDERED_OPS = frozenset({"restore", "thaw"})
+#: IPython's input history in memory, not in ~/.ipython's SQLite file: the file's writer
+#: thread committed (journal, fsync) after every cell, on the VM's one emulated CPU, in the
+#: middle of the cell's round trip; the VM's disk does not outlive the kernel anyway (a
+#: durable kernel's memory, history included, does). ``%history`` and ``In`` still work.
+KERNEL_ARGS = ("--HistoryManager.hist_file=:memory:",)
 #: seconds the agent holds shell input for a %fork the host never answers, beyond its timeout
 FORK_HOLD_GRACE = 120.0
 #: after a template's warm-up cells (``ready``'s optional ``warmup``): drop their
@@ -118,6 +123,7 @@ class Agent:
         self._pending: dict[str, float] = {}  # shell requests sent to the kernel, not yet answered
         self.frozen = False
         self._held: list[JupyterMessage] = []
+        self._flush_scheduled = False
         #: a %fork is waiting for the kernel to go idle: shell input is held meanwhile
         self.hold_shell = False
         self._fork_ids = 0
@@ -147,7 +153,7 @@ class Agent:
         }
         logf = open(os.path.join(RUN_DIR, "kernel.log"), "ab")  # noqa: SIM115 (child owns it)
         self.kernel = subprocess.Popen(
-            [sys.executable, "-m", "ipykernel_launcher", "-f", path],
+            [sys.executable, "-m", "ipykernel_launcher", "-f", path, *KERNEL_ARGS],
             env=env, cwd=KERNEL_HOME, user=KERNEL_USER, group=KERNEL_USER, extra_groups=[],
             stdin=subprocess.DEVNULL, stdout=logf, stderr=logf, start_new_session=True,
         )
@@ -256,8 +262,20 @@ class Agent:
                 self.send_control({"event": "dropped", "channel": channel, "size": len(message)})
                 continue
             self.endpoint.send(message)
-            if self.link:
-                self.link.flush()
+            self._flush_soon()
+
+    def _flush_soon(self) -> None:
+        """Write what the pumps queued once they have drained what ZMQ holds: a zmq.asyncio
+        receive of a waiting message does not yield, so a burst of kernel messages leaves
+        in one write (one exit to the VMM) instead of one per message."""
+        if not self._flush_scheduled:
+            self._flush_scheduled = True
+            asyncio.get_running_loop().call_soon(self._flush_now)
+
+    def _flush_now(self) -> None:
+        self._flush_scheduled = False
+        if self.link:
+            self.link.flush()
 
     async def _after_busy(self, parts: list[bytes], wait: float = 2.0) -> None:
         """Hold a shell reply until its request's ``busy`` status went out on iopub.

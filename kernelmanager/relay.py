@@ -29,6 +29,14 @@ marks (``OUT_HWM``: past it, PUB drops for that slow subscriber as ZMQ always do
 Input is bounded the same way: a ROUTER holds at most ``IN_HWM`` messages per client
 before ZMQ stops reading it, and the channel's window bounds what waits for the guest.
 
+kernel_info on control is answered here once the attached VM has answered one itself:
+with its reply's content and session, and ``busy``/``idle`` around it on iopub, as
+ipykernel answers control requests. Every new websocket's jupyter_server "nudge" asks
+kernel_info on shell and control and waits for either reply (and any iopub message: the
+welcome above), so a fresh websocket - a pooled kernel's first client - no longer waits
+a round trip through the emulated VM before its first cell goes in. Shell requests all go
+to the kernel, in order. A new VM (``attach``) answers its own first kernel_info again.
+
 A kernel whose channel fails, or any of whose loops here raises, is *dead*: the relay
 tells the clients (a notice and an ``execution_state: dead`` status on iopub), drops
 their further input and stops answering heartbeats, so jupyter_client reports the
@@ -72,6 +80,8 @@ OUT_HWM = 10_000
 IN_HWM = 1000
 #: at most one notice per this many seconds in a kernel's output
 NOTICE_INTERVAL = 1.0
+#: the largest kernel_info reply content the relay keeps to answer control requests with
+KERNEL_INFO_MAX = 64 << 10
 
 
 class KernelRelay:
@@ -112,6 +122,9 @@ class KernelRelay:
         self._last_request_header = b"{}"
         self._last_notice = -1e9
         self._notices_suppressed = 0
+        #: the attached VM's kernel_info reply: (its header's session fields, content frame)
+        self._kernel_info: tuple[dict[str, Any], bytes] | None = None
+        self.kernel_info_answered = 0
 
     # -- lifecycle --------------------------------------------------------------------
 
@@ -173,6 +186,7 @@ class KernelRelay:
         channel.on_violation = self._guest_violation
         channel.on_failure.append(lambda exc: self._channel_failed(channel, exc))
         self._current = channel
+        self._kernel_info = None  # a new VM answers its own first kernel_info
         self.dead = None  # a restart brings a dead kernel back
         if not self._held:
             self._channel = channel
@@ -192,6 +206,7 @@ class KernelRelay:
     def detach(self) -> None:
         self._channel = None
         self._current = None
+        self._kernel_info = None
 
     async def close(self) -> None:
         for t in self._tasks:
@@ -282,6 +297,10 @@ class KernelRelay:
             if self.on_activity:
                 self.on_activity(name, parts)
             channel = self._channel
+            if (name == "control" and self._kernel_info is not None and channel is not None
+                    and b'"kernel_info_request"' in parts[i + 2] and self.alive()
+                    and self._answer_kernel_info(parts[:i], parts[i + 2])):
+                continue
             # held, not sent, also while the kernel behind the channel is dead (its process
             # exited, the VM is about to be replaced): a local kernel's client would have the
             # message wait in its socket for the restarted kernel, not vanish
@@ -336,6 +355,51 @@ class KernelRelay:
                     json.dumps({"subscription": topic.decode("utf-8", "replace")}).encode()]
             parts = ([topic] if topic else []) + [DELIM, self.sign(body), *body]
             await sock.send_multipart(parts)
+
+    # -- kernel_info on control, answered here ------------------------------------------------
+
+    def _answer_kernel_info(self, idents: list[bytes], request_header: bytes) -> bool:
+        """Answer a control-channel kernel_info_request with the attached VM's own reply, as
+        ipykernel does on control (``busy``, the reply, ``idle``, all parented to the
+        request); True if answered. Every new websocket's jupyter_server "nudge" asks
+        kernel_info on shell and control and waits for one reply: answered here, a fresh
+        websocket's first cell no longer waits a round trip through the emulated VM (the
+        shell request still goes to the kernel, in order with the cells)."""
+        try:
+            header = json.loads(request_header)
+        except ValueError:
+            return False
+        if not isinstance(header, dict) or header.get("msg_type") != "kernel_info_request":
+            return False
+        assert self._kernel_info is not None
+        fields, content = self._kernel_info
+        self._publish_as_kernel("status", b'{"execution_state":"busy"}', request_header, fields)
+        reply = json.dumps({**self._header("kernel_info_reply"), **fields}).encode()
+        body = [reply, request_header, b"{}", content]
+        self.sockets["control"].send_multipart([*idents, DELIM, self.sign(body), *body])
+        self._publish_as_kernel("status", b'{"execution_state":"idle"}', request_header, fields)
+        self.kernel_info_answered += 1
+        return True
+
+    def _publish_as_kernel(self, msg_type: str, content: bytes, parent: bytes, fields: dict[str, Any]) -> None:
+        body = [json.dumps({**self._header(msg_type), **fields}).encode(), parent, b"{}", content]
+        parts = [f"kernel.{fields.get('session', 'vmkg')}.{msg_type}".encode(), DELIM, self.sign(body), *body]
+        self.sockets["iopub"].send_multipart(parts)
+
+    def _keep_kernel_info(self, parts: list[bytes], i: int) -> None:
+        """Keep the VM's kernel_info reply (see ``_answer_kernel_info``): bounded, parsed
+        only after ``_refuse`` checked sizes and depth, and only a successful one."""
+        if len(parts[i + 5]) > KERNEL_INFO_MAX:
+            return
+        try:
+            header, content = json.loads(parts[i + 2]), json.loads(parts[i + 5])
+        except ValueError:
+            return
+        if (isinstance(header, dict) and header.get("msg_type") == "kernel_info_reply"
+                and isinstance(content, dict) and content.get("status") == "ok"):
+            fields = {k: header[k] for k in ("session", "username", "version")
+                      if isinstance(header.get(k), str) and len(header[k]) <= 200}
+            self._kernel_info = (fields, parts[i + 5])
 
     # -- notices (the relay's own iopub messages) ----------------------------------------------
 
@@ -394,6 +458,8 @@ class KernelRelay:
                 self._guest_violation(why[0], why[1])
             return
         i = parts.index(DELIM)
+        if self._kernel_info is None and channel != "iopub" and b'"kernel_info_reply"' in parts[i + 2]:
+            self._keep_kernel_info(parts, i)
         parts[i + 1] = self.sign(parts[i + 2:i + 6])
         if self.on_activity:
             self.on_activity(channel, parts)
