@@ -190,19 +190,21 @@ async def test_cull_oldest_makes_room_in_the_budget_instead_of_507(
         tmp_path_factory: pytest.TempPathFactory) -> None:
     """With VMKG_DURABLE_CULL_OLDEST a hibernation past the budget culls the oldest sleeping
     kernel (logged, gone, its images deleted) instead of 507 (without it: 507, above).
-    Each kernel writes 30 MB; an image takes 70-95 MB (what ipykernel and the guest dirtied
-    besides varies): two fit in 200 MB, three do not."""
+    Each kernel writes 200 MB, so its data rules its image's size: an image takes that plus
+    what ipykernel and the guest dirtied besides, 13 MB on one template and 40-65 MB on
+    another. Two images fit in 580 MB with that overhead up to 90 MB; three do not unless it
+    is under -7 MB."""
     with serving(tmp_path_factory.mktemp("gw-cull"), "--pool-size=0", "--durable-cull-oldest",
-                 env={"VMKG_DURABLE_BUDGET_MB": "200"}) as g:
+                 env={"VMKG_DURABLE_BUDGET_MB": "580"}) as g:
         kids = [g.start_kernel()["id"] for _ in range(3)]
         for i, kid in enumerate(kids):
-            await gw_value(g, kid, f"import os\nmine = os.urandom(30 * 2**20)\nmark = {i}")
+            await gw_value(g, kid, f"import os\nmine = os.urandom(200 * 2**20)\nmark = {i}")
         oldest, second, third = kids
         for kid in (oldest, second):
             assert post(g, f"/api/kernels/{kid}/hibernate")["vmkg"]["hibernated"] is True
         state = g.state_dir / "durable"
         assert (state / oldest).is_dir()
-        model = post(g, f"/api/kernels/{third}/hibernate")  # over 200 MB: the oldest goes
+        model = post(g, f"/api/kernels/{third}/hibernate")  # over 580 MB: the oldest goes
         assert model["vmkg"]["hibernated"] is True, model
         assert g.request("GET", f"/api/kernels/{oldest}").status_code == 404
         assert not (state / oldest).exists()
@@ -212,8 +214,8 @@ async def test_cull_oldest_makes_room_in_the_budget_instead_of_507(
         assert g.metric("vmkg_durable_culled_total") == 1
         # the others sleep on and wake with their state
         assert g.request("GET", f"/api/kernels/{second}").json()["vmkg"]["hibernated"] is True
-        assert await gw_value(g, second, "", "[mark, len(mine)]") == [1, 30 << 20]
-        assert await gw_value(g, third, "", "[mark, len(mine)]") == [2, 30 << 20]
+        assert await gw_value(g, second, "", "[mark, len(mine)]") == [1, 200 << 20]
+        assert await gw_value(g, third, "", "[mark, len(mine)]") == [2, 200 << 20]
         for kid in (second, third):
             g.delete_kernel(kid)
 
