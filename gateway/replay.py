@@ -33,6 +33,12 @@ does about that is here, in two mixins over jupyter_server's classes:
   was still connecting (waiting for the kernel's kernel_info reply) is refused with 409
   instead of opening beside it: both would carry the session id as their ZMQ identity
   and the kernel's replies could go to the abandoned one (``_superseded``).
+- **Replayed to a ghost.** The abandoned websocket of such a pair may have opened before
+  the live one arrived, and taken what was kept for the kernel (a reloaded page's output).
+  A connection whose client has not sent anything yet keeps what it was written for
+  ``HANDOVER_SECONDS`` (at most ``max_buffered_bytes``); a newer websocket of the same
+  session that replaces it gets that again first (``handover``). A client that has spoken
+  is alive and keeps nothing: a real reconnect of one gets what was kept for it, as before.
 - **Not coming back: interrupt on disconnect.** A client that dies mid-cell would leave
   its kernel busy forever (idle culling spares busy kernels). With
   ``interrupt_on_disconnect`` (default on), when the last websocket of a busy kernel
@@ -68,6 +74,9 @@ RINGS_PER_KERNEL = 4
 #: a resumable session's kept messages are dropped after this long without a connection
 RING_TTL = 600.0
 STALE_CLOSE_WAIT = 10.0
+#: how long a connection whose client never spoke keeps what it was written, for a newer
+#: websocket of its session to get again (see "Replayed to a ghost")
+HANDOVER_SECONDS = 30.0
 
 DISCONNECT_INTERRUPTS = Counter("vmkg_disconnect_interrupts_total",
                                 "Busy kernels interrupted because no client stayed connected")
@@ -149,6 +158,11 @@ class ReconnectMixin(LoggingConfigurable):
         #: bytes replayed to this connection when it connected (a resume window, a kept
         #: buffer): they were held already, so they do not count as the client falling behind
         self.replay_allowance = 0
+        #: written while the client had not spoken yet (see "Replayed to a ghost")
+        self._unheard: list[tuple[str, list[Any]]] | None = []
+        self._unheard_bytes = 0
+        self._unheard_until = time.monotonic() + HANDOVER_SECONDS
+        self._inherited: list[tuple[str, list[Any]]] = []
 
     # -- resume ------------------------------------------------------------------------
 
@@ -160,9 +174,10 @@ class ReconnectMixin(LoggingConfigurable):
             return None
 
     async def prepare(self) -> None:
-        stale = None
-        if self._resume_arg() is not None:
-            stale = session_connection(self.kernel_id, self.session.session)
+        previous = session_connection(self.kernel_id, self.session.session)
+        if previous is not None and previous is not self and hasattr(previous, "handover"):
+            self._inherited = previous.handover()
+        stale = previous if self._resume_arg() is not None else None
         await super().prepare()  # type: ignore[misc]  # closes a stale websocket of the session
         newer = session_connection(self.kernel_id, self.session.session)
         if newer is not None and newer is not self:
@@ -173,6 +188,37 @@ class ReconnectMixin(LoggingConfigurable):
             except asyncio.TimeoutError:
                 self.log.warning("kernel %s: the previous websocket of session %s is still closing",
                                  self.kernel_id, self.session.session)
+
+    # -- a websocket whose client never spoke (see "Replayed to a ghost") ----------------
+
+    def _forget_unheard(self) -> None:
+        self._unheard = None
+
+    def heard_from_client(self) -> None:
+        """The client sent a message: it is alive; what it was written is its own."""
+        self._unheard = None
+
+    def _note_unheard(self, channel: str | None, parts: list[Any]) -> None:
+        if self._unheard is None or not channel:
+            return
+        size = sum(len(p) for p in parts)
+        if (time.monotonic() > self._unheard_until
+                or self._unheard_bytes + size > self.multi_kernel_manager.max_buffered_bytes):
+            self._unheard = None  # past the window or the bound: a handover would be partial
+            return
+        self._unheard.append((channel, parts))
+        self._unheard_bytes += size
+
+    def handover(self) -> list[tuple[str, list[Any]]]:
+        """What this connection was written, if its client never sent anything within
+        ``HANDOVER_SECONDS``: for the newer websocket of its session that replaces it."""
+        unheard, self._unheard = self._unheard, None
+        if not unheard or time.monotonic() > self._unheard_until:
+            return []
+        self.log.info("kernel %s: session %s: a newer websocket takes over %d messages written "
+                      "to one whose client never spoke", self.kernel_id, self.session.session,
+                      len(unheard))
+        return unheard
 
     def _superseded(self) -> None:
         """Refuse this websocket: a newer one of the same session registered while this one
@@ -227,21 +273,27 @@ class ReconnectMixin(LoggingConfigurable):
             timer.cancel()
 
     def connect(self) -> Any:
+        asyncio.get_running_loop().call_later(HANDOVER_SECONDS, self._forget_unheard)
         last = self._resume_arg()
         self._resumable = last is not None
         mkm = self.multi_kernel_manager
         self.replay_allowance = mkm.buffered_bytes(self.kernel_id)
-        if last is None:
+        inherited, self._inherited = self._inherited, []
+        if last is None and not inherited:
             return super().connect()  # type: ignore[misc]
-        ring = self._ring(create=True)
-        lost = ring.after(last) if ring is not None else []
+        ring = self._ring(create=True) if last is not None else None
+        lost = ring.after(last) if ring is not None and last is not None else []
+        if inherited:  # older than what the ring kept after the client's last message
+            resent = {wire.msg_id(parts) for _, parts in lost}
+            lost = [(c, p) for c, p in inherited if wire.msg_id(p) not in resent] + lost
         self.replay_allowance += sum(len(p) for _, parts in lost for p in parts)
         into_buffer = bool(lost) and mkm.buffered_session(self.kernel_id) == self.session_key
         if into_buffer:
             mkm.prepend_buffered(self.kernel_id, self.session_key, lost)
         if lost:
-            self.log.info("kernel %s: resuming session %s: resending %d messages", self.kernel_id,
-                          self.session.session, len(lost))
+            self.log.info("kernel %s: %s session %s: resending %d messages", self.kernel_id,
+                          "resuming" if last is not None else "taking over", self.session.session,
+                          len(lost))
         connected = super().connect()  # type: ignore[misc]
         if lost and not into_buffer and connected is not None:
             connected.add_done_callback(lambda _: self._resend(lost))
@@ -264,6 +316,7 @@ class ReconnectMixin(LoggingConfigurable):
             if len(self._undelivered) < self.multi_kernel_manager.max_buffered_messages:
                 self._undelivered.append((channel, outgoing_msg))
             return
+        self._note_unheard(channel, outgoing_msg)
         if getattr(self, "_resumable", False):
             ring = self._ring(create=False)
             if ring is not None and channel:
@@ -273,6 +326,7 @@ class ReconnectMixin(LoggingConfigurable):
     # -- closing: undelivered messages to the buffer, interrupt on disconnect ----------
 
     def disconnect(self) -> None:
+        self._unheard = None
         undelivered, self._undelivered = self._undelivered, []
         super().disconnect()  # type: ignore[misc]
         if undelivered:

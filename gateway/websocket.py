@@ -99,6 +99,7 @@ class VMKGWebsocketConnection(ReconnectMixin, ZMQChannelsWebsocketConnection):
     # -- client -> kernel ------------------------------------------------------------------
 
     def handle_incoming_message(self, incoming_msg: Any) -> None:
+        self.heard_from_client()
         if not self.channels:
             self.log.debug("kernel %s: message on a closed websocket ignored", self.kernel_id)
             return

@@ -563,6 +563,47 @@ async def test_kept_output_goes_to_the_next_client_whatever_its_session(servers:
         delete_kernel(gw, kid)
 
 
+
+async def test_output_replayed_to_an_abandoned_websocket_reaches_its_replacement(
+        servers: dict[str, Server]) -> None:
+    """JupyterLab's gateway client leaves an abandoned websocket of the page's session
+    beside the live one (see the next test). If the abandoned one opened first it is
+    replayed what was kept for the kernel - a reloaded page's output - and never reads it;
+    the live websocket of the same session, which replaces it, must get it all the same."""
+    gw = servers["vmkg"]
+    kid = new_kernel(gw)
+    ghost = live = None
+    try:
+        first = await Channels.open(gw, kid)
+        cell = await send_execute(first, "import time\nfor i in range(8):\n    print(i, flush=True)\n"
+                                         "    time.sleep(0.3)")
+        got: list[str] = []
+        while not got:
+            m = await first.recv()
+            if m.msg_type == "stream" and m.parent.get("msg_id") == cell:
+                got.append(m.content["text"])
+        await first.close()
+        await asyncio.sleep(5)  # the cell finishes while nobody is connected
+        session = uuid.uuid4().hex
+        replays = gw.log().count("Replaying")
+        ghost = await Channels.open(gw, kid, session=session)  # opens, is replayed, never reads
+        deadline = time.monotonic() + 30
+        while gw.log().count("Replaying") == replays:
+            assert time.monotonic() < deadline, "nothing was replayed to the first websocket"
+            await asyncio.sleep(0.1)
+        live = await Channels.open(gw, kid, session=session)
+        rest = await live.collect(cell, timeout=60)
+        got.append(rest.stdout)
+        assert "".join(got) == "".join(f"{i}\n" for i in range(8))
+        assert rest.reply["status"] == "ok"
+        assert "never spoke" in gw.log()
+        assert (await live.execute("print('still', 'usable')")).stdout == "still usable\n"
+    finally:
+        for ch in (ghost, live):
+            if ch is not None:
+                await ch.close()
+        delete_kernel(gw, kid)
+
 # -- one websocket per session --------------------------------------------------------------------
 
 
