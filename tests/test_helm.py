@@ -381,12 +381,6 @@ os.execv(sys.executable, [sys.executable, *sys.argv[2:]])
 """
 
 
-def chart_capabilities() -> list[str]:
-    m = re.search(r"^\s+add: \[(.*)\]$", (CHART / "templates" / "hosts.yaml").read_text(), re.M)
-    assert m is not None
-    return [c.strip() for c in m.group(1).split(",")]
-
-
 def jail_tests_with(caps: list[str], *selection: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-c", CAPS_EXEC, ",".join(caps), "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider",
@@ -396,11 +390,11 @@ def jail_tests_with(caps: list[str], *selection: str) -> subprocess.CompletedPro
 
 @pytest.mark.vm
 @pytest.mark.skipif(os.geteuid() != 0, reason="the jail needs root")
-def test_the_jail_works_with_exactly_the_charts_capabilities() -> None:
+def test_the_jail_works_with_exactly_the_charts_capabilities(rendered: dict[str, Any]) -> None:
     """tests/test_jail.py's VM tests (a jailed QEMU and its limits, a fork and its files, the
-    reaper after the owner dies) in a process whose capability bounding set is the chart's
-    list and nothing else, as in the host pod."""
-    caps = chart_capabilities()
+    reaper after the owner dies) in a process whose capability bounding set is the default
+    release's host pod's list and nothing else, as in that pod."""
+    caps = container(one(rendered, "default", "DaemonSet"))["securityContext"]["capabilities"]["add"]
     assert caps == HOST_CAPS
     out = jail_tests_with(caps, "runs_jailed", "fork_files_are_private", "dies_with_its_owner")
     assert out.returncode == 0, out.stdout[-6000:] + out.stderr[-2000:]
