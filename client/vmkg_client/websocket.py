@@ -232,6 +232,17 @@ class KernelChannel:
                 for queue in self.pending.values():
                     queue.put_nowait(why)
             return
+        if msg.msg_type == "shutdown_reply" and msg.channel == "iopub":
+            # ipykernel tells every client of a shutdown on iopub. It ends the cell that was
+            # running with an idle status and no reply, which alone would read as a cell done
+            kid = self.kernel.id
+            gone: SDKError = (
+                SDKError(f"kernel {kid} was restarted while the cell ran; its state is gone")
+                if msg.content.get("restart") else
+                KernelGone(kid, f"kernel {kid} was shut down while the cell ran"))
+            for queue in self.pending.values():
+                queue.put_nowait(gone)
+            return
         waiting = self.pending.get(str(msg.parent.get("msg_id", "")))
         if waiting is not None:
             waiting.put_nowait(msg)
