@@ -441,7 +441,9 @@ def test_nothing_left_after_kill_9(outside: Outside, tmp_path: Path) -> None:
     from kernelmanager import reaper
     from kernelmanager.paths import vms_dir
     reaper.reap_orphans(vms_dir(), min_age=0)
-    assert not (_netns_names() - before)
+    # (this process's own slot pool may have prepared slots meanwhile, after earlier tests)
+    ours = f"-{os.getpid()}-"
+    assert not {n for n in _netns_names() - before if ours not in n}
     live = {n.split("-")[1] for n in _netns_names()}
     assert not [x for x in os.listdir("/sys/class/net") if x.startswith("vkh") and x[3:] not in live]
 
