@@ -535,33 +535,39 @@ async def test_reconnect_during_an_auto_restart(servers: dict[str, Server]) -> N
 # -- output kept while no client was connected ---------------------------------------------------
 
 
+async def printing_while_away(gw: Server, kid: str, lines: int) -> tuple[str, str, str]:
+    """A client runs a cell that prints 0..lines-1, 0.3 s apart, reads the first line and
+    leaves; returns once the cell has ended with nobody connected: (the cell's msg_id,
+    what the client got, its session id)."""
+    first = await Channels.open(gw, kid)
+    cell = await send_execute(first, f"import time\nfor i in range({lines}):\n    print(i, flush=True)\n"
+                                     "    time.sleep(0.3)")
+    got = ""
+    while not got:
+        m = await first.recv()
+        if m.msg_type == "stream" and m.parent.get("msg_id") == cell:
+            got = m.content["text"]
+    await first.close()
+    await asyncio.sleep(0.3 * lines + 2)  # the cell finishes while nobody is connected
+    return cell, got, first.session
+
+
 async def test_kept_output_goes_to_the_next_client_whatever_its_session(servers: dict[str, Server]) -> None:
     """A reloaded JupyterLab page comes back with a new session id: it still gets, in order,
     what the kernel said while no page was connected, and the kernel stays usable."""
     gw = servers["vmkg"]
     kid = new_kernel(gw)
     try:
-        first = await Channels.open(gw, kid)
-        cell = await send_execute(first, "import time\nfor i in range(12):\n    print(i, flush=True)\n"
-                                         "    time.sleep(0.3)")
-        got: list[str] = []
-        while not got:
-            m = await first.recv()
-            if m.msg_type == "stream" and m.parent.get("msg_id") == cell:
-                got.append(m.content["text"])
-        await first.close()
-        await asyncio.sleep(6)  # the cell finishes while nobody is connected
+        cell, got, session = await printing_while_away(gw, kid, 12)
         second = await Channels.open(gw, kid)  # a new session id
-        assert second.session != first.session
+        assert second.session != session
         rest = await second.collect(cell, timeout=60)
-        got.append(rest.stdout)
-        assert "".join(got) == "".join(f"{i}\n" for i in range(12))
+        assert got + rest.stdout == "".join(f"{i}\n" for i in range(12))
         assert rest.reply["status"] == "ok"
         assert (await second.execute("print('still', 'usable')")).stdout == "still usable\n"
         await second.close()
     finally:
         delete_kernel(gw, kid)
-
 
 
 async def test_output_replayed_to_an_abandoned_websocket_reaches_its_replacement(
@@ -574,16 +580,7 @@ async def test_output_replayed_to_an_abandoned_websocket_reaches_its_replacement
     kid = new_kernel(gw)
     ghost = live = None
     try:
-        first = await Channels.open(gw, kid)
-        cell = await send_execute(first, "import time\nfor i in range(8):\n    print(i, flush=True)\n"
-                                         "    time.sleep(0.3)")
-        got: list[str] = []
-        while not got:
-            m = await first.recv()
-            if m.msg_type == "stream" and m.parent.get("msg_id") == cell:
-                got.append(m.content["text"])
-        await first.close()
-        await asyncio.sleep(5)  # the cell finishes while nobody is connected
+        cell, got, _ = await printing_while_away(gw, kid, 8)
         session = uuid.uuid4().hex
         replays = gw.log().count("Replaying")
         ghost = await Channels.open(gw, kid, session=session)  # opens, is replayed, never reads
@@ -593,8 +590,7 @@ async def test_output_replayed_to_an_abandoned_websocket_reaches_its_replacement
             await asyncio.sleep(0.1)
         live = await Channels.open(gw, kid, session=session)
         rest = await live.collect(cell, timeout=60)
-        got.append(rest.stdout)
-        assert "".join(got) == "".join(f"{i}\n" for i in range(8))
+        assert got + rest.stdout == "".join(f"{i}\n" for i in range(8))
         assert rest.reply["status"] == "ok"
         assert "never spoke" in gw.log()
         assert (await live.execute("print('still', 'usable')")).stdout == "still usable\n"
