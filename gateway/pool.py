@@ -269,6 +269,11 @@ class WarmPool:
                                          store_history=False, reply=True, timeout=WARM_TIMEOUT)
                 if reply["content"]["status"] != "ok":
                     raise RuntimeError(f"warm-up reset failed: {reply['content'].get('evalue')}")
+                # and kernel_info once more, last, for the same reason: a client's first
+                # request is one (jupyter_client's wait_for_ready gives it 1 s before it asks
+                # the kernel manager whether the kernel lives, which jupyter_server's gateway
+                # kernel manager cannot answer: nbclient through --gateway-url failed)
+                info = await kc.kernel_info(reply=True, timeout=WARM_TIMEOUT)
         finally:
             kc.stop_channels()
         cache_kernel_info(km, info["content"])  # the first websocket asks for it
