@@ -438,6 +438,12 @@ def test_fork_from_a_cell_and_attach_a_notebook_to_a_branch(page: Page, shots: P
     parent_panel = page.panel_id()
     page.open_in_page("branch.ipynb")
     page.wait("the notebook on the branch", lambda: page.kernel_id() == branch, 120)
+    # the selector lists the running kernels JupyterLab knows; it polls for them with a
+    # backoff (up to minutes when nothing changes), so ask it now, as a user's refresh would
+    services = "window.jupyterapp.serviceManager"
+    page.js(f"{services}.kernels.refreshRunning(); {services}.sessions.refreshRunning();")
+    page.wait("JupyterLab to list the branch among running kernels", lambda: page.js(
+        f"return Array.from({services}.kernels.running()).some(k => k.id === {json.dumps(branch)})"), 60)
     page.js("window.jupyterapp.commands.execute('notebook:change-kernel')")
     choice = json.dumps({"id": branch}, separators=(",", ":"))
     page.wait("Change Kernel offering the branch", lambda: [
