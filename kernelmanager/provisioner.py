@@ -176,7 +176,9 @@ class MicroVMProvisioner(KernelProvisionerBase):
 
     @property
     def has_process(self) -> bool:
-        return self._kernel is not None or self._hibernated is not None
+        # jupyter_client's is_alive asks this before poll(): a kernel whose VM an in-place
+        # restore is swapping has one (the auto-restarter raced a restore and won otherwise)
+        return self._kernel is not None or self._hibernated is not None or self._swapping
 
     async def poll(self) -> int | None:
         if self._hibernated is not None or self._swapping:

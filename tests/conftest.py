@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from gateway_helpers import Gateway, qemu_pids, serving
+from gateway_helpers import LIVE, Gateway, qemu_pids, serving
 
 os.environ.setdefault("VMKG_ACCEL", "auto")
 # the warm pool of a test gateway stays at its pool_size: growing with demand (proven by
@@ -60,6 +60,40 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     for item in items:
         if not item.get_closest_marker("vm"):
             item.add_marker(pytest.mark.filterwarnings("error"), append=False)
+
+
+#: how much of each gateway's log a failed test's report shows (its end)
+LOG_TAIL = 12000
+_LOG_MARKS = pytest.StashKey[dict[int, int]]()
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_protocol(item: pytest.Item) -> Iterator[None]:
+    """Note where each live gateway's log stood before the test (see ``pytest_runtest_makereport``)."""
+    item.stash[_LOG_MARKS] = {id(g): g.log_path.stat().st_size for g in list(LIVE) if g.log_path.exists()}
+    yield
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Iterator[None]:
+    """A failed test's report carries what every gateway logged while it ran (the end of
+    it): CI keeps the output, not the pytest temp dir the logs are in."""
+    outcome = yield
+    report = outcome.get_result()
+    if not report.failed:
+        return
+    marks = item.stash.get(_LOG_MARKS, {})
+    for g in list(LIVE):
+        try:
+            with open(g.log_path, "rb") as f:
+                f.seek(marks.get(id(g), 0))
+                text = f.read().decode(errors="replace")
+        except OSError:
+            continue
+        if text:
+            cut = text[-LOG_TAIL:]
+            head = "" if cut is text else "[...]\n"
+            report.sections.append((f"gateway log {g.log_path.name} ({report.when})", head + cut))
 
 
 @pytest.fixture(scope="session")

@@ -4,7 +4,8 @@
 under the test session's (so conftest's leak check covers it too), reads the port it
 printed, and on ``stop()`` sends SIGTERM and checks the exit was clean and no QEMU or VM
 directory of it is left. Its log is kept in the pytest temp dir (the evidence when a test
-fails). ``serving()`` wraps a Gateway whose exit must be clean; conftest's ``gw`` fixture
+fails, and conftest adds what each gateway logged during a failed test to its report:
+``LIVE``). ``serving()`` wraps a Gateway whose exit must be clean; conftest's ``gw`` fixture
 serves one per test module through it. ``Channels`` is a websocket client (``websockets``)
 speaking either the v1 subprotocol or the legacy JSON protocol.
 """
@@ -21,6 +22,7 @@ import subprocess
 import sys
 import time
 import uuid
+import weakref
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -39,6 +41,8 @@ from websockets.typing import Subprotocol
 V1 = "v1.kernel.websocket.jupyter.org"
 TOKEN = "test-token-" + uuid.uuid4().hex[:8]
 REPO = Path(__file__).resolve().parents[1]
+#: the gateways of this session not yet collected (conftest reads their logs on a failure)
+LIVE: weakref.WeakSet[Gateway] = weakref.WeakSet()
 
 
 def qemu_pids(state_dir: Path) -> set[int]:
@@ -61,6 +65,7 @@ class Gateway:
             full_env["VMKG_AUTH_TOKEN"] = token
         full_env.update(env or {})
         self._log = open(self.log_path, "w")
+        LIVE.add(self)
         self.proc = subprocess.Popen(
             [sys.executable, "-c", "from gateway.app import main; main()", "serve", "--ip=127.0.0.1",
              "--port=0", *args],

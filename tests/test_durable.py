@@ -65,6 +65,34 @@ async def test_hibernate_and_wake_keep_state() -> None:
         await km.shutdown_kernel(now=True)
 
 
+async def test_a_kernel_restored_in_place_stays_alive_throughout() -> None:
+    """jupyter_client's auto-restarter asks ``is_alive`` every few seconds; while a
+    checkpoint restore swaps the VM the kernel must read as alive, or the restarter starts
+    a fresh kernel beside the restore (seen: the websocket talked to the restored VM and
+    the next hibernation saved the fresh one, so its fork came back with no variables)."""
+    km = AsyncKernelManager(kernel_name=KERNEL)
+    await km.start_kernel()
+    try:
+        assert await value(km, "x = 1", "x") == 1
+        handle = vm_handle(km)
+        assert handle is not None
+        await handle.checkpoint("one")
+        assert await value(km, "x = 2", "x") == 2
+        restore = asyncio.ensure_future(handle.restore_checkpoint("one"))
+        dead = 0
+        polls = 0
+        while not restore.done():
+            polls += 1
+            dead += not await km.is_alive()
+            await asyncio.sleep(0.005)
+        await restore
+        assert polls > 10, polls  # the restore took long enough to have been watched
+        assert dead == 0, f"is_alive said dead {dead} times of {polls} during the restore"
+        assert await value(km, "", "x") == 1
+    finally:
+        await km.shutdown_kernel(now=True)
+
+
 async def test_shutdown_during_a_checkpoint_waits_for_it(caplog: pytest.LogCaptureFixture) -> None:
     """A kernel shut down while its state is being captured (here an idle checkpoint of
     100 MB) lets the capture end first: it neither fails half-way (the VM killed under the
