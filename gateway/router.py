@@ -42,6 +42,8 @@ identity), reseeded like any fork's. All or none: if a host fails, the branches 
 started are deleted and its error is answered. The answer is the fork's, ``201
 {"kernels": [model, ...]}``, each model with the ``host`` it runs on, plus ``fork_id``.
 Fork snapshots stay in the store until ``vmkg store gc`` drops those older than a day.
+``GET /api/kernels/{id}/forks`` lists the branches on every host (the parent's host
+answers for the parent and its own; the others' lists add theirs), each with its ``host``.
 
 **Identity.** The router authenticates clients exactly as the hosts do (the same
 ``TokenIdentityProvider``: ``auth_token``, ``users_file``) and forwards each request as
@@ -542,6 +544,9 @@ class KernelHandler(RouterHandler):
             if plan is not None:
                 await self._cross_host_fork(kernel_id, host, *plan)
                 return
+        if self.request.method == "GET" and rest == "/forks":
+            await self._forks_everywhere(kernel_id, host)
+            return
         r = await self.forward(host, "kernel", kernel_id)
         if r is None:
             return
@@ -654,6 +659,47 @@ class KernelHandler(RouterHandler):
         self.set_status(201)
         self.set_header("Content-Type", "application/json")
         self.finish(json.dumps({"kernels": branches, "fork_id": exported["fork_id"]}))
+
+    async def _forks_everywhere(self, kernel_id: str, parent: Host) -> None:
+        """``GET /api/kernels/{id}/forks``: the parent's host answers for the parent (owner
+        check, lineage) and its local branches; the branches a cross-host fork put on other
+        hosts are added from their lists (each filtered to the user by its host), every
+        model with the ``host`` it runs on."""
+        hosts = _hosts(self)
+        try:
+            r = await hosts.request(parent, "GET", self.request.path, self.user_name)
+        except httpx.HTTPError as exc:
+            FORWARDED.labels("forks", "502").inc()
+            parent.up, parent.error = False, f"{type(exc).__name__}: {exc}"
+            raise web.HTTPError(502, "Host %s did not answer for kernel %s: %s", parent.url,
+                                kernel_id, parent.error) from exc
+        if r.status_code != 200:
+            FORWARDED.labels("forks", str(r.status_code)).inc()
+            self._relay_error(r)
+            return
+        answer = r.json()
+        branches = [{**m, "host": parent.url} for m in answer.get("kernels", [])]
+        seen = {m["id"] for m in branches}
+
+        async def elsewhere(host: Host) -> list[dict[str, Any]]:
+            try:
+                listed = await hosts.request(host, "GET", "/api/kernels", self.user_name)
+            except httpx.HTTPError as exc:
+                log.warning("host %s: cannot list kernels for the forks of %s: %s", host.url, kernel_id, exc)
+                return []
+            if listed.status_code != 200:
+                return []
+            found = [m for m in listed.json() if isinstance(m, dict) and m.get("parent_id") == kernel_id]
+            for m in found:
+                hosts.remember(m["id"], host)
+            return [{**m, "host": host.url} for m in found]
+
+        others = [h for h in hosts.up() if h is not parent]
+        for models in await asyncio.gather(*(elsewhere(h) for h in others)):
+            branches += [m for m in models if m["id"] not in seen]
+            seen.update(m["id"] for m in models)
+        FORWARDED.labels("forks", "200").inc()
+        self.finish(json.dumps({**answer, "kernels": branches}))
 
     def _relay_error(self, r: httpx.Response, prefix: str = "") -> None:
         try:

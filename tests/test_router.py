@@ -372,6 +372,10 @@ def test_a_fork_puts_branches_on_other_hosts_through_the_store(cluster: Cluster)
             assert m["parent_id"] == parent
         assert len({m["host"] for m in models}) >= 2
         assert cluster.host_of(parent).url in {m["host"] for m in models}   # ties stay local
+        listed = r.request("GET", f"/api/kernels/{parent}/forks")   # every host's branches
+        assert listed.status_code == 200, listed.text
+        assert {m["id"]: m["host"] for m in listed.json()["kernels"]} == {m["id"]: m["host"] for m in models}
+        assert r.request("GET", f"/api/kernels/{parent}/forks", token=USERS["bob"]).status_code == 404
         for k in branches:                      # alice's, on whichever host
             assert r.request("GET", f"/api/kernels/{k}").status_code == 200
             assert r.request("GET", f"/api/kernels/{k}", token=USERS["bob"]).status_code == 404
