@@ -120,6 +120,25 @@ def _sysctl(path: str, value: str) -> None:
         f.write(value)
 
 
+def _ensure_sysctl(path: str, value: str, *, required: bool) -> None:
+    """Set a sysctl of the current network namespace unless it already has ``value``
+    (a new namespace inherits IPv4 forwarding from the host's initial one, so a container
+    whose /proc/sys is read-only - Kubernetes - still works when the node forwards).
+    ``required``: a value that cannot be set is an error naming what to do; otherwise a
+    warning (defence in depth the slot's rules already give)."""
+    try:
+        if Path(f"/proc/sys/{path}").read_text().strip() == value:
+            return
+        _sysctl(path, value)
+    except OSError as exc:
+        if required:
+            raise VMStartError(f"network: cannot set {path.replace('/', '.')}={value} in a slot's "
+                               f"namespace ({exc}); enable it on the host (a container: in its "
+                               "namespace or the node's, e.g. a pod sysctl)") from exc
+        log.warning("network: cannot set %s=%s in a slot's namespace (%s); the slot's rules "
+                    "drop that traffic anyway", path.replace("/", "."), value, exc)
+
+
 def host_setup(settings: NetSettings) -> None:
     """Once per process: forwarding on, the host table (idempotent, shared)."""
     with _host_lock:
@@ -194,9 +213,9 @@ class Slot:
                     ns.addr("add", index=tap, address=GUEST_GATEWAY, prefixlen=GUEST_PREFIX)
                     ns.link("set", index=tap, state="up")
                     ns.route("add", dst="default", gateway=self.host_addr)
-                _sysctl("net/ipv4/ip_forward", "1")
-                _sysctl("net/ipv6/conf/all/disable_ipv6", "1")
-                _sysctl("net/ipv6/conf/default/disable_ipv6", "1")
+                _ensure_sysctl("net/ipv4/ip_forward", "1", required=True)
+                _ensure_sysctl("net/ipv6/conf/all/disable_ipv6", "1", required=False)
+                _ensure_sysctl("net/ipv6/conf/default/disable_ipv6", "1", required=False)
             in_netns(self.name, inside)
             forbidden = [*forbidden_networks(self.settings.uplink), *_host_addresses()]
             nft_run(self.name, nft.slot_ruleset(forbidden=forbidden,
