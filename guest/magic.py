@@ -105,10 +105,10 @@ class ForkStatus:
                     f"within {self.request['timeout']:g} s) ..."]
         lines = [f"%fork {n}: {len(self.kernels)} branch(es) of kernel {self.parent_id} are running:"]
         lines += [f"  branch {i}: {kid}" for i, kid in enumerate(self.kernels)]
-        lines.append("Attach a notebook to one: they are running kernels of the gateway, but "
-                     "JupyterLab in gateway mode lists only kernels it started, so open the "
-                     "notebook on a session with its id (JupyterLab's POST /api/sessions with "
-                     "\"kernel\": {\"id\": ...}); then Kernel > Change Kernel... lists it too. "
+        lines.append("Attach a notebook to one with Kernel > Change Kernel... (JupyterLab lists "
+                     "the branches when it runs with --ServerApp.kernel_manager_class="
+                     "vmkg_client.jupyter.GatewayKernelManager; otherwise open a session on the "
+                     "branch's id, POST /api/sessions with \"kernel\": {\"id\": ...}). "
                      "In a branch, __fork__ says which one it is.")
         return lines
 

@@ -5,8 +5,8 @@ One gateway, one JupyterLab and one browser serve the whole module (module fixtu
 the scenarios share one notebook on one microVM kernel, in order: run a cell, interrupt a
 runaway loop, restart (no "appears to have died" dialog), reload the page while a cell is
 printing, crash the kernel (the died notice, then a working kernel); then ``%fork`` from a
-cell and a second notebook opened on the branch in the same page (JupyterLab in gateway
-mode lists only kernels it started, so through a session made with the branch's id), and
+cell and a second notebook switched to the branch with Kernel > Change Kernel... (JupyterLab
+runs with ``vmkg_client.jupyter.GatewayKernelManager``, which lists its kernels' branches), and
 the gateway's dashboard (``GET /``: the tree of kernels, fork and delete from the page;
 ``VMKG_DOCS_SCREENSHOTS=1`` also saves its screenshot as docs/dashboard.png). Every dialog
 JupyterLab shows is recorded in the page (a MutationObserver), so a dialog that flashes
@@ -145,6 +145,8 @@ def lab_started(gw: Gateway, tmp_path_factory: pytest.TempPathFactory) -> Iterat
          "--ServerApp.port_retries=0", f"--IdentityProvider.token={LAB_TOKEN}",
          f"--ServerApp.root_dir={work}", f"--gateway-url={gw.url}",
          f"--GatewayClient.auth_token={gw.token}", "--GatewayClient.request_timeout=120",
+         # lists the fork branches of its kernels (jupyter_server's own lists only what it started)
+         "--ServerApp.kernel_manager_class=vmkg_client.jupyter.GatewayKernelManager",
          "--LabApp.news_url=", "--LabApp.check_for_updates_class=jupyterlab.NeverCheckForUpdate",
          "--LabApp.expose_app_in_browser=True"],
         stdout=log, stderr=subprocess.STDOUT, env=env, cwd=work)
@@ -420,10 +422,9 @@ def test_fork_from_a_cell_and_attach_a_notebook_to_a_branch(page: Page, shots: P
     m = re.search(r"branch 0\s+([0-9a-f-]{36})", page.output(cell))  # the display's HTML table
     assert m, page.output(cell)
     branch = m.group(1)
-    # a second notebook on the branch: JupyterLab in gateway mode lists only the kernels it
-    # started itself, so the notebook is opened on a session made with the branch's id (what
-    # the %fork display tells a user to do); JupyterLab then attaches the page to it, and
-    # its Kernel > Change Kernel... selector offers the branch from then on
+    # a second notebook, switched to the branch as a user would: Kernel > Change Kernel...
+    # offers it among the running kernels (vmkg_client.jupyter.GatewayKernelManager adopts
+    # the branches of the kernels JupyterLab started)
     r = requests.put(f"{lab}/api/contents/branch.ipynb?token={LAB_TOKEN}", timeout=30, json={
         "type": "notebook", "format": "json", "content": {
             "cells": [{"cell_type": "code", "execution_count": None, "id": "b0", "metadata": {},
@@ -432,24 +433,34 @@ def test_fork_from_a_cell_and_attach_a_notebook_to_a_branch(page: Page, shots: P
                                         "language": "python"}},
             "nbformat": 4, "nbformat_minor": 5}})
     assert r.status_code in (200, 201), r.text
-    r = requests.post(f"{lab}/api/sessions?token={LAB_TOKEN}", timeout=60, json={
-        "path": "branch.ipynb", "name": "branch.ipynb", "type": "notebook", "kernel": {"id": branch}})
-    assert r.status_code == 201 and r.json()["kernel"]["id"] == branch, r.text
     parent_panel = page.panel_id()
     page.open_in_page("branch.ipynb")
-    page.wait("the notebook on the branch", lambda: page.kernel_id() == branch, 120)
+    page.wait("the new notebook's own kernel", lambda: page.kernel_id() not in (None, parent), 120)
+    own = page.kernel_id()
     # the selector lists the running kernels JupyterLab knows; it polls for them with a
     # backoff (up to minutes when nothing changes), so ask it now, as a user's refresh would
     services = "window.jupyterapp.serviceManager"
-    page.js(f"{services}.kernels.refreshRunning(); {services}.sessions.refreshRunning();")
+    page.js(f"{services}.kernels.refreshRunning();")
     page.wait("JupyterLab to list the branch among running kernels", lambda: page.js(
+        f"{services}.kernels.refreshRunning(); "
         f"return Array.from({services}.kernels.running()).some(k => k.id === {json.dumps(branch)})"), 60)
     page.js("window.jupyterapp.commands.execute('notebook:change-kernel')")
     choice = json.dumps({"id": branch}, separators=(",", ":"))
-    page.wait("Change Kernel offering the branch", lambda: [
-        o for o in page.driver.find_elements(By.CSS_SELECTOR, ".jp-Dialog select option")
-        if o.get_attribute("value") == choice], 30)
-    page.driver.find_element(By.CSS_SELECTOR, ".jp-Dialog .jp-mod-reject").click()
+
+    def pick_branch() -> bool:
+        options = [o for o in page.driver.find_elements(By.CSS_SELECTOR, ".jp-Dialog select option")
+                   if o.get_attribute("value") == choice]
+        if not options:
+            return False
+        options[0].click()
+        return True
+
+    page.wait("Change Kernel offering the branch", pick_branch, 30)
+    page.driver.find_element(By.CSS_SELECTOR, ".jp-Dialog .jp-mod-accept").click()
+    page.wait("the notebook on the branch", lambda: page.kernel_id() == branch, 120)
+    # jupyter_server shuts the kernel the notebook left down
+    page.wait("the notebook's first kernel gone", lambda: own not in {
+        k["id"] for k in requests.get(f"{lab}/api/kernels?token={LAB_TOKEN}", timeout=30).json()}, 60)
     page.run("print(shared, __fork__['index'], __fork__['parent_id'])", f"from the parent 0 {parent}",
              timeout=180)
     page.run("shared = 'changed in the branch'; print(shared)", "changed in the branch")
