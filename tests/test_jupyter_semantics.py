@@ -23,7 +23,7 @@ import subprocess
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -216,6 +216,29 @@ async def send_execute(ch: Channels, code: str) -> str:
 # -- restart -------------------------------------------------------------------------------------
 
 
+async def reference(measure: Callable[[Server], Awaitable[dict[str, Any]]], srv: Server,
+                    looks_right: Callable[[dict[str, Any]], bool], tries: int = 3) -> dict[str, Any]:
+    """What jupyter_server's own local kernel does, measured up to ``tries`` times until a
+    run ``looks_right``: the reference has races of its own under load (its websocket's
+    iopub joins the restarted kernel after ipykernel published ``starting``; a kernel_info
+    sent while its auto-restarter swaps the kernel is lost), and a flaky instrument is
+    measured again rather than failing the gateway it measures. The last run is returned
+    whatever it looks like (the assertions then show it)."""
+    result: dict[str, Any] = {}
+    for i in range(tries):
+        try:
+            result = await measure(srv)
+        except AssertionError as exc:
+            if i == tries - 1:
+                raise
+            print(f"reference run {i + 1} failed ({exc}); measured again")
+            continue
+        if looks_right(result):
+            return result
+        print(f"reference run {i + 1} was off ({result}); measured again")
+    return result
+
+
 async def user_restart(srv: Server) -> dict[str, Any]:
     kid = new_kernel(srv)
     try:
@@ -234,13 +257,13 @@ async def user_restart(srv: Server) -> dict[str, Any]:
 
 
 async def test_user_restart_looks_like_jupyters(servers: dict[str, Server]) -> None:
-    ref = await user_restart(servers["jupyter"])
+    expected = [("busy", "shutdown_request"), ("idle", "shutdown_request"), ("starting", None),
+                ("busy", "kernel_info_request"), ("idle", "kernel_info_request")]
+    ref = await reference(user_restart, servers["jupyter"], lambda r: r["statuses"] == expected)
     got = await user_restart(servers["vmkg"])
     print("jupyter:", ref, "\nvmkg:   ", got)
     # jupyter_server: the old kernel's shutdown, the new one's "starting", then the busy/idle
     # of the kernel_info request that jupyter_server's restart sends; never "restarting"
-    expected = [("busy", "shutdown_request"), ("idle", "shutdown_request"), ("starting", None),
-                ("busy", "kernel_info_request"), ("idle", "kernel_info_request")]
     assert ref["statuses"] == expected
     # Known gap, not the gateway's: the guest agent reports the old kernel's exit as soon as
     # it reaps it, which can overtake that kernel's last iopub messages (its shutdown_reply
@@ -522,7 +545,8 @@ async def reconnect_on_restarting(srv: Server) -> dict[str, Any]:
 
 
 async def test_reconnect_during_an_auto_restart(servers: dict[str, Server]) -> None:
-    ref = await reconnect_on_restarting(servers["jupyter"])
+    ref = await reference(reconnect_on_restarting, servers["jupyter"],
+                          lambda r: ("starting", None) in r["statuses"])
     got = await reconnect_on_restarting(servers["vmkg"])
     print("jupyter:", ref, "\nvmkg:   ", got)
     assert got["closed"] is None and got["after"] == ref["after"] == "NameError"
