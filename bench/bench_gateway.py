@@ -84,6 +84,7 @@ def loop_sink_cell(lines: int) -> str:
 class Server:
     def __init__(self, label: str, url: str, proc: subprocess.Popen[str], kernel: str) -> None:
         self.label, self.url, self.proc, self.kernel = label, url, proc, kernel
+        self.state_dir: Path | None = None  # vmkg's (its VM directories)
         self.ws_url = url.replace("http://", "ws://")
         self.h = {"Authorization": f"token {TOKEN}"}
 
@@ -139,7 +140,9 @@ def start_vmkg(workdir: Path, pool: int) -> Server:
         raise RuntimeError(f"vmkg serve did not start: {line!r}")
     url = m.group(1)
     wait_http(url, proc)
-    return Server(f"vmkg (pool {pool})", url, proc, "python3-microvm")
+    srv = Server(f"vmkg (pool {pool})", url, proc, "python3-microvm")
+    srv.state_dir = workdir / "state"
+    return srv
 
 
 def start_kg(workdir: Path, *extra: str, label: str = "Kernel Gateway") -> Server:
@@ -435,14 +438,31 @@ def kernel_procs(srv: Server) -> set[int]:
     return out
 
 
+def vmkg_qemu(srv: Server, kid: str) -> set[int]:
+    """The QEMU of vmkg kernel ``kid``: its VM directory's owner record names the kernel and
+    the QEMU pid (pooled or restored on demand alike)."""
+    vms = srv.state_dir / "vms" if srv.state_dir is not None else None
+    for owner in (vms.glob("*/owner.json") if vms is not None and vms.is_dir() else ()):
+        try:
+            info = json.loads(owner.read_text())
+        except (OSError, ValueError):
+            continue
+        if info.get("kernel_id") == kid and isinstance(info.get("qemu_pid"), int):
+            return {info["qemu_pid"]}
+    return set()
+
+
 def post_kernel_procs(srv: Server) -> tuple[str, set[int]]:
-    """POST a kernel: (its id, the processes that are that kernel). A vmkg server with a
-    pool of 1 hands out the one pooled VM that ran before the POST (the refill restores
-    another later: not this kernel's); Kernel Gateway starts a new process."""
+    """POST a kernel: (its id, the processes that are that kernel): vmkg's by the VM
+    directory's owner record (a pooled VM ran before the POST, and the pool's refills
+    start others meanwhile), Kernel Gateway's the process it started."""
     before = kernel_procs(srv)
     kid = srv.post_kernel()
-    if srv.label.startswith("vmkg") and "(pool 1)" in srv.label and len(before) == 1:
-        return kid, before
+    if srv.label.startswith("vmkg"):
+        procs = vmkg_qemu(srv, kid)
+        if not procs:
+            raise RuntimeError(f"no VM directory of {srv.label} names kernel {kid}")
+        return kid, procs
     return kid, kernel_procs(srv) - before
 
 
