@@ -17,7 +17,7 @@ the gateway for its kernels once more than jupyter_server alone would. Start Jup
     jupyter lab --gateway-url=URL --GatewayClient.auth_token=TOKEN \\
         --ServerApp.kernel_manager_class=vmkg_client.jupyter.GatewayKernelManager
 
-Needs jupyter_server (``pip install 'vmkg-client[jupyter]'``); nothing else of this
+Needs jupyter_server (``pip install './client[jupyter]'`` from a checkout); nothing else of this
 package imports it.
 """
 
