@@ -299,16 +299,18 @@ async def test_reconnect_with_the_same_session_replays_what_was_missed(gw: Gatew
     msg_id = await ch.send("execute_request", {
         "code": f"import time\nfor i in range({n}):\n    print(f'line {{i}}', flush=True)\n    time.sleep(0.05)",
         "silent": False})
-    lines: list[str] = []
-    while len(lines) < 5:
+    # the text, not each message's lines: ipykernel may flush between print's text and its
+    # newline, so one stream message can end mid-line (split per message: a stray '')
+    text = ""
+    while text.count("\n") < 5:
         m = await ch.recv(60)
         if m.msg_type == "stream" and m.parent.get("msg_id") == msg_id:
-            lines += m.content["text"].splitlines()
+            text += m.content["text"]
     await ch.close()  # away mid-output
     await asyncio.sleep(2.0)
     ch = await Channels.open(gw, kernel, session=session)
     r = await ch.collect(msg_id, 60)
-    lines += r.stdout.splitlines()
+    lines = (text + r.stdout).splitlines()
     assert lines == [f"line {i}" for i in range(n)], lines
     assert r.reply["status"] == "ok"
     await ch.close()
