@@ -350,6 +350,20 @@ class Hosts:
         kwargs: dict[str, Any] = {} if timeout is None else {"timeout": timeout}
         return await self.client.request(method, url, content=body, headers=hdrs, **kwargs)
 
+    async def kernels_of(self, host: Host, user: str) -> httpx.Response | None:
+        """``GET /api/kernels`` on ``host`` as ``user`` (the host filters it to the user);
+        the ids of a 200 answer are remembered as that host's. None if the host failed."""
+        try:
+            r = await self.request(host, "GET", "/api/kernels", user)
+        except httpx.HTTPError as exc:
+            log.warning("host %s: cannot list kernels: %s", host.url, exc)
+            return None
+        if r.status_code == 200:
+            for m in r.json():
+                if isinstance(m, dict) and isinstance(m.get("id"), str):
+                    self.remember(m["id"], host)
+        return r
+
     def up(self) -> list[Host]:
         return [h for h in self.hosts.values() if h.up]
 
@@ -479,18 +493,12 @@ class KernelsHandler(RouterHandler):
         up = hosts.up()
 
         async def one(host: Host) -> list[dict[str, Any]]:
-            try:
-                r = await hosts.request(host, "GET", "/api/kernels", self.user_name)
-            except httpx.HTTPError as exc:
-                log.warning("host %s: cannot list kernels: %s", host.url, exc)
-                return []
-            if r.status_code == 403:
+            r = await hosts.kernels_of(host, self.user_name)
+            if r is not None and r.status_code == 403:
                 raise web.HTTPError(403, "%s", r.json().get("message", "listing kernels is disabled"))
-            if r.status_code != 200:
+            if r is None or r.status_code != 200:
                 return []
             models: list[dict[str, Any]] = r.json()
-            for m in models:
-                hosts.remember(m["id"], host)
             return models
 
         merged = [m for models in await asyncio.gather(*(one(h) for h in up)) for m in models]
@@ -682,17 +690,11 @@ class KernelHandler(RouterHandler):
         seen = {m["id"] for m in branches}
 
         async def elsewhere(host: Host) -> list[dict[str, Any]]:
-            try:
-                listed = await hosts.request(host, "GET", "/api/kernels", self.user_name)
-            except httpx.HTTPError as exc:
-                log.warning("host %s: cannot list kernels for the forks of %s: %s", host.url, kernel_id, exc)
+            listed = await hosts.kernels_of(host, self.user_name)
+            if listed is None or listed.status_code != 200:
                 return []
-            if listed.status_code != 200:
-                return []
-            found = [m for m in listed.json() if isinstance(m, dict) and m.get("parent_id") == kernel_id]
-            for m in found:
-                hosts.remember(m["id"], host)
-            return [{**m, "host": host.url} for m in found]
+            return [{**m, "host": host.url} for m in listed.json()
+                    if isinstance(m, dict) and m.get("parent_id") == kernel_id]
 
         others = [h for h in hosts.up() if h is not parent]
         for models in await asyncio.gather(*(elsewhere(h) for h in others)):
