@@ -19,6 +19,7 @@ Its parts: ``system`` (PID 1 duties), ``link`` (the port to the host), ``identit
 
 from __future__ import annotations
 
+import ast
 import asyncio
 import base64
 import collections
@@ -37,7 +38,7 @@ import zmq
 import zmq.asyncio
 from jupyter_client.session import Session
 
-from guest import files, magic
+from guest import files, magic, outstream
 from guest.identity import RESTORE_FIFO, RESTORE_FILE, WARMUP_CODE, reseed_crng, set_clock
 from guest.link import HostLink, find_port
 from guest.protocol import (
@@ -215,9 +216,10 @@ class Agent:
             a.cancel()
         self._ready.set()
 
-    async def execute(self, code: str, timeout: float = 120.0) -> dict[str, Any]:
+    async def execute(self, code: str, timeout: float = 120.0,
+                      expressions: dict[str, str] | None = None) -> dict[str, Any]:
         content = {"code": code, "silent": True, "store_history": False,
-                   "allow_stdin": False, "stop_on_error": False, "user_expressions": {}}
+                   "allow_stdin": False, "stop_on_error": False, "user_expressions": expressions or {}}
         reply = await self._kernel_request("execute_request", content, timeout)
         if reply.get("status") != "ok":
             raise RuntimeError(f"{reply.get('ename')}: {reply.get('evalue')}")
@@ -458,8 +460,13 @@ class Agent:
         if cells:  # what the cells left in the namespace goes; what they warmed stays
             await self.execute(WARMUP_CLEANUP, timeout=timeout)
         await self.execute(magic.install_code(), timeout=timeout)  # %fork, in every template
+        reply = await self.execute(outstream.install_code(), timeout=timeout,
+                                   expressions={"lean": "get_ipython()._vmkg_lean_output"})
+        lean = reply.get("user_expressions", {}).get("lean", {})
         return {"kernel_release": os.uname().release, "python": sys.version.split()[0],
-                "kernel_pid": self.kernel.pid if self.kernel else None}
+                "kernel_pid": self.kernel.pid if self.kernel else None,
+                # what got guest.outstream's lean write path (none: ipykernel's own)
+                "lean_output": _literal(lean.get("data", {}).get("text/plain", lean.get("evalue", "")))}
 
     async def op_restore(self, body: dict[str, Any]) -> dict[str, Any]:
         reseed_crng(base64.b64decode(body["entropy"]))
@@ -676,6 +683,14 @@ class Agent:
         self._spawn(self.inbox_loop())
         self._spawn(self.serve_fork_requests())
         await asyncio.Event().wait()
+
+
+def _literal(text: str) -> Any:
+    """A Python literal the kernel displayed (its repr), as the value; else the text."""
+    try:
+        return ast.literal_eval(text)
+    except (ValueError, SyntaxError, MemoryError, RecursionError):
+        return text
 
 
 def main() -> None:

@@ -2,6 +2,8 @@
 
 - IPython's history lives in memory (no SQLite writer thread committing after every
   cell on the VM's one emulated CPU), and ``%history`` still works.
+- The kernel's stdout and stderr write through ``guest.outstream``'s lean path
+  (``tests/unit/test_outstream.py`` shows it changes nothing but the cost).
 - Output crosses the virtio-serial port from a view of the agent's buffer (no copy per
   write): 0.8 MB of distinct lines arrive exact and in order through the relay and
   the gateway.
@@ -12,16 +14,24 @@ from __future__ import annotations
 import pytest
 from gateway_helpers import Channels, Gateway
 
+from kernelmanager.snapshots import Snapshot
+
 pytestmark = pytest.mark.vm
 
 
 @pytest.mark.timeout(1800)  # a loaded TCG host: the gateway's pool, then 100,000 writes
-async def test_history_in_memory_and_big_output_exact(gw: Gateway) -> None:
+async def test_history_in_memory_and_big_output_exact(gw: Gateway, template: Snapshot) -> None:
+    # the bake installed it (the agent reports what it changed)
+    assert template.info["lean_output"] == ["stdout", "stderr", "_tee"]
     kid = gw.start_kernel()["id"]
     ch = await Channels.open(gw, kid)
     try:
         hm = await ch.value("(get_ipython().history_manager.hist_file, get_ipython().history_manager.save_thread)")
         assert hm == [":memory:", None]
+        # the kernel restored from the template writes through guest.outstream's lean path
+        lean = "lean_tee.<locals>._tee.<locals>.write"
+        assert await ch.value("[getattr(__import__('sys'), s).write.__qualname__ for s in ('stdout', 'stderr')]") \
+            == [lean, lean]
         r = await ch.execute("marker_cell = 1")
         assert r.reply["status"] == "ok", r.reply
         r = await ch.execute("%history -l 2")

@@ -1,0 +1,166 @@
+"""A lean write path for the kernel's ``sys.stdout`` and ``sys.stderr``.
+
+Runs in the *kernel* process, like ``guest.magic``: at bake time the agent executes this
+module's source in the kernel (``install_code``), so every kernel restored from a template
+has it. Only the standard library, ipykernel and IPython.
+
+Why: on an emulated CPU every Python operation is dear, and one ``sys.stdout.write`` went
+through two layers that redo per write what only changes per cell. ipykernel's
+``OutStream.write`` rebuilds a ``frozenset`` of the parent header (to find the cell's
+buffer) and asks the OS for the pid; IPython's ``_tee`` (the stream history behind
+``%notebook``) builds a list of three flags and looks up the cell's history entry again.
+Together ~200 us of TCG time per write: 200,000 small writes kept the kernel busy 40 s.
+
+What changes is only *how* each write finds its place, never where it goes:
+
+- ``write``: the same buffer as ipykernel's (one per parent header, under its lock), found
+  by identity of the parent header and of the buffer table since the last write, so the
+  routing of output to the cell (or thread, or task) that wrote it is ipykernel's own.
+  Anything unusual (a ``str`` subclass, a forked child process, an echo stream, a closed
+  stream) goes through ipykernel's own ``write``.
+- ``_tee``: IPython's rule for the cell's stream history, with the history entry of the
+  last write remembered; restored after the cell even if the cell raised.
+
+If the installed ipykernel or IPython lacks what this relies on, nothing is changed (the
+install reports it), so a template built on other versions still works, at their speed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import os
+import sys
+from collections.abc import Callable, Iterator
+from typing import Any
+
+#: the OutStream attributes the lean write relies on (ipykernel 7)
+NEEDED = ("_parent_header", "_parent_header_global", "_buffer_lock", "_buffers",
+          "_flush_pending", "_schedule_flush", "echo", "pub_thread", "_master_pid")
+
+
+def lean_write(stream: Any) -> Callable[[Any], Any]:
+    """A ``write`` for ``stream`` (an ipykernel ``OutStream``) with ipykernel's effect."""
+    full_write = type(stream).write
+    get_parent = stream._parent_header.get
+    lock = stream._buffer_lock
+    # the parent header, the buffer table and that parent's buffer's write, as of last time
+    last: list[Any] = [None, None, None]
+    child = [os.getpid() != stream._master_pid]
+    os.register_at_fork(after_in_child=lambda: child.__setitem__(0, True))
+
+    def write(string: Any) -> Any:
+        if type(string) is not str or child[0] or stream.echo is not None or stream.pub_thread is None:
+            return full_write(stream, string)
+        try:
+            parent = get_parent()
+        except LookupError:
+            parent = stream._parent_header_global
+        with lock:
+            buffers = stream._buffers
+            if parent is last[0] and buffers is last[1]:
+                last[2](string)
+            else:
+                put = buffers[frozenset(parent.items())].write
+                last[0], last[1], last[2] = parent, buffers, put
+                put(string)
+        if not stream._flush_pending:
+            stream._schedule_flush()
+        return len(string)
+
+    write.__doc__ = full_write.__doc__
+    return write
+
+
+def lean_tee(shell: Any, history_output: type, writes: dict[str, tuple[Any, Any]]) -> Callable[..., Any]:
+    """IPython's ``InteractiveShell._tee`` (stream output kept for the cell's history),
+    remembering the history entry it appended to last.
+
+    ``writes`` maps a channel to (its stream, that stream's lean write): while the channel
+    is still that stream, the cell's writes go to the lean write, which is also what is
+    left in place after the cell (IPython's own ``_tee`` puts back whatever it found,
+    which for the cell that installed this is ipykernel's full write)."""
+
+    @contextlib.contextmanager
+    def _tee(channel: str) -> Iterator[None]:
+        stream = getattr(sys, channel)
+        ours = writes.get(channel)
+        original_write = ours[1] if ours is not None and ours[0] is stream else stream.write
+        execution_count = shell.execution_count
+        outputs_by_counter = shell.history_manager.outputs
+        output_type = "out_stream" if channel == "stdout" else "err_stream"
+        publishing, active = _flag(shell.display_pub, "is_publishing"), _flag(shell.displayhook, "is_active")
+        last: list[Any] = [None, None]  # the history entry written to last, its list's append
+
+        def write(data: Any, *args: Any, **kwargs: Any) -> Any:
+            result = original_write(data, *args, **kwargs)
+            if not data or publishing() or active() or shell.showing_traceback:
+                return result
+            outputs = outputs_by_counter.get(execution_count)
+            if outputs and outputs[-1] is last[0]:
+                last[1](data)
+                return result
+            entry = outputs[-1] if outputs and outputs[-1].output_type == output_type else None
+            if entry is None:
+                entry = history_output(output_type=output_type, bundle={"stream": []})
+                outputs_by_counter[execution_count].append(entry)
+            chunks = entry.bundle["stream"]
+            last[0], last[1] = entry, chunks.append
+            chunks.append(data)
+            return result
+
+        stream.write = write
+        try:
+            yield
+        finally:
+            stream.write = original_write
+
+    _tee.vmkg_lean = True  # type: ignore[attr-defined]
+    return _tee
+
+
+def _flag(obj: Any, name: str) -> Callable[[], Any]:
+    """A reader of ``obj.<name>``: IPython's flags are properties that return a ``_<name>``
+    attribute; where that is all the property does, reading the attribute spares a
+    Python call per write."""
+    state, prop = vars(obj), getattr(type(obj), name, None)
+    code = getattr(getattr(prop, "fget", None), "__code__", None)
+    if isinstance(prop, property) and code is not None and code.co_names == ("_" + name,) \
+            and "_" + name in state:
+        return functools.partial(state.__getitem__, "_" + name)
+    return functools.partial(getattr, obj, name)
+
+
+def install(shell: Any) -> list[str]:
+    """Give the kernel's output streams the lean path; what was changed, by name."""
+    writes: dict[str, tuple[Any, Any]] = {}
+    try:
+        from ipykernel.iostream import OutStream
+        from IPython.core.history import HistoryOutput
+    except ImportError:
+        return []
+    if getattr(vars(shell).get("_tee"), "vmkg_lean", False):
+        return []  # installed already
+    for name in ("stdout", "stderr"):
+        stream = getattr(sys, name)
+        if type(stream) is OutStream and all(hasattr(stream, a) for a in NEEDED):
+            writes[name] = (stream, lean_write(stream))
+    if not writes or getattr(type(shell), "_tee", None) is None \
+            or not hasattr(shell.history_manager, "outputs"):
+        return []
+    shell._tee = lean_tee(shell, HistoryOutput, writes)
+    for stream, write in writes.values():
+        stream.write = write  # until a running cell's own _tee puts back what it found
+    return [*writes, "_tee"]
+
+
+def install_code() -> str:
+    """Code the agent executes in the kernel at bake time; what it changed (``install``'s
+    list) is left in the shell's ``_vmkg_lean_output``."""
+    import inspect
+
+    source = inspect.getsource(sys.modules[__name__])
+    return ("_vmkg_ns = {'__name__': 'vmkg_outstream'}\n"
+            f"exec(compile({source!r}, '<vmkg outstream>', 'exec'), _vmkg_ns)\n"
+            "get_ipython()._vmkg_lean_output = _vmkg_ns['install'](get_ipython())\n"
+            "del _vmkg_ns\n")

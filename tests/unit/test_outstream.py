@@ -1,0 +1,136 @@
+"""The kernel's lean write path (``guest.outstream``) without a VM: the same cells run in
+two real local ipykernels, one as shipped and one with the code the agent installs at
+bake time, and every stream message (its text, its stream, the cell it is attributed to)
+and the cells' stream history (what ``%notebook`` saves) must come out the same."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+from jupyter_client.blocking.client import BlockingKernelClient
+from jupyter_client.manager import KernelManager, start_new_kernel
+
+from guest import outstream
+
+CELLS = [
+    # a thread started here in this cell's context writes while the next cell runs:
+    # ipykernel 7 attributes its output by the parent in the writer's context, and so
+    # must the lean path
+    "import os, sys, threading\nev = threading.Event()\n"
+    "done = threading.Event()\n"
+    "def late():\n    ev.wait(); sys.stdout.write('late, from a thread of cell 0\\n'); done.set()\n"
+    "import contextvars\nt = threading.Thread(target=contextvars.copy_context().run, args=(late,)); t.start()\n"
+    "print('a'); sys.stderr.write('b\\n'); print('c', end=''); sys.stdout.write('')\nprint(' d')",
+    # (the thread writes between two writes of this cell, before either is flushed)
+    "print('cell 1 before'); ev.set(); done.wait(); print('cell 1 after'); t.join()",
+    # unusual input: a str subclass, then bytes (ipykernel's TypeError), a closed-over write
+    "class S(str): pass\nsys.stdout.write(S('subclass\\n'))\n"
+    "try:\n    sys.stdout.write(b'x')\nexcept TypeError as e:\n    print('TypeError:', e)\n"
+    "w = sys.stdout.write; w('kept\\n'); sys.stdout.writelines(['l1\\n', 'l2\\n'])",
+    # a forked child writes through ipykernel's own child path
+    "pid = os.fork()\nif pid == 0:\n    sys.stdout.write('from the child\\n'); sys.stdout.flush(); os._exit(0)\n"
+    "os.waitpid(pid, 0); print('parent')",
+    "for i in range(20000): sys.stdout.write(f'{i:05d}\\n')",
+    "from IPython.display import display\nprint('before'); display('shown'); print('after')",
+    "1/0",
+]
+#: the stream history (``%notebook``'s source) of the cells above, read in a last cell
+HISTORY = ("{n: [(o.output_type, ''.join(o.bundle.get('stream', [])))"
+           " for o in v] for n, v in sorted(get_ipython().history_manager.outputs.items())}")
+
+
+@pytest.fixture
+def kernels() -> Iterator[tuple[BlockingKernelClient, BlockingKernelClient]]:
+    started: list[tuple[KernelManager, BlockingKernelClient]] = []
+    try:
+        for _ in range(2):
+            started.append(start_new_kernel(kernel_name="python3", startup_timeout=60))
+        yield started[0][1], started[1][1]
+    finally:
+        for km, kc in started:
+            kc.stop_channels()
+            km.shutdown_kernel(now=True)
+
+
+def run(kc: BlockingKernelClient, code: str, ids: list[str]) -> dict[str, Any]:
+    """Run a cell; its reply, and every stream message until it is idle, as
+    (the index in ``ids`` of the cell it is attributed to, stream name, text)."""
+    msg_id = kc.execute(code)
+    ids.append(msg_id)
+    streams: list[tuple[int, str, str]] = []
+    while True:
+        msg = kc.get_iopub_msg(timeout=60)
+        parent = msg["parent_header"].get("msg_id")
+        if msg["msg_type"] == "stream":
+            streams.append((ids.index(parent) if parent in ids else -1,
+                            msg["content"]["name"], msg["content"]["text"]))
+        elif msg["msg_type"] in ("display_data", "error"):
+            streams.append((ids.index(parent), msg["msg_type"], ""))
+        elif msg["msg_type"] == "status" and parent == msg_id and msg["content"]["execution_state"] == "idle":
+            break
+    reply = kc.get_shell_msg(timeout=60)
+    assert reply["parent_header"]["msg_id"] == msg_id
+    return {"streams": streams, "reply": reply["content"]}
+
+
+def merged(streams: list[tuple[int, str, str]]) -> list[tuple[int, str, str]]:
+    """Consecutive pieces of one stream of one cell as one (where ipykernel cut its
+    messages depends on timing, not on the write path)."""
+    out: list[tuple[int, str, str]] = []
+    for cell, name, text in streams:
+        if out and out[-1][:2] == (cell, name) and name in ("stdout", "stderr"):
+            out[-1] = (cell, name, out[-1][2] + text)
+        else:
+            out.append((cell, name, text))
+    return out
+
+
+def observe(kc: BlockingKernelClient) -> list[Any]:
+    ids: list[str] = []
+    seen = []
+    for code in CELLS:
+        r = run(kc, code, ids)
+        seen.append((merged(r["streams"]), r["reply"]["status"], r["reply"].get("ename")))
+    history = run(kc, f"print(repr({HISTORY}))", ids)["streams"]
+    seen.append("".join(text for _, _, text in history))
+    return seen
+
+
+def test_lean_write_path_changes_nothing_but_its_cost(kernels: tuple[BlockingKernelClient, BlockingKernelClient]) -> None:
+    plain, lean = kernels
+    installed = run(lean, outstream.install_code() + "print(get_ipython()._vmkg_lean_output)", [])
+    assert installed["reply"]["status"] == "ok", installed
+    assert installed["streams"] == [(0, "stdout", "['stdout', 'stderr', '_tee']\n")]
+    # in every later cell both streams write through the lean path (under the lean _tee)
+    probe = "import sys; print(sys.stdout.write.__qualname__, sys.stderr.write.__qualname__)"
+    assert run(lean, probe, [])["streams"][0][2].split() == ["lean_tee.<locals>._tee.<locals>.write"] * 2
+    assert run(plain, probe, [])["streams"][0][2].split() == ["InteractiveShell._tee.<locals>.write"] * 2
+    run(plain, "pass", [])  # the same number of cells before the scenario in both kernels
+    for kc in kernels:  # and the same (empty) stream history
+        run(kc, "get_ipython().history_manager.outputs.clear()", [])
+
+    want, got = observe(plain), observe(lean)
+    assert got == want
+    # and the scenario showed what it is meant to
+    streams = [s for cell in want[:-1] for s in cell[0]]
+    assert (0, "stdout", "late, from a thread of cell 0\n") in streams
+    assert (1, "stdout", "cell 1 before\ncell 1 after\n") in streams
+    assert any(text.startswith("subclass\nTypeError:") and text.endswith("kept\nl1\nl2\n") for _, _, text in streams)
+    assert any("from the child\n" in text for _, _, text in streams)
+    assert "".join(f"{i:05d}\n" for i in range(20000)) in [text for _, _, text in streams]
+    assert "[('out_stream', 'a\\n'), ('err_stream', 'b\\n'), ('out_stream', 'c d\\n')]" in want[-1]
+
+
+def test_install_is_idempotent_and_leaves_other_streams_alone(kernels: tuple[BlockingKernelClient, BlockingKernelClient]) -> None:
+    _, kc = kernels
+    assert run(kc, outstream.install_code() + "print(get_ipython()._vmkg_lean_output)", [])["streams"][-1][2] \
+        == "['stdout', 'stderr', '_tee']\n"
+    # a second install finds the lean writes in place and changes nothing
+    again = run(kc, outstream.install_code() + "print(get_ipython()._vmkg_lean_output)", [])
+    assert again["streams"][-1][2] == "[]\n"
+    # a stream that is not ipykernel's (here, redirected by the cell) is not touched
+    r = run(kc, "import contextlib, io\nbuf = io.StringIO()\nwith contextlib.redirect_stdout(buf):\n"
+                "    print('captured')\nprint(repr(buf.getvalue()))", [])
+    assert r["streams"] == [(0, "stdout", "'captured\\n'\n")]
