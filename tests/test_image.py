@@ -139,7 +139,7 @@ def test_image_files_and_metadata(image: GuestImage) -> None:
     assert image.rootfs.stat().st_blocks * 512 < image.rootfs.stat().st_size  # sparse
     assert image.python_version.startswith("3.11.")
     names = {p.split("==")[0].lower() for p in image.packages}
-    assert {"ipykernel", "pyzmq", "numpy", "pandas", "matplotlib"} <= names
+    assert {"ipykernel", "pyzmq", "orjson", "numpy", "pandas", "matplotlib"} <= names
     assert all("==" in p for p in image.packages)
     assert not any(image.path.parent.glob(f".tmp-{image.id}-*"))
 

@@ -79,7 +79,7 @@ class ImageRecipe:
     """What goes into a guest image. Frozen: its :meth:`digest` is the image id."""
 
     packages: tuple[str, ...] = ("ipykernel", "numpy", "pandas", "matplotlib")
-    """Extra pip requirements for the guest (ipykernel and pyzmq are always included)."""
+    """Extra pip requirements for the guest (ipykernel, pyzmq and orjson are always included)."""
     debian_suite: str = "bookworm"
     mirror: str = "http://deb.debian.org/debian"
     disk_size_mb: int = 2048
@@ -92,7 +92,7 @@ class ImageRecipe:
             raise ValueError("ImageRecipe.disk_size_mb must be at least 256")
 
     def requirements(self) -> list[str]:
-        """Everything pip installs in the guest: ipykernel, pyzmq, then ``packages``."""
+        """Everything pip installs in the guest: ipykernel, pyzmq, orjson, then ``packages``."""
         return wheels.requirements(self.packages)
 
     def digest(self, guest_src: Path | None = None) -> str:
@@ -410,7 +410,7 @@ def _parser() -> argparse.ArgumentParser:
         "--packages",
         metavar="A,B",
         help="comma-separated pip requirements for the guest, replacing the "
-        f"default ({','.join(default.packages)}); ipykernel and pyzmq are "
+        f"default ({','.join(default.packages)}); ipykernel, pyzmq and orjson are "
         "always added; binary wheels only",
     )
     recipe.add_argument(
