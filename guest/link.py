@@ -6,6 +6,7 @@ Only the standard library and guest.protocol: it runs on the guest's Python.
 from __future__ import annotations
 
 import asyncio
+import collections
 import errno
 import fcntl
 import glob
@@ -25,6 +26,10 @@ READ_SIZE = 1 << 20
 #: offering more only made every write copy up to READ_SIZE bytes out of ``out`` (a 20 MB
 #: output copied ~32 times over); a view of 64 KiB costs no copy and loses nothing
 WRITE_SIZE = 64 << 10
+#: pieces of the outgoing stream at least this big are written from a view of the
+#: protocol's buffer (no copy); smaller ones are gathered into one buffer, so a burst of
+#: small frames still leaves in few writes (each write is an exit to the VMM)
+GATHER_BELOW = 64 << 10
 
 
 def find_port() -> str:
@@ -46,7 +51,8 @@ class HostLink:
         self.agent = agent
         self.fd = os.open(path, os.O_RDWR | os.O_NONBLOCK | os.O_CLOEXEC)
         self.loop = asyncio.get_running_loop()
-        self.out = bytearray()
+        #: what is to be written, in order: views of big pieces, buffers of gathered small ones
+        self.out: collections.deque[memoryview | bytearray] = collections.deque()
         self.connected = False
         self._writing = False
 
@@ -111,13 +117,21 @@ class HostLink:
     def flush(self) -> None:
         if not self.connected:
             return
-        self.out += self.agent.endpoint.outgoing()
-        if self.out and not self._writing:
+        out = self.out
+        for part in self.agent.endpoint.outgoing_parts():
+            if len(part) >= GATHER_BELOW:
+                out.append(memoryview(part))
+            elif out and isinstance(out[-1], bytearray) and len(out[-1]) < GATHER_BELOW:
+                out[-1] += part
+            elif part:
+                out.append(bytearray(part))
+        if out and not self._writing:
             self._on_writable()
 
     def _on_writable(self) -> None:
         while self.out:
-            view = memoryview(self.out)
+            head = self.out[0]
+            view = memoryview(head)
             chunk = view[:WRITE_SIZE]
             try:
                 n = os.write(self.fd, chunk)
@@ -133,7 +147,12 @@ class HostLink:
             finally:
                 chunk.release()
                 view.release()
-            del self.out[:n]  # O(1) at the front of a bytearray
+            if n == len(head):
+                self.out.popleft()
+            elif isinstance(head, bytearray):
+                del head[:n]  # O(1) at the front of a bytearray
+            else:
+                self.out[0] = head[n:]
         if self.out and not self._writing:
             self.loop.add_writer(self.fd, self._on_writable)
             self._writing = True

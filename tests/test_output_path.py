@@ -4,8 +4,9 @@
   cell on the VM's one emulated CPU), and ``%history`` still works.
 - The kernel's stdout and stderr write through ``guest.outstream``'s lean path
   (``tests/unit/test_outstream.py`` shows it changes nothing but the cost).
-- Output crosses the virtio-serial port from a view of the agent's buffer (no copy per
-  write): 0.8 MB of distinct lines arrive exact and in order through the relay and
+- The kernel's messages are packed with orjson (jupyter_client's choice when present).
+- Output crosses the virtio-serial port from views of the protocol's frames (no copy per
+  write, no joining of frames): 0.8 MB of distinct lines arrive exact and in order through the relay and
   the gateway.
 """
 
@@ -32,6 +33,8 @@ async def test_history_in_memory_and_big_output_exact(gw: Gateway, template: Sna
         lean = "lean_tee.<locals>._tee.<locals>.write"
         assert await ch.value("[getattr(__import__('sys'), s).write.__qualname__ for s in ('stdout', 'stderr')]") \
             == [lean, lean]
+        # and packs its messages with orjson (in every image), as jupyter_client does when it can
+        assert await ch.value("get_ipython().kernel.session.pack.__name__") == "orjson_packer"
         r = await ch.execute("marker_cell = 1")
         assert r.reply["status"] == "ok", r.reply
         r = await ch.execute("%history -l 2")
