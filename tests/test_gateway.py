@@ -543,3 +543,29 @@ def test_nbclient_through_gateway_kernel_manager(gw: Gateway, tmp_path: Path, te
     outputs = json.loads(p.stdout.strip().splitlines()[-1])
     assert outputs[0][0]["text"].strip() == template.info["kernel_release"]
     assert outputs[1][0]["data"]["text/plain"] == "45"
+
+
+async def test_delete_stops_an_unwatched_vm_at_once_and_shuts_a_watched_kernel_down(gw: Gateway) -> None:
+    """Nobody connected: DELETE stops the VM without asking ipykernel to exit (nobody would
+    see its shutdown messages, and the VM is discarded whole). A connected client: ipykernel
+    shuts down as in Jupyter (``test_jupyter_semantics`` checks what the client sees)."""
+    exited = "kernel {}: kernel process exited in the guest"
+    unwatched, watched = gw.start_kernel()["id"], gw.start_kernel()["id"]
+    for kid in (unwatched, watched):
+        ch = await Channels.open(gw, kid)
+        assert (await ch.execute("x = 1")).reply["status"] == "ok"
+        if kid == unwatched:
+            await ch.close()
+            gw.wait_for(lambda: gw.request("GET", f"/api/kernels/{unwatched}").json()["connections"] == 0,
+                        what="the websocket's close")
+        else:
+            kept = ch
+    try:
+        for kid in (unwatched, watched):
+            assert gw.request("DELETE", f"/api/kernels/{kid}").status_code == 204
+            assert gw.request("GET", f"/api/kernels/{kid}").status_code == 404
+        log = gw.log()
+        assert exited.format(unwatched) not in log
+        assert exited.format(watched) in log
+    finally:
+        await kept.close()

@@ -62,3 +62,67 @@ def test_pool_size_zero_stays_off_and_pool_size_is_a_floor(monkeypatch: Any) -> 
             p.note_request()
     assert off.target("k") == 0
     assert big.target("k") == 10
+
+
+class Client:
+    """What the pool's warming asks of a kernel client, recorded."""
+
+    def __init__(self, calls: list[str]) -> None:
+        self.calls = calls
+
+    def start_channels(self, **kwargs: Any) -> None:
+        pass
+
+    def stop_channels(self) -> None:
+        pass
+
+    async def kernel_info(self, reply: bool, timeout: float) -> dict[str, Any]:
+        self.calls.append("kernel_info")
+        return {"content": {"status": "ok", "implementation": "ipython"}}
+
+    async def execute(self, code: str, **kwargs: Any) -> dict[str, Any]:
+        self.calls.append(code)
+        return {"content": {"status": "ok"}}
+
+    async def get_iopub_msg(self, timeout: float) -> Any:
+        raise TimeoutError
+
+
+class Manager:
+    def __init__(self, n: int) -> None:
+        self.kernel_id, self.calls = f"k{n}", []  # type: list[str]
+
+    def client(self) -> Client:
+        return Client(self.calls)
+
+
+async def test_warming_in_full_and_lightly() -> None:
+    p = WarmPool(Owner(size=1, ceiling=8))
+    full, light = Manager(0), Manager(1)
+    await p._warm(full)
+    await p._warm(light, light=True)
+    assert full.calls[0] == "kernel_info" and full.calls[1] == pool_mod.IOPUB_WARMUP
+    assert full.calls.count("1+1") == 2 and full.calls[-1] == "kernel_info"
+    assert any("reset(new_session=True)" in c for c in full.calls)
+    assert light.calls == ["kernel_info"]
+    assert light._kernel_info_future.result()["implementation"] == "ipython"  # type: ignore[attr-defined]
+
+
+async def test_an_empty_pool_under_repeated_requests_refills_lightly_first() -> None:
+    """Requests keep coming and the pool is empty: the kernel being made is wanted now, so
+    it skips the warm-up cells; once one is pooled again, refills warm in full."""
+    made: list[Manager] = []
+
+    class Starting(Owner):
+        pool_refill_delay = 0.2
+
+        async def start_unlisted_kernel(self, kernel_name: str) -> Any:
+            made.append(Manager(len(made)))
+            return made[-1]
+
+    p = WarmPool(Starting(size=1, ceiling=8))
+    for _ in range(3):
+        p.note_request()
+    await p._refill()  # fills up to the demand (3), then returns
+    assert [m.calls == ["kernel_info"] for m in made] == [True, False, False]
+    assert p.pooled() == {"k": 3}
