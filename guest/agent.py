@@ -460,13 +460,15 @@ class Agent:
         if cells:  # what the cells left in the namespace goes; what they warmed stays
             await self.execute(WARMUP_CLEANUP, timeout=timeout)
         await self.execute(magic.install_code(), timeout=timeout)  # %fork, in every template
-        reply = await self.execute(outstream.install_code(), timeout=timeout,
-                                   expressions={"lean": "get_ipython()._vmkg_lean_output"})
-        lean = reply.get("user_expressions", {}).get("lean", {})
+        lean: dict[str, Any] = {}
+        if body.get("lean_output", True):  # the template's fast_stdout
+            reply = await self.execute(outstream.install_code(), timeout=timeout,
+                                       expressions={"lean": "get_ipython()._vmkg_lean_output"})
+            lean = reply.get("user_expressions", {}).get("lean", {})
         return {"kernel_release": os.uname().release, "python": sys.version.split()[0],
                 "kernel_pid": self.kernel.pid if self.kernel else None,
                 # what got guest.outstream's lean write path (none: ipykernel's own)
-                "lean_output": _literal(lean.get("data", {}).get("text/plain", lean.get("evalue", "")))}
+                "lean_output": _literal(lean.get("data", {}).get("text/plain", lean.get("evalue", "[]")))}
 
     async def op_restore(self, body: dict[str, Any]) -> dict[str, Any]:
         reseed_crng(base64.b64decode(body["entropy"]))

@@ -112,8 +112,10 @@ class Snapshot:
 
 
 def template_id(image: GuestImage, machine: MachineSpec, qemu: str, preload: tuple[str, ...],
-                warmup: tuple[str, ...] = ()) -> str:
-    extra = {"warmup": list(warmup)} if warmup else {}  # no warm-up: the same id as before
+                warmup: tuple[str, ...] = (), lean_output: bool = True) -> str:
+    extra: dict[str, Any] = {"warmup": list(warmup)} if warmup else {}  # none: the same id as before
+    if not lean_output:
+        extra["plain_output"] = True
     key = json.dumps({**extra,
         "image": image.id, "qemu": qemu, "protocol": PROTOCOL_VERSION,
         "memory": machine.memory_mb, "vcpus": machine.vcpus, "accel": machine.accel,
@@ -154,17 +156,18 @@ def find_template(template_id_: str) -> Snapshot | None:
 
 
 async def bake_template(image: GuestImage, machine: MachineSpec, *, preload: tuple[str, ...] = (),
-                        warmup: tuple[str, ...] = (), name: str | None = None,
+                        warmup: tuple[str, ...] = (), lean_output: bool = True, name: str | None = None,
                         boot_timeout: float = 600.0, progress: Any = None) -> Snapshot:
     """Cold-boot ``image``, wait for a warm ipykernel, import ``preload``, run the ``warmup``
-    cells, and snapshot it as a template (``name`` is for error messages).
+    cells, install ``guest.outstream`` unless ``lean_output`` is off, and snapshot it as a
+    template (``name`` is for error messages).
 
     Returns the cached template when one with the same recipe exists. Concurrent bakes
     of one recipe serialize on a lock file; a failed bake leaves nothing behind. A
     warm-up cell that fails raises ``TemplateError`` naming the template and the cell.
     """
     qemu = await asyncio.to_thread(qemu_version)
-    tid = template_id(image, machine, qemu, preload, warmup)
+    tid = template_id(image, machine, qemu, preload, warmup, lean_output)
     root = paths.templates_dir()
     final = root / tid
     try:
@@ -181,7 +184,7 @@ async def bake_template(image: GuestImage, machine: MachineSpec, *, preload: tup
         try:
             tmp.mkdir()
             snap = await _bake(image, machine, preload, warmup, name or tid, qemu, tmp, final,
-                               boot_timeout, progress)
+                               boot_timeout, progress, lean_output)
             os.rename(tmp, final)
         except OSError as exc:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -237,7 +240,7 @@ def warmup_failure(name: str, warmup: tuple[str, ...], exc: AgentError) -> Templ
 
 async def _bake(image: GuestImage, machine: MachineSpec, preload: tuple[str, ...],
                 warmup: tuple[str, ...], name: str, qemu: str, tmp: Path, final: Path,
-                boot_timeout: float, progress: Any) -> Snapshot:
+                boot_timeout: float, progress: Any, lean_output: bool = True) -> Snapshot:
     machine = dataclasses.replace(machine, kernel=str(image.kernel), initrd=str(image.initrd))
     empty_overlay(image.rootfs, tmp / "disk.qcow2", backing_format="raw")
     vm = QemuVM(tmp / "vm", machine)
@@ -263,7 +266,7 @@ async def _bake(image: GuestImage, machine: MachineSpec, preload: tuple[str, ...
         steps = 2 + len(warmup)
         try:
             info = await channel.request("ready", timeout=boot_timeout * steps + 5, preload=list(preload),
-                                         wait=boot_timeout, **extra)
+                                         wait=boot_timeout, lean_output=lean_output, **extra)
         except AgentError as exc:
             if exc.kind != "warmup":
                 raise

@@ -17,7 +17,7 @@ from gateway_helpers import Channels, Gateway
 from kernelmanager.exceptions import AgentError, TemplateError
 from kernelmanager.image import ImageRecipe, find_image
 from kernelmanager.snapshots import bake_template, template_id, warmup_failure
-from kernelmanager.templates import FAST_STDOUT, TemplateSpec, catalog
+from kernelmanager.templates import TemplateSpec, catalog
 
 PRELOADED = ("numpy", "pandas", "matplotlib", "matplotlib.pyplot")
 
@@ -29,7 +29,7 @@ def test_default_template_preloads_and_warms_up() -> None:
     spec = catalog()["python3"]
     assert set(PRELOADED) <= set(spec.preload)
     cells = spec.warmup_cells()
-    assert cells[0] == FAST_STDOUT and len(cells) >= 3
+    assert spec.fast_stdout and len(cells) >= 2
     assert any("describe()" in c for c in cells) and any("savefig" in c for c in cells)
     for cell in cells:
         compile(cell, "<warm-up>", "exec")  # a syntax error would only show at bake time
@@ -42,7 +42,8 @@ def test_opting_out_in_the_catalog(tmp_path: Path, monkeypatch: pytest.MonkeyPat
     monkeypatch.setenv("VMKG_TEMPLATES", str(path))
     specs = catalog()
     assert specs["bare"].preload == () and specs["bare"].warmup_cells() == ()
-    assert specs["custom"].warmup_cells() == (FAST_STDOUT, "import json")
+    assert not specs["bare"].fast_stdout
+    assert specs["custom"].warmup_cells() == ("import json",) and specs["custom"].fast_stdout
 
 
 def test_warmup_is_part_of_the_template_id() -> None:
@@ -52,6 +53,8 @@ def test_warmup_is_part_of_the_template_id() -> None:
     machine = TemplateSpec().machine("tcg")
     ids = {template_id(image, machine, "q", ("numpy",), w) for w in ((), ("1",), ("2",))}
     assert len(ids) == 3
+    # and so is opting out of the lean output path (fast_stdout)
+    assert template_id(image, machine, "q", ("numpy",), lean_output=False) not in ids
 
 
 def test_warmup_failure_names_template_and_cell() -> None:
@@ -79,7 +82,7 @@ async def test_fresh_kernel_has_pandas_before_any_cell(gw: Gateway) -> None:
         assert json.loads(first.stdout) == [True] * len(PRELOADED)
         # the warm-up cells' variables are gone; the faster stream write is in place
         assert await ch.value("[n for n in ('_df', '_fig', '_plt', '_pd') if n in globals()]") == []
-        assert await ch.value("type(sys.stdout)._vmkg_fast_write") is True
+        assert await ch.value("sys.stdout.write.__qualname__") == "lean_tee.<locals>._tee.<locals>.write"
         # and delivers exactly: many small writes, in order, nothing lost or doubled
         r = await ch.execute("for i in range(20000): sys.stdout.write(f'{i}\\n')\n"
                              "sys.stdout.write('end')")
@@ -108,10 +111,10 @@ def test_a_failing_warmup_cell_fails_the_bake_clearly() -> None:
     machine = spec.machine(accel.detect().name)
     with pytest.raises(TemplateError) as info:
         asyncio.run(bake_template(image, machine, preload=spec.preload, warmup=spec.warmup_cells(),
-                                  name=spec.name))
+                                  lean_output=spec.fast_stdout, name=spec.name))
     msg = str(info.value)
     assert "template 'broken-warmup'" in msg and "warm-up cell 2 of 2 failed" in msg, msg
     assert "ModuleNotFoundError" in msg and "import nonexistent_module_vmkg" in msg, msg
     from kernelmanager import paths
-    tid = template_id(image, machine, qemu_version(), spec.preload, spec.warmup_cells())
+    tid = template_id(image, machine, qemu_version(), spec.preload, spec.warmup_cells(), spec.fast_stdout)
     assert not (paths.templates_dir() / tid).exists()
