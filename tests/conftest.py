@@ -126,6 +126,18 @@ def template(jupyter_path: Path) -> Any:
     return Runtime.instance().run_sync(ensure_template(get_spec("python3")), timeout=3600)
 
 
+@pytest.fixture(scope="session")
+def net_template(jupyter_path: Path) -> Any:
+    """The baked python3-net template (its own image: pip on top of the default packages).
+    Made here, with the template's patience, rather than inside a test's first create
+    request (a fresh machine builds the image and bakes it: minutes, beyond an HTTP
+    timeout)."""
+    from kernelmanager.runtime import Runtime
+    from kernelmanager.templates import ensure_template, get_spec
+
+    return Runtime.instance().run_sync(ensure_template(get_spec("python3-net")), timeout=3600)
+
+
 @pytest.fixture(scope="module")
 def gateway_options() -> tuple[list[str], dict[str, str]]:
     """(command line arguments, environment) of the module's ``gw``; modules override it."""

@@ -172,6 +172,8 @@ class Gateway:
                 self.proc.wait()
                 raise AssertionError(f"vmkg serve did not stop on {sig}; log:\n{self.log()[-4000:]}") from None
         self._log.close()
+        if self.proc.stdout is not None:
+            self.proc.stdout.close()
         return self.proc.returncode
 
     def stop_clean(self) -> None:
