@@ -188,12 +188,17 @@ class WarmPool:
                 self.log.info("pool %s: demand fell; kernel %s leaves the pool", name, km.kernel_id)
                 await self._discard(km)
 
+    def _wanted_now(self) -> bool:
+        """The pool is empty under repeated requests: the kernel a refill makes is wanted
+        as soon as it exists."""
+        return not any(self._pool.values()) and self.demand() > 1
+
     async def _refill(self) -> None:
         failures = 0
         while not self._closing:
             quiet = self._last_request + self.owner.pool_refill_delay - time.monotonic()
-            if not any(self._pool.values()) and self.demand() > 1:
-                quiet = 0.0  # empty under repeated requests: the next would restore its own
+            if self._wanted_now():
+                quiet = 0.0  # the next request would restore its own
             if quiet > 0 or self.owner.starts_in_flight():
                 await asyncio.sleep(max(quiet, 0.05))
                 continue
@@ -204,9 +209,9 @@ class WarmPool:
                     # raised by demand: look again when that demand is forgotten
                     asyncio.get_running_loop().call_later(DEMAND_MEMORY + 1, self.refill)
                 return
-            # empty under repeated requests: the kernel is wanted now, so it is handed out
-            # after kernel_info alone (the heavy warm-up cells would double its making)
-            hurry = not any(self._pool.values()) and self.demand() > 1
+            # wanted now: handed out after kernel_info alone (the heavy warm-up cells would
+            # double its making)
+            hurry = self._wanted_now()
             self._pool_starting[name] += 1
             try:
                 km = await self._start_pooled(name, light=hurry)

@@ -207,13 +207,21 @@ def register(ip: Any, path: str = FORK_SOCKET) -> None:
     ip.register_magic_function(fork, "line", "fork")
 
 
-def install_code(path: str = FORK_SOCKET) -> str:
-    """Code the agent executes in the kernel at bake time to register ``%fork``."""
+def kernel_code(module: str, name: str, label: str, then: str) -> str:
+    """Code the agent executes in the kernel: the source of the guest module ``module``,
+    run in a namespace of its own (``__name__`` ``name``, tracebacks naming ``label``),
+    then the statement ``then`` (which reaches that namespace as ``_vmkg_ns``)."""
     import inspect
     import sys
 
-    source = inspect.getsource(sys.modules[__name__])
-    return ("_vmkg_ns = {'__name__': 'vmkg_fork_magic'}\n"
-            f"exec(compile({source!r}, '<vmkg %fork magic>', 'exec'), _vmkg_ns)\n"
-            f"_vmkg_ns['register'](get_ipython(), {path!r})\n"
+    source = inspect.getsource(sys.modules[module])
+    return (f"_vmkg_ns = {{'__name__': {name!r}}}\n"
+            f"exec(compile({source!r}, {label!r}, 'exec'), _vmkg_ns)\n"
+            f"{then}\n"
             "del _vmkg_ns\n")
+
+
+def install_code(path: str = FORK_SOCKET) -> str:
+    """Code the agent executes in the kernel at bake time to register ``%fork``."""
+    return kernel_code(__name__, "vmkg_fork_magic", "<vmkg %fork magic>",
+                       f"_vmkg_ns['register'](get_ipython(), {path!r})")

@@ -157,10 +157,7 @@ def install(shell: Any) -> list[str]:
 def install_code() -> str:
     """Code the agent executes in the kernel at bake time; what it changed (``install``'s
     list) is left in the shell's ``_vmkg_lean_output``."""
-    import inspect
+    from guest.magic import kernel_code  # agent side only: never run in the kernel
 
-    source = inspect.getsource(sys.modules[__name__])
-    return ("_vmkg_ns = {'__name__': 'vmkg_outstream'}\n"
-            f"exec(compile({source!r}, '<vmkg outstream>', 'exec'), _vmkg_ns)\n"
-            "get_ipython()._vmkg_lean_output = _vmkg_ns['install'](get_ipython())\n"
-            "del _vmkg_ns\n")
+    return kernel_code(__name__, "vmkg_outstream", "<vmkg outstream>",
+                       "get_ipython()._vmkg_lean_output = _vmkg_ns['install'](get_ipython())")
