@@ -1,7 +1,7 @@
 """Kernels' network over HTTP: the ``network`` of a create request, ``/api/kernels/{id}/network``.
 
     POST  /api/kernels                 {"name": ..., "network": {"egress": [rules]}}
-    GET   /api/kernels/{id}/network    {"egress": [...], "denied_connections", "refused_names"}
+    GET   /api/kernels/{id}/network    {"egress": [...], "denied_connections", "refused_names", "answered_names"}
     PATCH /api/kernels/{id}/network    {"egress": [rules]} -> 200 {"egress": [...]}: at once
 
 The rules and the enforcement are the runtime's (``kernelmanager``'s networking: a network

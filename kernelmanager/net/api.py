@@ -170,4 +170,5 @@ async def egress_stats(km: Any) -> dict[str, Any]:
     if slot is not None:
         info["denied_connections"] = await asyncio.to_thread(slot.denied)
         info["refused_names"] = slot.resolver.refused if slot.resolver is not None else 0
+        info["answered_names"] = slot.resolver.answered if slot.resolver is not None else 0
     return info

@@ -78,14 +78,17 @@ def enter_netns(name: str) -> None:
         os.close(fd)
 
 
-def in_netns(name: str, fn: Callable[[], T]) -> T:
+def in_netns(name: str | None, fn: Callable[[], T]) -> T:
     """Run ``fn`` in a fresh thread that has entered namespace ``name`` (setns is per
-    thread; the thread ends with it, the caller's namespace is untouched)."""
+    thread; the thread ends with it, the caller's namespace is untouched). ``name`` None:
+    the caller's namespace, still in a fresh thread (pyroute2's synchronous API refuses
+    to run in a thread whose event loop is running: the gateway's, at its start)."""
     box: dict[str, Any] = {}
 
     def run() -> None:
         try:
-            enter_netns(name)
+            if name is not None:
+                enter_netns(name)
             box["r"] = fn()
         except BaseException as exc:  # noqa: BLE001 - re-raised in the caller
             box["e"] = exc
@@ -320,27 +323,41 @@ def remove_netns(name: str, host_if: str | None = None) -> None:
         if (NETNS_DIR / name).exists():
             _ip("netns", "del", name)
         if host_if:  # gone with its peer, unless the namespace is still held by a process
-            with IPRoute() as ipr:
-                idx = ipr.link_lookup(ifname=host_if)
-                if idx:
-                    try:
-                        ipr.link("del", index=idx[0])
-                    except Exception as exc:  # noqa: BLE001 - went with its peer meanwhile
-                        if getattr(exc, "code", None) != errno.ENODEV:
-                            raise
+            def unlink() -> None:
+                with IPRoute() as ipr:
+                    idx = ipr.link_lookup(ifname=host_if)
+                    if idx:
+                        try:
+                            ipr.link("del", index=idx[0])
+                        except Exception as exc:  # noqa: BLE001 - went with its peer meanwhile
+                            if getattr(exc, "code", None) != errno.ENODEV:
+                                raise
+            _off_loop(unlink)
     except Exception as exc:  # noqa: BLE001 - reaping is best effort
         log.warning("network: cannot remove namespace %s: %s", name, exc)
 
 
+def _off_loop(fn: Callable[[], T]) -> T:
+    """``fn()``, in a fresh thread when this one runs an event loop (see ``in_netns``)."""
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return fn()
+    return in_netns(None, fn)
+
+
 def _host_addresses() -> list[ipaddress.IPv4Network]:
     from pyroute2 import IPRoute
-    out = []
-    with IPRoute() as ipr:
-        for a in ipr.get_addr(family=2):
-            addr = a.get_attr("IFA_ADDRESS")
-            if addr:
-                out.append(ipaddress.IPv4Network(f"{addr}/32"))
-    return out
+
+    def read() -> list[ipaddress.IPv4Network]:
+        out = []
+        with IPRoute() as ipr:
+            for a in ipr.get_addr(family=2):
+                addr = a.get_attr("IFA_ADDRESS")
+                if addr:
+                    out.append(ipaddress.IPv4Network(f"{addr}/32"))
+        return out
+    return _off_loop(read)
 
 
 def _allocate(settings: NetSettings) -> Slot:
