@@ -17,6 +17,7 @@ import sys
 import textwrap
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -77,6 +78,63 @@ def test_resolver_keeps_what_it_opened_for_names_still_allowed() -> None:
     for i in range(dns.MAX_OPENED + 10):  # bounded
         r._remember("a.example.org", [f"10.{i >> 16 & 255}.{i >> 8 & 255}.{i & 255}"], 60)
     assert len(r.opened) <= dns.MAX_OPENED
+
+
+def test_resolver_answers_even_when_it_cannot_open_the_firewall() -> None:
+    """Loopback only: an upstream answering A records, a resolver in front of it, a client.
+    An answer whose address the slot's firewall could not open is a SERVFAIL, at once (not
+    silence the guest's resolver waits out), and the next query is served normally."""
+    def answer(q: bytes) -> bytes:
+        _, _, _, qend = dns.parse_query(q)
+        head = dns.reply(q, qend, dns.NOERROR)
+        return (head[:6] + b"\x00\x01" + head[8:] + b"\xc0\x0c" +
+                struct.pack("!HHIH", 1, 1, 60, 4) + socket.inet_aton("192.0.2.7"))
+
+    class Upstream(asyncio.DatagramProtocol):
+        def connection_made(self, transport: Any) -> None:
+            self.transport = transport
+
+        def datagram_received(self, data: bytes, addr: Any) -> None:
+            self.transport.sendto(answer(data), addr)
+
+    class Policy:
+        def name_ports(self, name: str) -> list[int | None] | None:
+            return [None] if name.endswith(".example.org") else None
+
+    class Slot:
+        kernel_id, policy, fail = "k", Policy(), True
+        opened: list[list[str]] = []
+
+        def open_dynamic(self, addrs: list[str], ports: list[int | None], ttl: int) -> None:
+            if self.fail:
+                raise RuntimeError("nft: no such set")
+            self.opened.append(addrs)
+
+    async def main() -> list[int]:
+        loop = asyncio.get_running_loop()
+        up, _ = await loop.create_datagram_endpoint(Upstream, local_addr=("127.0.0.1", 0))
+        sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        sock.bind(("127.0.0.1", 0))
+        slot = Slot()
+        resolver = await dns.Resolver.start(slot, sock, up.get_extra_info("sockname"))
+        client = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        client.setblocking(False)
+        rcodes = []
+        try:
+            for fail in (True, False):
+                slot.fail = fail
+                await loop.sock_sendto(client, query("files.example.org"), sock.getsockname())
+                resp = await asyncio.wait_for(loop.sock_recv(client, 512), 5)
+                rcodes.append(resp[3] & 0xF)
+                if not fail:
+                    assert dns.answer_addresses(resp) == [("192.0.2.7", 60)]
+        finally:
+            client.close()
+            resolver.close()
+            up.close()
+        assert slot.opened == [["192.0.2.7"]]
+        return rcodes
+    assert asyncio.run(main()) == [dns.SERVFAIL, dns.NOERROR]
 
 
 @needs_root

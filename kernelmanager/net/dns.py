@@ -204,8 +204,14 @@ class Resolver(asyncio.DatagramProtocol):
                 resp, found = reply(data, qend, SERVFAIL), []
             if found:
                 ttl = max(TTL_MIN, min(TTL_MAX, max(t for _, t in found)))
-                await asyncio.to_thread(self.slot.open_dynamic, [a for a, _ in found], ports, ttl)
-                self._remember(name, [a for a, _ in found], ttl)
+                try:
+                    await asyncio.to_thread(self.slot.open_dynamic, [a for a, _ in found], ports, ttl)
+                except Exception as exc:  # noqa: BLE001 - an answer it could not reach is no answer
+                    log.warning("kernel %s: cannot open the firewall for %r: %s",
+                                self.slot.kernel_id or "-", name, exc)
+                    resp, found = reply(data, qend, SERVFAIL), []
+                else:
+                    self._remember(name, [a for a, _ in found], ttl)
             self.answered += 1
             if self.transport is not None:
                 self.transport.sendto(resp, addr)
