@@ -39,6 +39,11 @@ os.environ.setdefault("VMKG_ACCEL", "auto")
 # tests/unit/test_pool_demand.py) would restore and warm extra VMs - pandas and matplotlib
 # cells each - on 2 shared cores that the tests' own VMs need
 os.environ.setdefault("VMKG_POOL_MAX", "1")
+# a networked VM's names are forwarded to $VMKG_NET_DNS_UPSTREAM, by default the machine's
+# own resolver: no test may send a query there (tests talk to loopback and namespaces they
+# make). Loopback's discard port refuses at once, so an unset upstream is a quick SERVFAIL;
+# modules with an outside of their own set theirs (and must give the slot pool a fresh start)
+os.environ.setdefault("VMKG_NET_DNS_UPSTREAM", "127.0.0.1:9")
 # VMs of this session live in a state directory of their own, so a gateway or another
 # session on the same machine neither disturbs nor is disturbed by the leak checks
 STATE_DIR = Path(tempfile.mkdtemp(prefix="vmkg-test-state-"))

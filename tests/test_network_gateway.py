@@ -20,7 +20,7 @@ if os.geteuid() != 0:
     pytest.skip("network namespaces need root", allow_module_level=True)
 
 NET = "python3-net-microvm"
-ENV = {"VMKG_NET_DNS_UPSTREAM": "192.0.2.53", "VMKG_NET_USER_EGRESS": "pypi, 198.51.100.0/24",
+ENV = {"VMKG_NET_DNS_UPSTREAM": "127.0.0.1:9", "VMKG_NET_USER_EGRESS": "pypi, 198.51.100.0/24",
        "VMKG_NET_POOL": "1"}
 
 

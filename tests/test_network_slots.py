@@ -26,7 +26,7 @@ from kernelmanager.net.policy import GUEST_GATEWAY, NetSettings
 
 needs_root = pytest.mark.skipif(os.geteuid() != 0 or shutil.which("nft") is None,
                                 reason="needs root and nft (apt-get install nftables)")
-ENV = {"VMKG_NET_DNS_UPSTREAM": "192.0.2.53", "VMKG_NET_USER_EGRESS": "*", "VMKG_NET_POOL": "0"}
+ENV = {"VMKG_NET_DNS_UPSTREAM": "127.0.0.1:9", "VMKG_NET_USER_EGRESS": "*", "VMKG_NET_POOL": "0"}
 
 
 def query(name: str, qtype: int = 1) -> bytes:
