@@ -19,7 +19,9 @@ What changes is only *how* each write finds its place, never where it goes:
   Anything unusual (a ``str`` subclass, a forked child process, an echo stream, a closed
   stream) goes through ipykernel's own ``write``.
 - ``_tee``: IPython's rule for the cell's stream history, with the history entry of the
-  last write remembered; restored after the cell even if the cell raised.
+  last write remembered, kept by the same lean write for the cell's duration (one Python
+  call per write: under TCG the second cost as much as the first); restored after the
+  cell even if the cell raised.
 
 If the installed ipykernel or IPython lacks what this relies on, nothing is changed (the
 install reports it), so a template built on other versions still works, at their speed.
@@ -39,75 +41,113 @@ NEEDED = ("_parent_header", "_parent_header_global", "_buffer_lock", "_buffers",
           "_flush_pending", "_schedule_flush", "echo", "pub_thread", "_master_pid")
 
 
-def lean_write(stream: Any) -> Callable[[Any], Any]:
-    """A ``write`` for ``stream`` (an ipykernel ``OutStream``) with ipykernel's effect."""
+#: set in a child process made by fork (its writes take ipykernel's own path)
+_FORKED = [False]
+os.register_at_fork(after_in_child=lambda: _FORKED.__setitem__(0, True))
+
+
+class CellHistory:
+    """IPython's rule for a cell's stream history (``InteractiveShell._tee``: what
+    ``%notebook`` saves), with the history entry appended to last remembered."""
+
+    def __init__(self, shell: Any, history_output: type, channel: str) -> None:
+        self.shell = shell
+        self.history_output = history_output
+        self.execution_count = shell.execution_count
+        self.outputs_by_counter = shell.history_manager.outputs
+        self.output_type = "out_stream" if channel == "stdout" else "err_stream"
+        self.publishing = _flag(shell.display_pub, "is_publishing")
+        self.active = _flag(shell.displayhook, "is_active")
+        self.last: list[Any] = [None, None]  # the entry written to last, its list's append
+
+    def wanted(self, data: Any) -> bool:
+        return bool(data) and not (self.publishing() or self.active() or self.shell.showing_traceback)
+
+    def add(self, data: Any) -> None:
+        outputs = self.outputs_by_counter.get(self.execution_count)
+        if outputs and outputs[-1] is self.last[0]:
+            self.last[1](data)
+            return
+        entry = outputs[-1] if outputs and outputs[-1].output_type == self.output_type else None
+        if entry is None:
+            entry = self.history_output(output_type=self.output_type, bundle={"stream": []})
+            self.outputs_by_counter[self.execution_count].append(entry)
+        chunks = entry.bundle["stream"]
+        self.last[0], self.last[1] = entry, chunks.append
+        chunks.append(data)
+
+
+def lean_write(stream: Any, history: CellHistory | None = None) -> Callable[[Any], Any]:
+    """A ``write`` for ``stream`` (an ipykernel ``OutStream``) with ipykernel's effect and,
+    given the running cell's ``history``, IPython's ``_tee``'s as well: one Python call
+    per write instead of two (the second cost as much as the first)."""
     full_write = type(stream).write
     get_parent = stream._parent_header.get
     lock = stream._buffer_lock
     # the parent header, the buffer table and that parent's buffer's write, as of last time
     last: list[Any] = [None, None, None]
-    child = [os.getpid() != stream._master_pid]
-    os.register_at_fork(after_in_child=lambda: child.__setitem__(0, True))
+    forked = _FORKED if os.getpid() == stream._master_pid else [True]
+    if history is not None:
+        publishing, active, shell = history.publishing, history.active, history.shell
+        by_counter, count, seen = history.outputs_by_counter, history.execution_count, history.last
 
     def write(string: Any) -> Any:
-        if type(string) is not str or child[0] or stream.echo is not None or stream.pub_thread is None:
-            return full_write(stream, string)
-        try:
-            parent = get_parent()
-        except LookupError:
-            parent = stream._parent_header_global
-        with lock:
-            buffers = stream._buffers
-            if parent is last[0] and buffers is last[1]:
-                last[2](string)
+        if type(string) is not str or forked[0] or stream.echo is not None or stream.pub_thread is None:
+            result = full_write(stream, string)
+        else:
+            try:
+                parent = get_parent()
+            except LookupError:
+                parent = stream._parent_header_global
+            with lock:
+                buffers = stream._buffers
+                if parent is last[0] and buffers is last[1]:
+                    last[2](string)
+                else:
+                    put = buffers[frozenset(parent.items())].write
+                    last[0], last[1], last[2] = parent, buffers, put
+                    put(string)
+            if not stream._flush_pending:
+                stream._schedule_flush()
+            result = len(string)
+        if history is not None and string and not (publishing() or active() or shell.showing_traceback):
+            outputs = by_counter.get(count)
+            if outputs and outputs[-1] is seen[0]:
+                seen[1](string)
             else:
-                put = buffers[frozenset(parent.items())].write
-                last[0], last[1], last[2] = parent, buffers, put
-                put(string)
-        if not stream._flush_pending:
-            stream._schedule_flush()
-        return len(string)
+                history.add(string)
+        return result
 
     write.__doc__ = full_write.__doc__
     return write
 
 
 def lean_tee(shell: Any, history_output: type, writes: dict[str, tuple[Any, Any]]) -> Callable[..., Any]:
-    """IPython's ``InteractiveShell._tee`` (stream output kept for the cell's history),
-    remembering the history entry it appended to last.
+    """IPython's ``InteractiveShell._tee`` (stream output kept for the cell's history).
 
     ``writes`` maps a channel to (its stream, that stream's lean write): while the channel
-    is still that stream, the cell's writes go to the lean write, which is also what is
-    left in place after the cell (IPython's own ``_tee`` puts back whatever it found,
-    which for the cell that installed this is ipykernel's full write)."""
+    is still that stream, the cell writes through one lean write that also keeps the
+    history, and the lean write is what is left in place after the cell (IPython's own
+    ``_tee`` puts back whatever it found, which for the cell that installed this is
+    ipykernel's full write). Any other stream (one a cell redirected, say) is wrapped as
+    IPython wraps it."""
 
     @contextlib.contextmanager
     def _tee(channel: str) -> Iterator[None]:
         stream = getattr(sys, channel)
         ours = writes.get(channel)
-        original_write = ours[1] if ours is not None and ours[0] is stream else stream.write
-        execution_count = shell.execution_count
-        outputs_by_counter = shell.history_manager.outputs
-        output_type = "out_stream" if channel == "stdout" else "err_stream"
-        publishing, active = _flag(shell.display_pub, "is_publishing"), _flag(shell.displayhook, "is_active")
-        last: list[Any] = [None, None]  # the history entry written to last, its list's append
+        history = CellHistory(shell, history_output, channel)
+        if ours is not None and ours[0] is stream:
+            original_write = ours[1]
+            write = lean_write(stream, history)
+        else:
+            original_write = stream.write
 
-        def write(data: Any, *args: Any, **kwargs: Any) -> Any:
-            result = original_write(data, *args, **kwargs)
-            if not data or publishing() or active() or shell.showing_traceback:
+            def write(data: Any, *args: Any, **kwargs: Any) -> Any:
+                result = original_write(data, *args, **kwargs)
+                if history.wanted(data):
+                    history.add(data)
                 return result
-            outputs = outputs_by_counter.get(execution_count)
-            if outputs and outputs[-1] is last[0]:
-                last[1](data)
-                return result
-            entry = outputs[-1] if outputs and outputs[-1].output_type == output_type else None
-            if entry is None:
-                entry = history_output(output_type=output_type, bundle={"stream": []})
-                outputs_by_counter[execution_count].append(entry)
-            chunks = entry.bundle["stream"]
-            last[0], last[1] = entry, chunks.append
-            chunks.append(data)
-            return result
 
         stream.write = write
         try:

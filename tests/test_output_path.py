@@ -30,7 +30,7 @@ async def test_history_in_memory_and_big_output_exact(gw: Gateway, template: Sna
         hm = await ch.value("(get_ipython().history_manager.hist_file, get_ipython().history_manager.save_thread)")
         assert hm == [":memory:", None]
         # the kernel restored from the template writes through guest.outstream's lean path
-        lean = "lean_tee.<locals>._tee.<locals>.write"
+        lean = "lean_write.<locals>.write"
         assert await ch.value("[getattr(__import__('sys'), s).write.__qualname__ for s in ('stdout', 'stderr')]") \
             == [lean, lean]
         # and packs its messages with orjson (in every image), as jupyter_client does when it can
