@@ -360,7 +360,8 @@ def test_pip_install_when_allowed_and_fast_failure_when_not(outside: Outside) ->
     fails with a network error ("Connection refused"), at once: pip's own log shows it
     waited < 10 s from its first request for the index page to giving up on it (pip's
     defaults, 5 retries with a 15 s timeout, hang for minutes where packets are dropped),
-    and the whole command takes less than the successful install did.
+    and the whole command takes about as long as the successful install did (within 30 s:
+    both are mostly pip's start-up).
     Under TCG pip's Python start-up alone is tens of seconds to minutes on a loaded host,
     so the whole command gets no absolute bound here."""
     with kernel(["pypi"]) as (km, kc):
@@ -378,7 +379,9 @@ def test_pip_install_when_allowed_and_fast_failure_when_not(outside: Outside) ->
         span = float(run(kc, "print(log_span('/tmp/pip-denied.log'))").strip())
         print(f"pip: allowed install {allowed:.0f} s; refused {took:.0f} s, of which waiting on the network {span:.1f} s")
         assert span < 10, (span, r)
-        assert took < allowed, (took, allowed)
+        # both commands are mostly pip's start-up on an emulated CPU (~17 s each here), so
+        # only a wait of another order shows: pip's own retry schedule (minutes) would
+        assert took < allowed + 30, (took, allowed)
 
 
 async def arun(km: Any, code: str, timeout: float = 120) -> str:
