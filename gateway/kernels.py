@@ -65,6 +65,17 @@ from .pool import WarmPool
 from .replay import ReplayBufferMixin
 
 
+async def ready_settled(km: Any) -> None:
+    """Return once ``km.ready`` is done, as read when this returns (no await after it).
+
+    A restart replaces ``ready`` once per phase: jupyter_client's shutdown and start are
+    each in a pending state of their own, and the start's future is made in the same loop
+    step as the shutdown's is resolved. A waiter that took the first future for the whole
+    restart would resume to the second, still pending."""
+    while not (ready := km.ready).done():
+        await asyncio.wait([ready if asyncio.isfuture(ready) else asyncio.wrap_future(ready)])
+
+
 class VMServerKernelManager(ServerKernelManager):
     """One kernel's manager: jupyter_server's, telling its mapping manager when a restart is
     done. Both restart paths come through here: the mapping manager's (a user's restart)
@@ -482,9 +493,7 @@ class VMMappingKernelManager(ReplayBufferMixin, AsyncMappingKernelManager):
         kernel nobody is connected to is stopped at once (``graceful_shutdown_unwatched``)."""
         km = self._kernels.get(kernel_id)
         if km is not None and kernel_id not in self._pending_kernels:
-            ready = km.ready
-            if not ready.done():
-                await asyncio.wait([ready if asyncio.isfuture(ready) else asyncio.wrap_future(ready)])
+            await ready_settled(km)
         if not restart and not self.graceful_shutdown_unwatched and not self._kernel_connections.get(kernel_id):
             now = True  # graceful_shutdown_unwatched's help says why
         await super()._async_shutdown_kernel(kernel_id, now=now, restart=restart)
