@@ -204,14 +204,15 @@ class Resolver(asyncio.DatagramProtocol):
                 resp, found = reply(data, qend, SERVFAIL), []
             if found:
                 ttl = max(TTL_MIN, min(TTL_MAX, max(t for _, t in found)))
+                addrs = [a for a, _ in found]
                 try:
-                    await asyncio.to_thread(self.slot.open_dynamic, [a for a, _ in found], ports, ttl)
+                    await asyncio.to_thread(self.slot.open_dynamic, addrs, ports, ttl)
                 except Exception as exc:  # noqa: BLE001 - an answer it could not reach is no answer
                     log.warning("kernel %s: cannot open the firewall for %r: %s",
                                 self.slot.kernel_id or "-", name, exc)
-                    resp, found = reply(data, qend, SERVFAIL), []
+                    resp = reply(data, qend, SERVFAIL)
                 else:
-                    self._remember(name, [a for a, _ in found], ttl)
+                    self._remember(name, addrs, ttl)
             self.answered += 1
             if self.transport is not None:
                 self.transport.sendto(resp, addr)
