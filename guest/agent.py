@@ -462,7 +462,8 @@ class Agent:
         await self.execute(magic.install_code(), timeout=timeout)  # %fork, in every template
         lean: dict[str, Any] = {}
         if body.get("lean_output", True):  # the template's fast_stdout
-            reply = await self.execute(outstream.install_code(), timeout=timeout,
+            compiled = os.path.join(os.path.dirname(os.path.abspath(outstream.__file__)), outstream.EXTENSION)
+            reply = await self.execute(outstream.install_code(compiled), timeout=timeout,
                                        expressions={"lean": "get_ipython()._vmkg_lean_output"})
             lean = reply.get("user_expressions", {}).get("lean", {})
         return {"kernel_release": os.uname().release, "python": sys.version.split()[0],

@@ -23,6 +23,12 @@ What changes is only *how* each write finds its place, never where it goes:
   call per write: under TCG the second cost as much as the first); restored after the
   cell even if the cell raised.
 
+The same steps are compiled in ``guest/fastout.c`` (the image builder makes
+``_vmkg_fastout.abi3.so`` of it beside the agent): with no interpreted frame per write,
+a write costs the kernel a few calls into C. ``install`` loads it when given its path and
+uses it for both streams; without it (or if it fails to load) this module's Python
+``write`` does the same, slower.
+
 If the installed ipykernel or IPython lacks what this relies on, nothing is changed (the
 install reports it), so a template built on other versions still works, at their speed.
 """
@@ -43,6 +49,10 @@ NEEDED = ("_parent_header", "_parent_header_global", "_buffer_lock", "_buffers",
 
 #: set in a child process made by fork (its writes take ipykernel's own path)
 _FORKED = [False]
+#: the compiled lean write (``guest/fastout.c``), once ``load_extension`` found it
+_COMPILED: list[Any] = []
+#: the file name the image builder gives the compiled lean write
+EXTENSION = "_vmkg_fastout.abi3.so"
 os.register_at_fork(after_in_child=lambda: _FORKED.__setitem__(0, True))
 
 
@@ -82,11 +92,13 @@ def lean_write(stream: Any, history: CellHistory | None = None) -> Callable[[Any
     given the running cell's ``history``, IPython's ``_tee``'s as well: one Python call
     per write instead of two (the second cost as much as the first)."""
     full_write = type(stream).write
+    forked = _FORKED if os.getpid() == stream._master_pid else [True]
+    if _COMPILED:  # the same steps, compiled
+        return _COMPILED[0].Writer(stream, full_write, forked, history).write  # type: ignore[no-any-return]
     get_parent = stream._parent_header.get
     lock = stream._buffer_lock
     # the parent header, the buffer table and that parent's buffer's write, as of last time
     last: list[Any] = [None, None, None]
-    forked = _FORKED if os.getpid() == stream._master_pid else [True]
     if history is not None:
         publishing, active, shell = history.publishing, history.active, history.shell
         by_counter, count, seen = history.outputs_by_counter, history.execution_count, history.last
@@ -171,8 +183,30 @@ def _flag(obj: Any, name: str) -> Callable[[], Any]:
     return functools.partial(getattr, obj, name)
 
 
-def install(shell: Any) -> list[str]:
-    """Give the kernel's output streams the lean path; what was changed, by name."""
+def load_extension(path: str) -> bool:
+    """Use the compiled lean write in ``path`` (``guest/fastout.c``'s build) from now on;
+    False, and the Python one stays, if there is none or it does not load here."""
+    import importlib.machinery
+    import importlib.util
+
+    if _COMPILED:
+        return True
+    if not os.path.isfile(path):
+        return False
+    loader = importlib.machinery.ExtensionFileLoader("_vmkg_fastout", path)
+    spec = importlib.util.spec_from_file_location("_vmkg_fastout", path, loader=loader)
+    try:
+        module = importlib.util.module_from_spec(spec)  # type: ignore[arg-type]
+        loader.exec_module(module)
+    except (ImportError, OSError):
+        return False
+    _COMPILED.append(module)
+    return True
+
+
+def install(shell: Any, extension: str | None = None) -> list[str]:
+    """Give the kernel's output streams the lean path; what was changed, by name, and
+    ``"compiled"`` if the writes are ``extension``'s compiled ones."""
     writes: dict[str, tuple[Any, Any]] = {}
     try:
         from ipykernel.iostream import OutStream
@@ -181,6 +215,7 @@ def install(shell: Any) -> list[str]:
         return []
     if getattr(vars(shell).get("_tee"), "vmkg_lean", False):
         return []  # installed already
+    compiled = extension is not None and load_extension(extension)
     for name in ("stdout", "stderr"):
         stream = getattr(sys, name)
         if type(stream) is OutStream and all(hasattr(stream, a) for a in NEEDED):
@@ -191,13 +226,14 @@ def install(shell: Any) -> list[str]:
     shell._tee = lean_tee(shell, HistoryOutput, writes)
     for stream, write in writes.values():
         stream.write = write  # until a running cell's own _tee puts back what it found
-    return [*writes, "_tee"]
+    return [*writes, "_tee", *(["compiled"] if compiled else [])]
 
 
-def install_code() -> str:
-    """Code the agent executes in the kernel at bake time; what it changed (``install``'s
-    list) is left in the shell's ``_vmkg_lean_output``."""
+def install_code(extension: str | None = None) -> str:
+    """Code the agent executes in the kernel at bake time, with the compiled lean write
+    at ``extension`` if given; what it changed (``install``'s list) is left in the
+    shell's ``_vmkg_lean_output``."""
     from guest.magic import kernel_code  # agent side only: never run in the kernel
 
     return kernel_code(__name__, "vmkg_outstream", "<vmkg outstream>",
-                       "get_ipython()._vmkg_lean_output = _vmkg_ns['install'](get_ipython())")
+                       f"get_ipython()._vmkg_lean_output = _vmkg_ns['install'](get_ipython(), {extension!r})")

@@ -252,7 +252,7 @@ def test_digest_changes_with_recipe_fields() -> None:
 def test_digest_changes_with_guest_sources(tmp_path: Path) -> None:
     src = tmp_path / "guest"
     src.mkdir()
-    for f in (REPO / "guest").glob("*.py"):
+    for f in [*(REPO / "guest").glob("*.py"), *(REPO / "guest").glob("*.c")]:
         shutil.copy(f, src / f.name)
     if not (src / "agent.py").exists():
         (src / "agent.py").write_text("")
@@ -265,6 +265,11 @@ def test_digest_changes_with_guest_sources(tmp_path: Path) -> None:
     assert second != first
     (src / "extra.py").write_text("X = 1\n")
     assert recipe.digest(src) not in (first, second)
+    # the C sources compiled into the agent's directory count too
+    before_c = recipe.digest(src)
+    with (src / "fastout.c").open("a") as c:
+        c.write("\n/* changed */\n")
+    assert recipe.digest(src) != before_c
     # files that are not guest/*.py do not matter
     third = recipe.digest(src)
     (src / "notes.txt").write_text("hello")

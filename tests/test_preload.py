@@ -82,7 +82,7 @@ async def test_fresh_kernel_has_pandas_before_any_cell(gw: Gateway) -> None:
         assert json.loads(first.stdout) == [True] * len(PRELOADED)
         # the warm-up cells' variables are gone; the faster stream write is in place
         assert await ch.value("[n for n in ('_df', '_fig', '_plt', '_pd') if n in globals()]") == []
-        assert await ch.value("sys.stdout.write.__qualname__") == "lean_write.<locals>.write"
+        assert await ch.value("sys.stdout.write.__qualname__") == "Writer.write"  # compiled
         # and delivers exactly: many small writes, in order, nothing lost or doubled
         r = await ch.execute("for i in range(20000): sys.stdout.write(f'{i}\\n')\n"
                              "sys.stdout.write('end')")

@@ -1,13 +1,17 @@
 """The cheap last layer: the agent's sources and init script, then the ext4 disk image.
 
-Redone for every image (it takes seconds), so any change to ``guest/*.py`` gives a new
-image on top of the same cached base tree.
+Redone for every image (it takes seconds), so any change to ``guest/*.py`` or
+``guest/*.c`` gives a new image on top of the same cached base tree. The C sources are
+compiled here, on the host, against the stable ABI (``Py_LIMITED_API``, CPython >= 3.11),
+so one build loads in the guest's Python whatever Python runs the builder.
 """
 
 from __future__ import annotations
 
 import os
 import shutil
+import subprocess
+import sysconfig
 from pathlib import Path
 
 from .errors import ImageBuildError
@@ -21,8 +25,35 @@ LABEL = "vmkgroot"
 
 
 def guest_sources(guest_src: Path) -> list[Path]:
-    """The agent's modules: every ``*.py`` directly in ``guest/``."""
-    return sorted(p for p in guest_src.glob("*.py") if p.is_file())
+    """The agent's modules and its C sources: every ``*.py`` and ``*.c`` directly in ``guest/``."""
+    return sorted(p for p in (*guest_src.glob("*.py"), *guest_src.glob("*.c")) if p.is_file())
+
+
+def extension_name(source: Path) -> str:
+    """guest/<name>.c -> the extension module file beside the agent's modules (its module
+    is ``_vmkg_<name>``; guest/outstream.py's ``EXTENSION`` names fastout's)."""
+    return f"_vmkg_{source.stem}.abi3.so"
+
+
+def build_extension(source: Path, dest: Path, cc: str = "gcc") -> Path:
+    """Compile one of the guest's C sources into the extension module file ``dest``
+    (stable ABI: the source defines ``Py_LIMITED_API``), with this Python's headers."""
+    include = sysconfig.get_paths()["include"]
+    if not Path(include, "Python.h").is_file():
+        raise ImageBuildError(f"no Python headers in {include} to compile {source.name}",
+                              "apt-get install python3-dev")
+    if shutil.which(cc) is None:
+        raise ImageBuildError(f"no C compiler ({cc}) to compile {source.name}", "apt-get install gcc")
+    tmp = dest.with_name(f".{dest.name}.tmp")
+    cmd = [cc, "-shared", "-fPIC", "-O2", "-Wall", "-Werror", "-Wno-unused-parameter",
+           "-Wno-cast-function-type", f"-I{include}", str(source), "-o", str(tmp)]
+    done = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    if done.returncode != 0:
+        tmp.unlink(missing_ok=True)
+        raise ImageBuildError(f"compiling {source.name} failed: {done.stderr.strip()[-2000:]}",
+                              "fix the source (the command was: " + " ".join(cmd) + ")")
+    tmp.replace(dest)
+    return dest
 
 
 def agent_layer(runner: Runner, root: Path, guest_src: Path, image_id: str) -> None:
@@ -33,6 +64,9 @@ def agent_layer(runner: Runner, root: Path, guest_src: Path, image_id: str) -> N
     (root / AGENT_DIR).chmod(0o755)
     pkg.chmod(0o755)
     for src in guest_sources(guest_src):
+        if src.suffix == ".c":
+            build_extension(src, pkg / extension_name(src)).chmod(0o644)
+            continue
         shutil.copyfile(src, pkg / src.name)
         (pkg / src.name).chmod(0o644)
     for name, rel in (("vmkg-init", INIT), ("vmkg-selftest", SELFTEST)):

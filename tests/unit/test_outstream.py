@@ -1,11 +1,14 @@
 """The kernel's lean write path (``guest.outstream``) without a VM: the same cells run in
 two real local ipykernels, one as shipped and one with the code the agent installs at
 bake time, and every stream message (its text, its stream, the cell it is attributed to)
-and the cells' stream history (what ``%notebook`` saves) must come out the same."""
+and the cells' stream history (what ``%notebook`` saves) must come out the same. Both
+forms of the lean write are checked: the Python one and the compiled one
+(``guest/fastout.c``, built here as the image builder builds it)."""
 
 from __future__ import annotations
 
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -13,6 +16,9 @@ from jupyter_client.blocking.client import BlockingKernelClient
 from jupyter_client.manager import KernelManager, start_new_kernel
 
 from guest import outstream
+from kernelmanager.image import disk
+
+REPO = Path(__file__).resolve().parents[2]
 
 CELLS = [
     # a thread started here in this cell's context writes while the next cell runs:
@@ -98,14 +104,28 @@ def observe(kc: BlockingKernelClient) -> list[Any]:
     return seen
 
 
-def test_lean_write_path_changes_nothing_but_its_cost(kernels: tuple[BlockingKernelClient, BlockingKernelClient]) -> None:
+@pytest.fixture(scope="module")
+def extension(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """guest/fastout.c compiled as the image builder compiles it for the guest."""
+    source = REPO / "guest" / "fastout.c"
+    dest = tmp_path_factory.mktemp("fastout") / disk.extension_name(source)
+    assert dest.name == outstream.EXTENSION
+    return str(disk.build_extension(source, dest))
+
+
+@pytest.mark.parametrize("compiled", [False, True], ids=["python", "compiled"])
+def test_lean_write_path_changes_nothing_but_its_cost(
+        kernels: tuple[BlockingKernelClient, BlockingKernelClient], extension: str, compiled: bool) -> None:
     plain, lean = kernels
-    installed = run(lean, outstream.install_code() + "print(get_ipython()._vmkg_lean_output)", [])
+    code = outstream.install_code(extension if compiled else None)
+    installed = run(lean, code + "print(get_ipython()._vmkg_lean_output)", [])
     assert installed["reply"]["status"] == "ok", installed
-    assert installed["streams"] == [(0, "stdout", "['stdout', 'stderr', '_tee']\n")]
+    want_installed = ["stdout", "stderr", "_tee", *(["compiled"] if compiled else [])]
+    assert installed["streams"] == [(0, "stdout", f"{want_installed}\n")]
     # in every later cell both streams write through the lean path (under the lean _tee)
     probe = "import sys; print(sys.stdout.write.__qualname__, sys.stderr.write.__qualname__)"
-    assert run(lean, probe, [])["streams"][0][2].split() == ["lean_write.<locals>.write"] * 2
+    lean_name = "Writer.write" if compiled else "lean_write.<locals>.write"
+    assert run(lean, probe, [])["streams"][0][2].split() == [lean_name] * 2
     assert run(plain, probe, [])["streams"][0][2].split() == ["InteractiveShell._tee.<locals>.write"] * 2
     run(plain, "pass", [])  # the same number of cells before the scenario in both kernels
     for kc in kernels:  # and the same (empty) stream history
@@ -134,3 +154,100 @@ def test_install_is_idempotent_and_leaves_other_streams_alone(kernels: tuple[Blo
     r = run(kc, "import contextlib, io\nbuf = io.StringIO()\nwith contextlib.redirect_stdout(buf):\n"
                 "    print('captured')\nprint(repr(buf.getvalue()))", [])
     assert r["streams"] == [(0, "stdout", "'captured\\n'\n")]
+
+
+class _Stream:
+    """Just what the compiled write reads of an ipykernel OutStream."""
+
+    def __init__(self, put: Any) -> None:
+        import contextvars
+        import threading
+
+        self.echo = None
+        self.pub_thread = object()
+        self._parent_header: contextvars.ContextVar[dict[str, str]] = contextvars.ContextVar("parent")
+        self._parent_header_global = {"msg_id": "global"}
+        self._buffer_lock = threading.RLock()
+        self._buffers: dict[Any, Any] = {}
+        self._flush_pending = False
+        self.flushes = 0
+        self.put = put
+
+    def _schedule_flush(self) -> None:
+        self.flushes += 1
+        self._flush_pending = True
+
+    def write(self, text: Any) -> Any:  # ipykernel's own, for what is unusual
+        return ("full", text)
+
+
+def test_compiled_write_errors_let_go_of_the_lock_and_load_failures_fall_back(extension: str, tmp_path: Path) -> None:
+    import sys
+    compiled = outstream._COMPILED
+    saved = list(compiled)
+    compiled.clear()
+    try:
+        # no file, or a file that is no extension: the Python lean write stays
+        assert outstream.load_extension(str(tmp_path / "none.so")) is False
+        bad = tmp_path / outstream.EXTENSION
+        bad.write_bytes(b"not an ELF file")
+        assert outstream.load_extension(str(bad)) is False and not compiled
+        assert outstream.load_extension(extension) is True
+        module = compiled[0]
+
+        class Buffer:
+            def __init__(self) -> None:
+                self.parts: list[str] = []
+
+            def write(self, text: str) -> None:
+                if text == "boom":
+                    raise OSError("disk full")
+                self.parts.append(text)
+
+        buffer = Buffer()
+        stream = _Stream(buffer)
+        key = frozenset(stream._parent_header_global.items())
+        stream._buffers[key] = buffer
+        writer = module.Writer(stream, type(stream).write, [False])
+        assert writer.write("a") == 1 and writer.write("bc") == 2
+        assert buffer.parts == ["a", "bc"] and stream.flushes == 1
+        with pytest.raises(OSError, match="disk full"):
+            writer.write("boom")
+        # the lock was let go: another thread can take it at once
+        import threading
+        taken: list[bool] = []
+
+        def take() -> None:
+            taken.append(stream._buffer_lock.acquire(timeout=5))
+            if taken[-1]:
+                stream._buffer_lock.release()
+
+        t = threading.Thread(target=take)
+        t.start()
+        t.join()
+        assert taken == [True]
+        # a parent in the writer's context picks that parent's buffer; unusual input goes
+        # to the full write; a closed stream too
+        other = Buffer()
+        stream._buffers[frozenset({"msg_id": "cell"}.items())] = other
+        token = stream._parent_header.set({"msg_id": "cell"})
+        assert writer.write("x") == 1 and other.parts == ["x"]
+        stream._parent_header.reset(token)
+        assert writer.write(b"bytes") == ("full", b"bytes")
+        stream.pub_thread = None
+        assert writer.write("closed") == ("full", "closed")
+        # no reference is leaked per write
+        stream.pub_thread = object()
+        text = "y" * 10
+        before = sys.getrefcount(text)
+        for _ in range(1000):
+            writer.write(text)
+        buffer.parts.clear()
+        assert sys.getrefcount(text) == before
+        # what it is given is checked when it is made, not at a write
+        with pytest.raises(AttributeError, match="publishing"):
+            module.Writer(stream, type(stream).write, [False], history=object())
+        with pytest.raises(TypeError):
+            module.Writer(stream, type(stream).write, (False,))
+    finally:
+        compiled[:] = saved
