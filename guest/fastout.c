@@ -30,6 +30,7 @@
 typedef struct {
     PyObject_HEAD
     PyObject *stream;       /* the ipykernel OutStream */
+    PyObject *state;        /* its instance __dict__, where its plain attributes live */
     PyObject *full_write;   /* type(stream).write, called as full_write(stream, text) */
     PyObject *get_parent;   /* stream._parent_header.get (a ContextVar's) */
     PyObject *acquire;      /* stream._buffer_lock.acquire */
@@ -45,13 +46,15 @@ typedef struct {
 static PyObject *s_echo, *s_pub_thread, *s_parent_global, *s_buffers, *s_flush_pending,
     *s_schedule_flush, *s_showing_traceback, *s_items, *s_write, *s_get, *s_acquire,
     *s_release, *s_publishing, *s_active, *s_shell, *s_by_counter, *s_count, *s_last, *s_add,
-    *s_parent_header, *s_buffer_lock;
+    *s_parent_header, *s_buffer_lock, *s_dict;
+/* the default of the parent header's get: the context variable is not set */
+static PyObject *unset;
 
 static int
 Writer_traverse(Writer *self, visitproc visit, void *arg)
 {
     Py_VISIT(Py_TYPE((PyObject *)self));
-    Py_VISIT(self->stream); Py_VISIT(self->full_write); Py_VISIT(self->get_parent);
+    Py_VISIT(self->stream); Py_VISIT(self->state); Py_VISIT(self->full_write); Py_VISIT(self->get_parent);
     Py_VISIT(self->acquire); Py_VISIT(self->release); Py_VISIT(self->forked);
     Py_VISIT(self->last_parent); Py_VISIT(self->last_buffers); Py_VISIT(self->last_put);
     Py_VISIT(self->publishing); Py_VISIT(self->active); Py_VISIT(self->shell);
@@ -62,7 +65,7 @@ Writer_traverse(Writer *self, visitproc visit, void *arg)
 static int
 Writer_clear(Writer *self)
 {
-    Py_CLEAR(self->stream); Py_CLEAR(self->full_write); Py_CLEAR(self->get_parent);
+    Py_CLEAR(self->stream); Py_CLEAR(self->state); Py_CLEAR(self->full_write); Py_CLEAR(self->get_parent);
     Py_CLEAR(self->acquire); Py_CLEAR(self->release); Py_CLEAR(self->forked);
     Py_CLEAR(self->last_parent); Py_CLEAR(self->last_buffers); Py_CLEAR(self->last_put);
     Py_CLEAR(self->publishing); Py_CLEAR(self->active); Py_CLEAR(self->shell);
@@ -102,6 +105,22 @@ Writer_new(PyTypeObject *type, PyObject *args, PyObject *kwargs)
     self->stream = Py_NewRef(stream);
     self->full_write = Py_NewRef(full_write);
     self->forked = Py_NewRef(forked);
+    if ((self->state = PyObject_GetAttr(stream, s_dict)) == NULL)
+        goto fail;
+    if (!PyDict_Check(self->state)) {
+        PyErr_SetString(PyExc_TypeError, "the stream's __dict__ is not a dict");
+        goto fail;
+    }
+    {   /* a name the class defines (a property, say) is read as attribute access reads it */
+        PyObject *names[] = {s_echo, s_pub_thread, s_buffers, s_flush_pending, s_parent_global};
+        for (size_t i = 0; i < sizeof(names) / sizeof(names[0]); i++) {
+            int has = PyObject_HasAttr((PyObject *)Py_TYPE(stream), names[i]);
+            if (has) {
+                Py_CLEAR(self->state);
+                break;
+            }
+        }
+    }
     if ((var = PyObject_GetAttr(stream, s_parent_header)) == NULL
         || (self->get_parent = PyObject_GetAttr(var, s_get)) == NULL
         || (lock = PyObject_GetAttr(stream, s_buffer_lock)) == NULL
@@ -181,30 +200,67 @@ call_true(PyObject *fn)
     return t;
 }
 
-/* the text into the parent's buffer, under the lock (released on every path) */
+/* stream.<name>, new reference: read from the instance dict when the class does not define
+ * the name (checked when the writer is made), which is what attribute access would find */
+static PyObject *
+attr(Writer *self, PyObject *name)
+{
+    if (self->state != NULL) {
+        PyObject *v = PyDict_GetItemWithError(self->state, name);  /* borrowed */
+        if (v != NULL)
+            return Py_NewRef(v);
+        if (PyErr_Occurred())
+            return NULL;
+    }
+    return PyObject_GetAttr(self->stream, name);
+}
+
+/* the parent header in the writer's context (else the stream's global one), new reference */
+static PyObject *
+current_parent(Writer *self)
+{
+    PyObject *parent = PyObject_CallFunctionObjArgs(self->get_parent, unset, NULL);
+    if (parent != unset)
+        return parent;
+    Py_DECREF(parent);
+    return attr(self, s_parent_global);
+}
+
+/* the text into the parent's buffer.
+ *
+ * ipykernel takes its buffer lock around picking the buffer and writing to it, because
+ * its flush thread swaps the buffer table (under that lock) and then reads the old
+ * table's buffers. Where the parent and the table are those of the last write, reading
+ * the table and writing to the cached buffer is one step here: no Python code runs in
+ * between (attribute reads of plain attributes, StringIO.write), so the GIL is not let go
+ * and the swap lands wholly before (the write is read with the old table) or after (the
+ * table differs, and this takes the lock). Finding a buffer anew can run Python code
+ * (hashing the header's values, a collection), so it is done under the lock as ipykernel
+ * does. */
 static int
 buffer_text(Writer *self, PyObject *text)
 {
-    PyObject *parent = PyObject_CallNoArgs(self->get_parent);
-    if (parent == NULL) {
-        if (!PyErr_ExceptionMatches(PyExc_LookupError))
-            return -1;
-        PyErr_Clear();
-        if ((parent = PyObject_GetAttr(self->stream, s_parent_global)) == NULL)
-            return -1;
+    PyObject *parent = current_parent(self);
+    if (parent == NULL)
+        return -1;
+    PyObject *buffers = attr(self, s_buffers);
+    if (buffers == NULL) {
+        Py_DECREF(parent);
+        return -1;
     }
+    if (parent == self->last_parent && buffers == self->last_buffers) {
+        Py_DECREF(parent);
+        Py_DECREF(buffers);
+        return call1(self->last_put, text);
+    }
+    Py_DECREF(buffers);
     if (call0(self->acquire) < 0) {
         Py_DECREF(parent);
         return -1;
     }
     int rc = -1;
-    PyObject *buffers = PyObject_GetAttr(self->stream, s_buffers);
-    if (buffers == NULL)
+    if ((buffers = attr(self, s_buffers)) == NULL)
         goto release;
-    if (parent == self->last_parent && buffers == self->last_buffers) {
-        rc = call1(self->last_put, text);
-        goto release;
-    }
     PyObject *items = PyObject_CallMethodObjArgs(parent, s_items, NULL);
     if (items == NULL)
         goto release;
@@ -270,14 +326,14 @@ Writer_write(Writer *self, PyObject *text)
     PyObject *result;
     int plain = PyUnicode_CheckExact(text) && PyList_GetItem(self->forked, 0) != Py_True;
     if (plain) {
-        PyObject *echo = PyObject_GetAttr(self->stream, s_echo);
+        PyObject *echo = attr(self, s_echo);
         if (echo == NULL)
             return NULL;
         plain = echo == Py_None;
         Py_DECREF(echo);
     }
     if (plain) {
-        PyObject *pub = PyObject_GetAttr(self->stream, s_pub_thread);
+        PyObject *pub = attr(self, s_pub_thread);
         if (pub == NULL)
             return NULL;
         plain = pub != Py_None;
@@ -290,7 +346,11 @@ Writer_write(Writer *self, PyObject *text)
     } else {
         if (buffer_text(self, text) < 0)
             return NULL;
-        int pending = attr_true(self->stream, s_flush_pending);
+        PyObject *flag = attr(self, s_flush_pending);
+        if (flag == NULL)
+            return NULL;
+        int pending = PyObject_IsTrue(flag);
+        Py_DECREF(flag);
         if (pending < 0)
             return NULL;
         if (!pending) {
@@ -354,6 +414,9 @@ PyInit__vmkg_fastout(void)
     INTERN(s_shell, "shell"); INTERN(s_by_counter, "outputs_by_counter");
     INTERN(s_count, "execution_count"); INTERN(s_last, "last"); INTERN(s_add, "add");
     INTERN(s_parent_header, "_parent_header"); INTERN(s_buffer_lock, "_buffer_lock");
+    INTERN(s_dict, "__dict__");
+    if (unset == NULL && (unset = PyObject_CallNoArgs((PyObject *)&PyBaseObject_Type)) == NULL)
+        return NULL;
     PyObject *m = PyModule_Create(&module);
     if (m == NULL)
         return NULL;
