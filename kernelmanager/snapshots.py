@@ -118,7 +118,7 @@ def template_id(image: GuestImage, machine: MachineSpec, qemu: str, preload: tup
         extra["plain_output"] = True
     key = json.dumps({**extra,
         "image": image.id, "qemu": qemu, "protocol": PROTOCOL_VERSION,
-        "memory": machine.memory_mb, "vcpus": machine.vcpus, "accel": machine.accel,
+        "memory": machine.memory_mb, "vcpus": machine.vcpus, "accel": machine.accel, "cpu": machine.cpu(),
         "cmdline": machine.cmdline, "preload": list(preload), "format": SNAPSHOT_FORMAT,
     }, sort_keys=True)
     return hashlib.sha256(key.encode()).hexdigest()[:16]

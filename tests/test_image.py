@@ -37,6 +37,7 @@ from kernelmanager.image import (
 )
 from kernelmanager.image import build as build_mod
 from kernelmanager.image.initramfs import Newc, modinfo
+from kernelmanager.vm.qemu import TCG_CPU
 
 REPO = Path(__file__).resolve().parents[1]
 QEMU = shutil.which("qemu-system-x86_64")
@@ -82,7 +83,7 @@ def boot(
     session and is always killed and reaped here, whatever happens.
     """
     assert QEMU, "qemu-system-x86_64 is not installed"
-    machine = ["-accel", "tcg", "-cpu", "max", "-m", "1024", "-smp", "1", "-machine", "microvm"]
+    machine = ["-accel", "tcg", "-cpu", TCG_CPU, "-m", "1024", "-smp", "1", "-machine", "microvm"]
     quiet = ["-nodefaults", "-no-user-config", "-display", "none", "-serial", "stdio"]
     disk = f"id=root,file={image.rootfs},format=raw,if=none,snapshot=on"
     argv = [QEMU, *machine, *quiet, "-kernel", str(image.kernel), "-initrd", str(image.initrd)]
