@@ -41,12 +41,14 @@ typedef struct {
     PyObject *last_put;
     /* the running cell's stream history, or all NULL */
     PyObject *publishing, *active, *shell, *by_counter, *count, *seen, *add;
+    /* where the flags live, if in an instance dict (else NULL: the readers above) */
+    PyObject *publishing_state, *publishing_key, *active_state, *active_key, *shell_state;
 } Writer;
 
 static PyObject *s_echo, *s_pub_thread, *s_parent_global, *s_buffers, *s_flush_pending,
     *s_schedule_flush, *s_showing_traceback, *s_items, *s_write, *s_get, *s_acquire,
     *s_release, *s_publishing, *s_active, *s_shell, *s_by_counter, *s_count, *s_last, *s_add,
-    *s_parent_header, *s_buffer_lock, *s_dict;
+    *s_parent_header, *s_buffer_lock, *s_dict, *s_publishing_at, *s_active_at;
 /* the default of the parent header's get: the context variable is not set */
 static PyObject *unset;
 
@@ -59,6 +61,8 @@ Writer_traverse(Writer *self, visitproc visit, void *arg)
     Py_VISIT(self->last_parent); Py_VISIT(self->last_buffers); Py_VISIT(self->last_put);
     Py_VISIT(self->publishing); Py_VISIT(self->active); Py_VISIT(self->shell);
     Py_VISIT(self->by_counter); Py_VISIT(self->count); Py_VISIT(self->seen); Py_VISIT(self->add);
+    Py_VISIT(self->publishing_state); Py_VISIT(self->publishing_key);
+    Py_VISIT(self->active_state); Py_VISIT(self->active_key); Py_VISIT(self->shell_state);
     return 0;
 }
 
@@ -70,6 +74,8 @@ Writer_clear(Writer *self)
     Py_CLEAR(self->last_parent); Py_CLEAR(self->last_buffers); Py_CLEAR(self->last_put);
     Py_CLEAR(self->publishing); Py_CLEAR(self->active); Py_CLEAR(self->shell);
     Py_CLEAR(self->by_counter); Py_CLEAR(self->count); Py_CLEAR(self->seen); Py_CLEAR(self->add);
+    Py_CLEAR(self->publishing_state); Py_CLEAR(self->publishing_key);
+    Py_CLEAR(self->active_state); Py_CLEAR(self->active_key); Py_CLEAR(self->shell_state);
     return 0;
 }
 
@@ -82,6 +88,30 @@ Writer_dealloc(Writer *self)
     freefunc tp_free = (freefunc)PyType_GetSlot(tp, Py_tp_free);
     tp_free(self);
     Py_DECREF(tp);
+}
+
+/* history.<name>: (an instance dict, a key) or None -> *state, *key (NULL if None) */
+static int
+flag_source(PyObject *history, PyObject *name, PyObject **state, PyObject **key)
+{
+    PyObject *at = PyObject_GetAttr(history, name);
+    if (at == NULL)
+        return -1;
+    if (at == Py_None) {
+        Py_DECREF(at);
+        return 0;
+    }
+    PyObject *d = NULL, *k = NULL;
+    if (!PyTuple_Check(at) || PyTuple_Size(at) != 2 || !PyDict_Check(d = PyTuple_GetItem(at, 0))
+        || !PyUnicode_Check(k = PyTuple_GetItem(at, 1))) {
+        Py_DECREF(at);
+        PyErr_Format(PyExc_TypeError, "history.%U must be (a dict, a str) or None", name);
+        return -1;
+    }
+    *state = Py_NewRef(d);
+    *key = Py_NewRef(k);
+    Py_DECREF(at);
+    return 0;
 }
 
 /* Writer(stream, full_write, forked, history=None) */
@@ -141,8 +171,21 @@ Writer_new(PyTypeObject *type, PyObject *args, PyObject *kwargs)
             PyErr_SetString(PyExc_TypeError, "history: outputs_by_counter must be a dict and last a list of two");
             goto fail;
         }
-        if ((self->add = PyObject_GetAttr(history, s_add)) == NULL)
+        if ((self->add = PyObject_GetAttr(history, s_add)) == NULL
+            || flag_source(history, s_publishing_at, &self->publishing_state, &self->publishing_key) < 0
+            || flag_source(history, s_active_at, &self->active_state, &self->active_key) < 0)
             goto fail;
+        /* showing_traceback is a plain instance attribute of IPython's shell: read it from
+         * the instance dict unless the class defines the name */
+        int has = PyObject_HasAttr((PyObject *)Py_TYPE(self->shell), s_showing_traceback);
+        if (!has) {
+            PyObject *d = PyObject_GetAttr(self->shell, s_dict);
+            if (d != NULL && PyDict_Check(d))
+                self->shell_state = d;
+            else
+                Py_XDECREF(d);
+            PyErr_Clear();
+        }
     }
     Py_DECREF(var);
     Py_DECREF(lock);
@@ -298,16 +341,39 @@ release:
     return rc;
 }
 
+/* 1 if a flag is set, 0 if not, -1 on error: read from state[key] where given and present,
+ * else by calling its reader */
+static int
+flag(PyObject *state, PyObject *key, PyObject *reader)
+{
+    if (state != NULL) {
+        PyObject *v = PyDict_GetItemWithError(state, key);  /* borrowed */
+        if (v != NULL)
+            return PyObject_IsTrue(v);
+        if (PyErr_Occurred())
+            return -1;
+    }
+    return call_true(reader);
+}
+
 /* IPython's _tee: keep the text in the cell's stream history */
 static int
 keep_history(Writer *self, PyObject *text)
 {
     int t;
-    if ((t = call_true(self->publishing)) != 0)
+    if ((t = flag(self->publishing_state, self->publishing_key, self->publishing)) != 0)
         return t < 0 ? -1 : 0;
-    if ((t = call_true(self->active)) != 0)
+    if ((t = flag(self->active_state, self->active_key, self->active)) != 0)
         return t < 0 ? -1 : 0;
-    if ((t = attr_true(self->shell, s_showing_traceback)) != 0)
+    if (self->shell_state != NULL) {
+        PyObject *v = PyDict_GetItemWithError(self->shell_state, s_showing_traceback);
+        if (v == NULL && PyErr_Occurred())
+            return -1;
+        t = v != NULL ? PyObject_IsTrue(v) : attr_true(self->shell, s_showing_traceback);
+    } else {
+        t = attr_true(self->shell, s_showing_traceback);
+    }
+    if (t != 0)
         return t < 0 ? -1 : 0;
     PyObject *outputs = PyDict_GetItemWithError(self->by_counter, self->count);  /* borrowed */
     if (outputs == NULL && PyErr_Occurred())
@@ -414,7 +480,7 @@ PyInit__vmkg_fastout(void)
     INTERN(s_shell, "shell"); INTERN(s_by_counter, "outputs_by_counter");
     INTERN(s_count, "execution_count"); INTERN(s_last, "last"); INTERN(s_add, "add");
     INTERN(s_parent_header, "_parent_header"); INTERN(s_buffer_lock, "_buffer_lock");
-    INTERN(s_dict, "__dict__");
+    INTERN(s_dict, "__dict__"); INTERN(s_publishing_at, "publishing_at"); INTERN(s_active_at, "active_at");
     if (unset == NULL && (unset = PyObject_CallNoArgs((PyObject *)&PyBaseObject_Type)) == NULL)
         return NULL;
     PyObject *m = PyModule_Create(&module);

@@ -66,8 +66,10 @@ class CellHistory:
         self.execution_count = shell.execution_count
         self.outputs_by_counter = shell.history_manager.outputs
         self.output_type = "out_stream" if channel == "stdout" else "err_stream"
-        self.publishing = _flag(shell.display_pub, "is_publishing")
-        self.active = _flag(shell.displayhook, "is_active")
+        # readers of IPython's two flags; where a flag is a plain attribute behind its
+        # property, also (the instance dict, the key) for the compiled write to read
+        self.publishing, self.publishing_at = _flag(shell.display_pub, "is_publishing")
+        self.active, self.active_at = _flag(shell.displayhook, "is_active")
         self.last: list[Any] = [None, None]  # the entry written to last, its list's append
 
     def wanted(self, data: Any) -> bool:
@@ -94,7 +96,7 @@ def lean_write(stream: Any, history: CellHistory | None = None) -> Callable[[Any
     full_write = type(stream).write
     forked = _FORKED if os.getpid() == stream._master_pid else [True]
     if _COMPILED:  # the same steps, compiled
-        return _COMPILED[0].Writer(stream, full_write, forked, history).write  # type: ignore[no-any-return]
+        return _COMPILED[0].Writer(stream, full_write, forked, history).write
     get_parent = stream._parent_header.get
     lock = stream._buffer_lock
     # the parent header, the buffer table and that parent's buffer's write, as of last time
@@ -171,16 +173,16 @@ def lean_tee(shell: Any, history_output: type, writes: dict[str, tuple[Any, Any]
     return _tee
 
 
-def _flag(obj: Any, name: str) -> Callable[[], Any]:
-    """A reader of ``obj.<name>``: IPython's flags are properties that return a ``_<name>``
-    attribute; where that is all the property does, reading the attribute spares a
-    Python call per write."""
+def _flag(obj: Any, name: str) -> tuple[Callable[[], Any], tuple[dict[str, Any], str] | None]:
+    """A reader of ``obj.<name>``, and where it reads from: IPython's flags are properties
+    that return a ``_<name>`` attribute; where that is all the property does, reading the
+    attribute (in the instance dict) spares a Python call per write."""
     state, prop = vars(obj), getattr(type(obj), name, None)
     code = getattr(getattr(prop, "fget", None), "__code__", None)
     if isinstance(prop, property) and code is not None and code.co_names == ("_" + name,) \
             and "_" + name in state:
-        return functools.partial(state.__getitem__, "_" + name)
-    return functools.partial(getattr, obj, name)
+        return functools.partial(state.__getitem__, "_" + name), (state, "_" + name)
+    return functools.partial(getattr, obj, name), None
 
 
 def load_extension(path: str) -> bool:

@@ -7,6 +7,7 @@ forms of the lean write are checked: the Python one and the compiled one
 
 from __future__ import annotations
 
+import io
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -40,6 +41,8 @@ CELLS = [
     "os.waitpid(pid, 0); print('parent')",
     "for i in range(20000): sys.stdout.write(f'{i:05d}\\n')",
     "from IPython.display import display\nprint('before'); display('shown'); print('after')",
+    # written while the displayhook formats the result
+    "class R:\n    def __repr__(self):\n        print('from repr')\n        return 'R()'\nprint('kept'); R()",
     "1/0",
 ]
 #: the stream history (``%notebook``'s source) of the cells above, read in a last cell
@@ -141,6 +144,8 @@ def test_lean_write_path_changes_nothing_but_its_cost(
     assert any("from the child\n" in text for _, _, text in streams)
     assert "".join(f"{i:05d}\n" for i in range(20000)) in [text for _, _, text in streams]
     assert "[('out_stream', 'a\\n'), ('err_stream', 'b\\n'), ('out_stream', 'c d\\n')]" in want[-1]
+    assert any(text == "kept\nfrom repr\n" for _, _, text in streams)
+    assert "('out_stream', 'kept\\nfrom repr\\n')" in want[-1]
 
 
 def test_install_is_idempotent_and_leaves_other_streams_alone(kernels: tuple[BlockingKernelClient, BlockingKernelClient]) -> None:
@@ -251,3 +256,58 @@ def test_compiled_write_errors_let_go_of_the_lock_and_load_failures_fall_back(ex
             module.Writer(stream, type(stream).write, (False,))
     finally:
         compiled[:] = saved
+
+
+def test_compiled_write_keeps_the_history_by_ipythons_flags(extension: str) -> None:
+    """The flags that keep a write out of the cell's stream history (a display being
+    published, the displayhook active, a traceback being shown), read from where they
+    live: the compiled write must see each change as the Python one does."""
+    assert outstream.load_extension(extension)
+    module = outstream._COMPILED[0]
+
+    class Obj:
+        pass
+
+    display_pub, displayhook, shell = Obj(), Obj(), Obj()
+    display_pub._is_publishing = False  # type: ignore[attr-defined]
+    displayhook._is_active = False  # type: ignore[attr-defined]
+    shell.showing_traceback = False  # type: ignore[attr-defined]
+    kept: list[str] = []
+
+    class History:
+        outputs_by_counter: dict[int, list[Any]] = {}
+        execution_count = 1
+        last: list[Any] = [None, None]
+        publishing_at = (vars(display_pub), "_is_publishing")
+        active_at = None  # read through its reader instead
+        shell = None
+
+        def publishing(self) -> bool:
+            raise AssertionError("read from the instance dict instead")
+
+        def active(self) -> bool:
+            return bool(displayhook._is_active)  # type: ignore[attr-defined]
+
+        def add(self, text: str) -> None:
+            kept.append(text)
+
+    history = History()
+    history.shell = shell  # type: ignore[assignment]
+    buffer = io.StringIO()
+    stream = _Stream(buffer)
+    stream._buffers[frozenset(stream._parent_header_global.items())] = buffer
+    write = module.Writer(stream, type(stream).write, [False], history).write
+    write("a")
+    display_pub._is_publishing = True  # type: ignore[attr-defined]
+    write("published")
+    display_pub._is_publishing = False  # type: ignore[attr-defined]
+    displayhook._is_active = True  # type: ignore[attr-defined]
+    write("active")
+    displayhook._is_active = False  # type: ignore[attr-defined]
+    shell.showing_traceback = True  # type: ignore[attr-defined]
+    write("traceback")
+    shell.showing_traceback = False  # type: ignore[attr-defined]
+    write("")
+    write("b")
+    assert buffer.getvalue() == "apublishedactivetracebackb"
+    assert kept == ["a", "b"]
