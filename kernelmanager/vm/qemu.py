@@ -167,18 +167,31 @@ class MachineSpec:
     cmdline: str = "console=ttyS0 quiet panic=-1"
 
     def cpu(self) -> str:
-        return "host" if self.accel == "kvm" else TCG_CPU
+        return "host" if self.accel == "kvm" else (os.environ.get("VMKG_TCG_CPU") or TCG_CPU)
 
 
-#: The CPU a guest sees under TCG: QEMU's "max" without ERMS and FSRM ("enhanced" and
-#: "fast short" REP MOVSB/STOSB). A guest kernel that sees them copies to and from user
-#: memory, and clears every page it faults in, with ``rep movsb``/``rep stosb``, which TCG
-#: (QEMU 7.2) runs as one pass of translated code per byte; without them it uses
-#: ``rep movsq``/``rep stosq`` (8 bytes a pass) and glibc its vector loops. Measured in a
-#: guest (MB/s, with -> without): two kernel copies through a pipe 92 -> 390, clearing
-#: user memory 310 -> 1,690, faulting in fresh memory 400 -> 3,700; a 20 MB print reached
-#: the client at 7.9 -> 18-25 MB/s. Under KVM the guest runs on the host's own CPU model.
-TCG_CPU = "max,-erms,-fsrm"
+#: The CPU a guest sees under TCG: QEMU's "max" without what TCG (QEMU 7.2) runs slowly.
+#:
+#: * ERMS and FSRM ("enhanced" and "fast short" REP MOVSB/STOSB): a guest kernel that sees
+#:   them copies to and from user memory, and clears every page it faults in, with ``rep
+#:   movsb``/``rep stosb``, which TCG runs as one pass of translated code per byte; without
+#:   them it uses ``rep movsq``/``rep stosq`` (8 bytes a pass) and glibc its vector loops.
+#:   In a guest (MB/s, with -> without): two kernel copies through a pipe 92 -> 390,
+#:   clearing user memory 310 -> 1,690, faulting in fresh memory 400 -> 3,700; a 20 MB
+#:   print reached the client at 7.9 -> 18-25 MB/s.
+#: * AVX and AVX2 (and so FMA, F16C, which software uses only with AVX): new in 7.2's TCG,
+#:   where they run slower than the SSE paths libraries then pick. In a guest (ms, medians
+#:   of 3, two runs each): numpy sort of 10^6 floats 3,270 -> 760-1,030, Pillow PNG of an
+#:   800x600 image 960-995 -> 760-820, a matplotlib plot to PNG 1,920-2,090 -> 1,590-1,810;
+#:   pure Python unchanged.
+#: * LA57 (5-level paging): every TLB miss of TCG's soft MMU walks one level less; a 1 GB
+#:   guest needs none of it. (With the guest's ``mitigations=off``, see ``templates``: a
+#:   pure-Python loop 410-510 -> 330-440 ms.)
+#:
+#: QEMU 10.0's TCG (bookworm-backports) measured the same on these steps. Under KVM the
+#: guest runs on the host's own CPU model. ``$VMKG_TCG_CPU`` replaces this (a QEMU -cpu
+#: value); it is part of a template's id.
+TCG_CPU = "max,-erms,-fsrm,-avx,-avx2,-la57"
 
 
 @functools.cache
