@@ -79,8 +79,12 @@ def run(kc: BlockingKernelClient, code: str, ids: list[str]) -> dict[str, Any]:
             streams.append((ids.index(parent), msg["msg_type"], ""))
         elif msg["msg_type"] == "status" and parent == msg_id and msg["content"]["execution_state"] == "idle":
             break
+    # skip stale replies: on a loaded host start_new_kernel's wait_for_ready may have sent
+    # kernel_info again before the first answer came, and returned on that first answer
     reply = kc.get_shell_msg(timeout=60)
-    assert reply["parent_header"]["msg_id"] == msg_id
+    while reply["parent_header"].get("msg_id") != msg_id:
+        assert reply["msg_type"] == "kernel_info_reply", reply
+        reply = kc.get_shell_msg(timeout=60)
     return {"streams": streams, "reply": reply["content"]}
 
 
