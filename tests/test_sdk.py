@@ -155,12 +155,17 @@ async def test_env_interrupt_restart_and_kernel_gone(live: LiveGateway) -> None:
         assert (await kernel.info())["execution_state"] in ("idle", "busy")
         # interrupt from another task: the cell ends with KeyboardInterrupt, state is kept
         await kernel.run_code("x = 1")
-        run = asyncio.ensure_future(kernel.run_code("import time\nwhile True: time.sleep(0.05)"))
-        while (await kernel.info())["execution_state"] != "busy":
-            await asyncio.sleep(0.1)
+        # (interrupted once the loop runs: the cell says so; the model's "busy" can still be
+        # the previous cell's, and an interrupt before the cell's code is not this case)
+        looping = asyncio.Event()
+        run = asyncio.ensure_future(kernel.run_code("import time\nprint('looping', flush=True)\n"
+                                                    "while True: time.sleep(0.05)",
+                                                    on_stdout=lambda text: looping.set()))
+        await asyncio.wait_for(looping.wait(), 60)
+        assert (await kernel.info())["execution_state"] == "busy"
         await kernel.interrupt()
         ex = await asyncio.wait_for(run, 60)
-        assert ex.error is not None and ex.error.name == "KeyboardInterrupt"
+        assert ex.error is not None and ex.error.name == "KeyboardInterrupt", ex
         assert (await kernel.run_code("x")).text == "1"
         # restart: state gone, the environment is back
         await kernel.restart()
