@@ -729,9 +729,9 @@ def report(r: dict[str, Any]) -> None:
             co = c[key]
             row(f"10 concurrent creates, {what}: all answered", f"{co[0] * 1000:.0f} ms",
                 f"{ck[0] * 1000:.0f} ms", co[0] / ck[0])
-            for label, runs in (("vmkg", co), ("Kernel Gateway", ck)):
-                if len(runs) > 2 and runs[2]:
-                    print(f"  {label}: {len(runs[2])} of 10 failed: {runs[2][0]}")
+            for label, (_, took, failed) in (("vmkg", co), ("Kernel Gateway", ck)):
+                if failed:
+                    print(f"  {label}: {len(failed)} of {len(took) + len(failed)} failed: {failed[0]}")
             if co[1] and ck[1]:
                 row(f"10 concurrent creates, {what}: p50 of each", ms(co[1]), ms(ck[1]), p50(co[1]) / p50(ck[1]))
     if "pooled_first_execute" in r:

@@ -167,7 +167,7 @@ class MachineSpec:
     cmdline: str = "console=ttyS0 quiet panic=-1"
 
     def cpu(self) -> str:
-        return "host" if self.accel == "kvm" else (os.environ.get("VMKG_TCG_CPU") or TCG_CPU)
+        return "host" if self.accel == "kvm" else TCG_CPU
 
 
 #: The CPU a guest sees under TCG: QEMU's "max" without what TCG (QEMU 7.2) runs slowly.
@@ -191,7 +191,7 @@ class MachineSpec:
 #: QEMU 10.0's TCG (bookworm-backports) measured the same on these steps. Under KVM the
 #: guest runs on the host's own CPU model. ``$VMKG_TCG_CPU`` replaces this (a QEMU -cpu
 #: value); it is part of a template's id.
-TCG_CPU = "max,-erms,-fsrm,-avx,-avx2,-la57"
+TCG_CPU = os.environ.get("VMKG_TCG_CPU") or "max,-erms,-fsrm,-avx,-avx2,-la57"
 
 
 @functools.cache
