@@ -369,10 +369,11 @@ async def idle_memory(srv: Server, state_dir: Path, idle: float = 10.0) -> float
 
 async def settle(srv: Server) -> None:
     """Let a vmkg pool finish refilling (restore + warm-up), so it does not compete with
-    what is measured next."""
+    what is measured next: the kernel about to be measured (taken from the pool) is
+    the one VM allowed besides the pooled ones."""
     if srv.label.startswith("vmkg"):
         await asyncio.sleep(1.5)  # pool_refill_delay
-        await asyncio.to_thread(wait_pool, srv)
+        await asyncio.to_thread(wait_pool, srv, 1, 120, 1)
 
 
 async def warm_rtt(srv: Server, n: int, code: str = "1+1",
@@ -509,17 +510,21 @@ async def concurrent_creates(srv: Server, n: int) -> tuple[float, list[float], l
     return wall, [took for took, _, _ in ok], failed
 
 
-def wait_pool(srv: Server, n: int = 1, timeout: float = 120) -> None:
+def wait_pool(srv: Server, n: int = 1, timeout: float = 120, in_use: int = 0) -> None:
     """Until ``n`` kernels are pooled and the pool has settled: the gateway runs no VM
-    besides the pooled ones (no restore or warm-up in flight, no kernel of an earlier
-    step still stopping), so a one-at-a-time measurement does not share the 2 cores with
-    refills the previous steps' demand started (the burst, concurrent and sustained
-    sections measure that load)."""
+    besides the pooled ones and the ``in_use`` kernels the caller holds (no restore or
+    warm-up in flight, no kernel of an earlier step still stopping), so a one-at-a-time
+    measurement does not share the 2 cores with refills the previous steps' demand started
+    (the burst, concurrent and sustained sections measure that load). Raises after
+    ``timeout``: a measure must not start on an unsettled machine unnoticed."""
     deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
+    while True:
         pooled, vms = srv.pool_state()
-        if pooled >= n and vms <= pooled:
+        if pooled >= n and vms <= pooled + in_use:
             return
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{srv.label}: pool not settled after {timeout:.0f} s "
+                               f"({pooled} pooled of {n}, {vms} VMs, {in_use} in use)")
         time.sleep(0.1)
 
 
@@ -827,6 +832,9 @@ def main() -> int:
     if args.tcg_tb_mb:
         EXTRA_ENV["VMKG_TCG_TB_MB"] = str(args.tcg_tb_mb)
     results = Results(args.json)
+    # a TERM (a timeout, a kill) ends the run as Ctrl-C does: through the finally blocks
+    # that stop the servers it started, which would otherwise keep running with their VMs
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
     try:
         asyncio.run(main_async(args, results))
     finally:
