@@ -25,7 +25,10 @@ What changes is only *how* each write finds its place, never where it goes:
 
 The same steps are compiled in ``guest/fastout.c`` (the image builder makes
 ``_vmkg_fastout.abi3.so`` of it beside the agent): with no interpreted frame per write,
-a write costs the kernel a few calls into C. ``install`` loads it when given its path and
+a write costs the kernel a few calls into C. The compiled form also gives a parent that
+has no buffer yet one of its own (``Buffer``: StringIO's write, getvalue and close over a
+list of the pieces, so a write is one list append; ipykernel's flush reads it as it reads
+a StringIO). ``install`` loads it when given its path and
 uses it for both streams; without it (or if it fails to load) this module's Python
 ``write`` does the same, slower.
 
@@ -70,7 +73,7 @@ class CellHistory:
         # property, also (the instance dict, the key) for the compiled write to read
         self.publishing, self.publishing_at = _flag(shell.display_pub, "is_publishing")
         self.active, self.active_at = _flag(shell.displayhook, "is_active")
-        self.last: list[Any] = [None, None]  # the entry written to last, its list's append
+        self.last: list[Any] = [None, None]  # the entry written to last, its list of chunks
 
     def wanted(self, data: Any) -> bool:
         return bool(data) and not (self.publishing() or self.active() or self.shell.showing_traceback)
@@ -78,14 +81,14 @@ class CellHistory:
     def add(self, data: Any) -> None:
         outputs = self.outputs_by_counter.get(self.execution_count)
         if outputs and outputs[-1] is self.last[0]:
-            self.last[1](data)
+            self.last[1].append(data)
             return
         entry = outputs[-1] if outputs and outputs[-1].output_type == self.output_type else None
         if entry is None:
             entry = self.history_output(output_type=self.output_type, bundle={"stream": []})
             self.outputs_by_counter[self.execution_count].append(entry)
         chunks = entry.bundle["stream"]
-        self.last[0], self.last[1] = entry, chunks.append
+        self.last[0], self.last[1] = entry, chunks
         chunks.append(data)
 
 
@@ -127,7 +130,7 @@ def lean_write(stream: Any, history: CellHistory | None = None) -> Callable[[Any
         if history is not None and string and not (publishing() or active() or shell.showing_traceback):
             outputs = by_counter.get(count)
             if outputs and outputs[-1] is seen[0]:
-                seen[1](string)
+                seen[1].append(string)
             else:
                 history.add(string)
         return result

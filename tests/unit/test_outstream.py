@@ -315,3 +315,66 @@ def test_compiled_write_keeps_the_history_by_ipythons_flags(extension: str) -> N
     write("b")
     assert buffer.getvalue() == "apublishedactivetracebackb"
     assert kept == ["a", "b"]
+
+
+def test_compiled_write_keeps_new_output_in_its_own_buffers(extension: str) -> None:
+    """Where ipykernel's buffer table has no buffer for the writer's parent yet, the
+    compiled write puts a ``Buffer`` of its own there (one list append per write instead
+    of a call of StringIO.write): ipykernel's own write and flush (write, getvalue, close)
+    find it behaving as StringIO does, in the order written. A forked child's writes go
+    to ipykernel's own write."""
+    import collections
+    import os
+    import sys
+
+    assert outstream.load_extension(extension)
+    module = outstream._COMPILED[0]
+    stream = _Stream(None)
+    stream._buffers = collections.defaultdict(io.StringIO)
+    writer = module.Writer(stream, type(stream).write, [False])
+    assert writer.write("a") == 1
+    (key, buffer), = stream._buffers.items()
+    assert key == frozenset(stream._parent_header_global.items())
+    assert type(buffer) is module.Buffer and not buffer.closed
+    assert buffer.write("b\n") == 2  # ipykernel's own write, for what the writer leaves to it
+    assert writer.write("é€") == 2 and writer.write("") == 0
+    assert buffer.getvalue() == "ab\né€" and buffer.getvalue() == "ab\né€"
+    # a new table (ipykernel's flush swapped it): a new buffer, the old one is left alone
+    stream._buffers = collections.defaultdict(io.StringIO)
+    assert writer.write("c") == 1
+    assert stream._buffers[key].getvalue() == "c" and buffer.getvalue() == "ab\né€"
+    # what StringIO refuses, it refuses
+    with pytest.raises(TypeError, match="string argument expected, got 'bytes'"):
+        buffer.write(b"x")
+    buffer.close()
+    assert buffer.closed
+    for call in (lambda: buffer.write("x"), buffer.getvalue):
+        with pytest.raises(ValueError, match="closed file"):
+            call()
+    with pytest.raises(TypeError):
+        module.Buffer("initial")
+    # no reference is leaked per write into it, once ipykernel's flush has read and closed it
+    text = "z" * 10
+    before = sys.getrefcount(text)
+    for _ in range(1000):
+        writer.write(text)
+    assert sys.getrefcount(text) == before + 1000
+    for flushed in stream._buffers.values():
+        assert flushed.getvalue().endswith(text * 1000)
+        flushed.close()
+    assert sys.getrefcount(text) == before
+    # a child made by fork: ipykernel's own write (its child path)
+    stream._buffers = collections.defaultdict(io.StringIO)
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        try:
+            os.write(write, repr(writer.write("in the child")).encode())
+        finally:
+            os._exit(0)
+    os.close(write)
+    got = os.read(read, 1000).decode()
+    os.close(read)
+    os.waitpid(pid, 0)
+    assert got == repr(("full", "in the child")) and not stream._buffers
+    assert writer.write("parent") == 6  # the parent's own writer is unchanged
