@@ -191,12 +191,14 @@ class FrameDecoder:
 # Messages
 
 
-def encode_jupyter(channel: str, parts: Iterable[bytes]) -> bytes:
+def encode_jupyter(channel: str, parts: Iterable[bytes | memoryview]) -> bytes:
+    """One KIND_JUPYTER message of ``parts`` (bytes or views of them: the join is the only
+    copy, which is what a large output costs the guest)."""
     parts = list(parts)
-    out = [struct.pack("<BBH", KIND_JUPYTER, CHANNEL_IDS[channel], len(parts))]
+    out: list[bytes | memoryview] = [struct.pack("<BBH", KIND_JUPYTER, CHANNEL_IDS[channel], len(parts))]
     for p in parts:
-        out.append(struct.pack("<I", len(p)))
-        out.append(bytes(p))
+        out.append(struct.pack("<I", p.nbytes if isinstance(p, memoryview) else len(p)))
+        out.append(p)
     return b"".join(out)
 
 

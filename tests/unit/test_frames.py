@@ -136,6 +136,16 @@ def test_jupyter_messages_keep_their_channel_and_empty_parts(channel: str) -> No
     assert msg == JupyterMessage(channel, parts)
 
 
+def test_jupyter_message_parts_may_be_views() -> None:
+    """The agent passes a large frame on as a view of ZMQ's memory; its length is its byte
+    count whatever the view's item size."""
+    big = bytes(range(256)) * 1000
+    words = memoryview(b"\x01\x00\x02\x00").cast("H")
+    parts = [b"topic", b"<IDS|MSG>", memoryview(big), words]
+    msg = decode_message(encode_jupyter("iopub", parts))
+    assert msg == JupyterMessage("iopub", [b"topic", b"<IDS|MSG>", big, b"\x01\x00\x02\x00"])
+
+
 @pytest.mark.parametrize("cut", [1, 5, 9])
 def test_truncated_and_padded_jupyter_messages_are_refused(cut: int) -> None:
     raw = encode_jupyter("shell", [b"abcd", b"efgh"])
