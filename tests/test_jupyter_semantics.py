@@ -150,7 +150,8 @@ def statuses(msgs: list[Msg]) -> list[tuple[str, str | None]]:
 async def record(ch: Channels, until: Callable[[list[Msg]], bool], *, timeout: float = 90,
                  settle: float = 1.5) -> tuple[list[Msg], int | None]:
     """Messages until ``until(messages)`` holds, then ``settle`` s more (to catch anything
-    extra); returns them and the close code if the websocket closed."""
+    extra); returns them and the close code if the websocket closed. ``until`` is asked
+    again at least every half second, so it may also end on time (see restarted())."""
     msgs: list[Msg] = []
     deadline = time.monotonic() + timeout
     done_at: float | None = None
@@ -162,9 +163,9 @@ async def record(ch: Channels, until: Callable[[list[Msg]], bool], *, timeout: f
         if now >= end:
             break
         try:
-            msgs.append(await ch.recv(timeout=end - now))
+            msgs.append(await ch.recv(timeout=min(end - now, 0.5)))
         except (asyncio.TimeoutError, TimeoutError):
-            break
+            continue
         except websockets.ConnectionClosed as exc:
             return msgs, exc.rcvd.code if exc.rcvd else 1006
     if done_at is None:
@@ -348,8 +349,12 @@ async def test_kernel_death_looks_like_jupyters(servers: dict[str, Server]) -> N
     assert got["statuses"] == [*died, ("starting", None), ("idle", None)]
     assert got["closed"] is None and ref["closed"] is None
     assert got["replies"] == ref["replies"] == []
-    # the model leaves "busy": jupyter_server's says "starting" until a request comes
-    assert ref["model"][-1] == "starting" and got["final"] == "idle", (ref["model"], got["model"])
+    # jupyter_server's model follows the statuses its own IOPub subscriber sees: "starting"
+    # until a request comes, or still "busy" when that subscriber rejoined the restarted
+    # kernel's ports after its "starting" (the slow joiner of restarted()). This gateway's
+    # model always leaves "busy"
+    assert ref["model"][-1] in ("starting", "busy"), ref["model"]
+    assert got["final"] == "idle", got["model"]
     assert got["model"][-2:] == ["busy", "idle"]
     assert got["after"] == ref["after"] == "NameError"
 
