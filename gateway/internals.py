@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from datetime import datetime, timezone
 from typing import Any
 
@@ -41,6 +41,15 @@ async def add_started_kernel(mkm: AsyncMappingKernelManager, km: Any) -> str:
     if not mkm._initialized_culler:
         mkm.initialize_culler()
     return kid
+
+
+def watch_activity(km: Any, record: Callable[[list[bytes]], None]) -> None:
+    """Subscribe ``record`` to a kernel's IOPub as jupyter_server's activity watch, in its
+    place. Why private: ``MappingKernelManager.start_watching_activity`` keeps that
+    subscription in ``KernelManager._activity_stream`` (``stop_watching_activity`` closes it
+    from there) and offers no hook for what is done with each message."""
+    km._activity_stream = km.connect_iopub()
+    km._activity_stream.on_recv(record)
 
 
 def connection_count(mkm: AsyncMappingKernelManager, kernel_id: str) -> int:
