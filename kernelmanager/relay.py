@@ -97,6 +97,8 @@ class KernelRelay:
         self.limits = limits or GuestLimits.instance()
         algo = signature_scheme.split("-", 1)[1] if "-" in signature_scheme else "sha256"
         self._digestmod = getattr(hashlib, algo)
+        # keyed once; each signature starts from a copy (as jupyter_client's Session does)
+        self._auth = hmac.new(key, digestmod=self._digestmod) if key else None
         self.ports: dict[str, int] = dict(ports or {})
         self.sockets: dict[str, zmq.asyncio.Socket] = {}
         self._tasks: list[asyncio.Task[None]] = []
@@ -255,9 +257,9 @@ class KernelRelay:
     # -- signing ------------------------------------------------------------------------
 
     def sign(self, parts: list[bytes]) -> bytes:
-        if not self.key:
+        if self._auth is None:
             return b""
-        h = hmac.new(self.key, digestmod=self._digestmod)
+        h = self._auth.copy()
         for p in parts:
             h.update(p)
         return h.hexdigest().encode()
